@@ -1,0 +1,31 @@
+"""hwquant: hardware-friendly quantization of convolutional networks.
+
+Layers run one way: ``numerics`` (pure math) <- ``observers`` / ``nn`` (quantized layers) <- ``methods``
+<- ``pipelines`` / ``cli``.
+"""
+
+from . import numerics
+from .errors import CheckpointError, ConfigError, DataError, HwquantError
+from .methods import MinMaxPTQConfig, ptq
+from .nn import LayerQuant, QuantRecipe, calibrate, fold_batchnorm, quantize_model
+from .spec import QuantParams, QuantSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "HwquantError",
+    "LayerQuant",
+    "MinMaxPTQConfig",
+    "QuantParams",
+    "QuantRecipe",
+    "QuantSpec",
+    "__version__",
+    "calibrate",
+    "fold_batchnorm",
+    "numerics",
+    "ptq",
+    "quantize_model",
+]

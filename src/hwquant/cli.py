@@ -1,0 +1,80 @@
+"""``hwquant`` command line: parse -> validated config -> library call.
+
+Every option can come from a YAML file (``--config configs/demo.yaml``); flags given on the command
+line override it.  User errors print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import config as cfgmod
+from .errors import HwquantError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    # name: (options class, runner) resolved lazily so `hwquant --help` stays fast
+    "demo": ("DemoOptions", "run_demo"),
+    "train": ("TrainOptions", "run_train"),
+    "ptq": ("PTQOptions", "run_ptq"),
+    "eval": ("EvalOptions", "run_eval"),
+}
+
+HELP = {
+    "demo": "train (or reuse) ResNet-20 on Fashion-MNIST, compare FP32 / INT8 / INT4 PTQ, write a report",
+    "train": "train a float model (resumable, torchrun-aware)",
+    "ptq": "post-training quantization of a trained checkpoint",
+    "eval": "evaluate a float or quantized checkpoint",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too by default)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import pipelines
+
+    parser = _Parser(prog="hwquant", description="Hardware-friendly quantization of CNNs.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, (cls_name, _) in COMMANDS.items():
+        cls = getattr(pipelines, cls_name)
+        p = sub.add_parser(name, help=HELP[name], description=(cls.__doc__ or "").strip())
+        p.add_argument("--config", metavar="YAML", help="read options from this YAML file (flags override it)")
+        cfgmod.add_arguments(p, cls)
+    return parser
+
+
+def run(argv: Sequence[str] | None = None) -> Any:
+    """Parse ``argv`` and run the command; raises HwquantError on user error."""
+    from . import pipelines
+
+    args = build_parser().parse_args(argv)
+    cls_name, fn_name = COMMANDS[args.command]
+    cls = getattr(pipelines, cls_name)
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    yaml_values = cfgmod.load_yaml(args.config) if args.config else {}
+    cfg = cfgmod.resolve(cls, yaml_values, flags, source=args.config or "config")
+    runner: Callable[[Any], Any] = getattr(pipelines, fn_name)
+    return runner(cfg)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        run(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2), already printed in one line
+        return e.code if isinstance(e.code, int) else 2
+    except HwquantError as e:
+        print(f"hwquant: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hwquant: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

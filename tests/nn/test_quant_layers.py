@@ -1,0 +1,137 @@
+"""Quantized layers, model swapping, calibration and BN folding, checked against torch ops."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hwquant.errors import ConfigError, DataError
+from hwquant.models import create_model
+from hwquant.nn import (
+    FakeQuantizer,
+    LayerQuant,
+    QuantConv2d,
+    QuantLinear,
+    QuantRecipe,
+    calibrate,
+    fold_batchnorm,
+    quant_layers,
+    quantize_model,
+)
+from hwquant.spec import QuantSpec
+
+
+def _batches(n=4, shape=(8, 3, 12, 12), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(*shape, generator=g), torch.zeros(shape[0], dtype=torch.long)) for _ in range(n)]
+
+
+def test_quant_conv_matches_torch_fake_quant_oracle():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=True)
+    q = QuantConv2d.from_float(conv, QuantSpec(bits=4, granularity="channel"), QuantSpec(bits=6, signed=None))
+    x = torch.relu(torch.randn(2, 3, 8, 8))
+    q.weight_quant.calibrate_from(q.weight.detach())
+    q.input_quant.calibrate_from(x)
+    y = q(x)
+    # oracle: torch's own fake-quant ops with the same scales
+    w_amax = conv.weight.detach().abs().amax(dim=(1, 2, 3))
+    w_scale = w_amax / 7
+    wq = torch.fake_quantize_per_channel_affine(conv.weight, w_scale, torch.zeros(4, dtype=torch.int32), 0, -8, 7)
+    a_scale = float(x.max()) / 63  # unsigned after ReLU: 0..63
+    xq = torch.fake_quantize_per_tensor_affine(x, a_scale, 0, 0, 63)
+    b_scale = a_scale * w_scale
+    bq = torch.round(conv.bias.detach() / b_scale) * b_scale
+    ref = F.conv2d(xq, wq, bq, padding=1)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    assert q.input_quant.signed is False
+    codes = q.weight_quant.codes(q.weight)
+    assert codes.dtype == torch.int8 and int(codes.min()) >= -8 and int(codes.max()) <= 7
+
+
+def test_quant_linear_float_passthrough_until_calibrated():
+    lin = nn.Linear(5, 3)
+    q = QuantLinear.from_float(lin, QuantSpec(bits=4), QuantSpec(bits=4))
+    x = torch.randn(2, 5)
+    assert torch.equal(q(x), lin(x))
+
+
+def test_recipe_overrides_first_last_and_skip():
+    model = create_model("small_cnn", in_channels=3, num_classes=10)
+    eight = LayerQuant(weight=QuantSpec(bits=8, granularity="channel"), act=QuantSpec(bits=8, signed=None))
+    recipe = QuantRecipe(default=LayerQuant(weight=QuantSpec(bits=4), act=QuantSpec(bits=4, signed=None)),
+                         overrides=(("<first>", eight), ("<last>", None)))
+    q = quantize_model(model, recipe)
+    layers = dict(quant_layers(q))
+    assert layers["conv1"].weight_quant.spec.bits == 8
+    assert layers["conv2"].weight_quant.spec.bits == 4
+    assert "fc" not in layers and isinstance(q.fc, nn.Linear)
+    # the float model is untouched
+    assert not any(isinstance(m, QuantConv2d) for m in model.modules())
+
+
+def test_calibrate_sets_minmax_scales_from_data():
+    torch.manual_seed(1)
+    model = create_model("small_cnn", in_channels=3, num_classes=10).eval()
+    q = quantize_model(model, QuantRecipe())
+    batches = _batches()
+    calibrate(q, batches)
+    # first layer input is signed (normalised images): scale = max|x| / 127 over all batches
+    amax = max(float(b[0].abs().max()) for b in batches)
+    assert q.conv1.input_quant.signed is True
+    assert q.conv1.input_quant.scale.item() == pytest.approx(amax / 127, rel=1e-6)
+    assert q.conv2.input_quant.signed is False  # after ReLU
+    # quantized output is close to float at 8 bits
+    x = batches[0][0]
+    rel = (q(x) - model(x)).norm() / model(x).norm()
+    assert rel < 0.05
+
+
+def test_calibrate_errors():
+    model = create_model("small_cnn", in_channels=3, num_classes=10)
+    q = quantize_model(model, QuantRecipe())
+    with pytest.raises(DataError, match="empty"):
+        calibrate(q, [])
+    bad = torch.randn(2, 3, 8, 8)
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(DataError, match="non-finite"):
+        calibrate(q, [bad])
+
+
+def test_fold_batchnorm_keeps_outputs():
+    torch.manual_seed(2)
+    model = create_model("resnet20", in_channels=1, num_classes=10, width=0.5)
+    # give BN non-trivial statistics
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, 1, 16, 16) * 2 + 0.5)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    model.eval()
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(4, 1, 16, 16)
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_quantizer_state_dict_roundtrip():
+    fq = FakeQuantizer(QuantSpec(bits=5, granularity="channel"))
+    w = torch.randn(6, 3)
+    fq.calibrate_from(w)
+    fresh = FakeQuantizer(QuantSpec(bits=5, granularity="channel"))
+    fresh.load_state_dict(fq.state_dict())
+    assert torch.equal(fresh(w), fq(w)) and fresh.enabled and fresh.signed is True
+
+
+def test_spec_validation():
+    with pytest.raises(ConfigError, match="bits"):
+        QuantSpec(bits=1)
+    with pytest.raises(ConfigError, match="bits"):
+        QuantSpec(bits=17)
+    with pytest.raises(ConfigError, match="granularity"):
+        QuantSpec(granularity="row")
+    with pytest.raises(ConfigError, match="observer"):
+        FakeQuantizer(QuantSpec(observer="nope")).start_observing()
