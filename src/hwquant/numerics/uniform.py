@@ -237,4 +237,10 @@ def fake_quantize(
     tensor([-1.0000,  0.5000,  0.5000,  3.5000])
     """
     s, z, qmin, qmax = _prepare(x, scale, zero_point, bits, signed, rounding, axis, narrow)
+    if not (torch.is_grad_enabled() and (x.requires_grad or s.requires_grad)):
+        # No gradient wanted: skip the STE mask (most of the forward cost for cache-resident tensors).
+        t, _ = _codes_float(x, s, z, qmin, qmax, rounding, generator, want_mask=False)
+        if z is not None:
+            t.sub_(z)
+        return t.mul_(s)
     return _FakeQuantSTE.apply(x, s, z, qmin, qmax, rounding, generator, axis)

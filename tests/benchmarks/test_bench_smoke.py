@@ -1,0 +1,119 @@
+"""Smoke test of the benchmark harness (``benchmarks/``): quick mode, temporary results directory.
+
+Checks structure only (machine block, expected sizes and rows, positive times, finite ratios); no speed
+thresholds, since the test machines are small and shared.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # `benchmarks` is a top-level package next to `src/`, not installed
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import common, quantizer, train_step  # noqa: E402
+from benchmarks import run as bench_run  # noqa: E402
+
+MACHINE_KEYS = {
+    "platform",
+    "processor",
+    "cpu_count",
+    "torch",
+    "torch_threads",
+    "python",
+    "utc",
+    "cuda_available",
+}
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    """Both benchmarks in quick mode, results written to a temporary dir named by the env variable."""
+    out = tmp_path_factory.mktemp("bench")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(common.RESULTS_ENV, str(out))
+        ret = bench_run.run(None, quick=True, verbose=False)  # None: every registered benchmark
+    assert set(ret) == {"quantizer", "train_step"}
+    return out, ret
+
+
+def _load(out: Path, name: str) -> dict:
+    data = json.loads((out / f"{name}.json").read_text())
+    assert data["benchmark"] == name
+    assert MACHINE_KEYS <= set(data["machine"])
+    assert data["machine"]["cpu_count"] >= 1
+    md = (out / f"{name}.md").read_text()
+    assert md.startswith(f"# Benchmark: {name}") and "Machine: " in md and "|---|" in md
+    return data
+
+
+def _positive(v) -> bool:
+    return isinstance(v, float) and math.isfinite(v) and v > 0
+
+
+def test_quantizer_quick(quick_results):
+    out, ret = quick_results
+    assert ret["quantizer"]["json"] == str(out / "quantizer.json")
+    res = _load(out, "quantizer")["results"]
+    assert res["config"]["quick"] is True
+    assert res["config"]["sizes"] == ["1M", "4M"]
+    assert all(res["nearest_matches_torch"].values())
+    ops = {"copy", "clone", "torch", "hwquant quantize (int8 codes)"}
+    ops |= {f"hwquant {m}" for m in quantizer.MODES}
+    rows = res["throughput"]
+    assert {(r["size"], r["op"]) for r in rows} == {(s, op) for s in ("1M", "4M") for op in ops}
+    for r in rows:
+        for key in ("median_ms", "min_ms", "gbps", "x_copy", "x_torch"):
+            assert _positive(r[key]), (r["op"], key, r[key])
+        assert r["min_ms"] <= r["median_ms"]
+    fb = res["forward_backward"]
+    assert {r["op"] for r in fb} == {"torch fwd+bwd", "hwquant nearest fwd+bwd"}
+    assert all(r["size"] == "4M" and _positive(r["median_ms"]) and _positive(r["x_torch"]) for r in fb)
+
+
+def test_train_step_quick(quick_results):
+    out, _ = quick_results
+    res = _load(out, "train_step")["results"]
+    assert res["config"]["input"] == [32, 1, 28, 28]
+    rows = {r["model"]: r for r in res["rows"]}
+    assert set(rows) == {"fp32", "hwquant w8a8", "hwquant w4a4"}
+    for r in rows.values():
+        assert _positive(r["median_ms"]) and _positive(r["x_fp32"]) and _positive(r["images_per_s"])
+        assert r["steps"] == res["config"]["timed_rounds"]
+    assert rows["fp32"]["enabled_quantizers"] == 0
+    assert rows["hwquant w8a8"]["enabled_quantizers"] > 0  # calibrated, so fake quantization is on
+
+
+def test_time_fn_and_paired_ratio():
+    st = common.time_fn(lambda: sum(range(100)), repeats=3, warmup=1, min_time=0.001)
+    assert len(st["runs"]) == 3 and st["loops"] >= 1 and 0 < st["min_s"] <= st["median_s"]
+    assert common.paired_ratio([2.0, 4.0, 6.0], [1.0, 2.0, 2.0]) == 2.0
+    with pytest.raises(ValueError):
+        common.paired_ratio([1.0], [1.0, 2.0])
+
+
+def test_write_results_explicit_dir_is_atomic(tmp_path, monkeypatch):
+    monkeypatch.setenv(common.RESULTS_ENV, str(tmp_path / "from_env"))
+    j, m = common.write_results("demo", {"x": 1.5}, "| a |\n|---|\n| 1 |", out_dir=tmp_path / "explicit")
+    assert j == tmp_path / "explicit" / "demo.json" and m.exists()
+    assert json.loads(j.read_text())["results"] == {"x": 1.5}
+    assert sorted(p.name for p in j.parent.iterdir()) == ["demo.json", "demo.md"]  # no temp files left
+    assert not (tmp_path / "from_env").exists()
+
+
+def test_run_cli_rejects_unknown_name(capsys):
+    with pytest.raises(SystemExit):
+        bench_run.main(["no_such_benchmark"])
+    assert "unknown benchmark" in capsys.readouterr().err
+
+
+def test_registry_modules_have_main():
+    for name in bench_run.REGISTRY:
+        assert callable(bench_run.get_benchmark(name).main)
+    assert train_step.NAME == "train_step" and quantizer.NAME == "quantizer"
