@@ -22,6 +22,7 @@ from typing import Any
 REGISTRY: dict[str, str] = {
     "quantizer": "benchmarks.quantizer",
     "train_step": "benchmarks.train_step",
+    "ptq": "benchmarks.ptq",
 }
 
 

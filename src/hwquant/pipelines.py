@@ -18,14 +18,14 @@ from torch import nn
 from . import config as cfgmod
 from .data import make_loaders, resolve_dataset
 from .errors import CheckpointError, ConfigError
-from .methods import MinMaxPTQConfig, ptq
+from .methods import GGDPTQConfig, MinMaxPTQConfig, ObserverPTQConfig, ptq
 from .models import create_model, create_model_from_args, list_models
 from .nn import fold_batchnorm, quantize_model
 from .train import TrainConfig, atomic_write_text, evaluate, fit, load_checkpoint, save_checkpoint
 from .train.distributed import current, init_from_env
 
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "digits", "synthetic")
-PTQ_METHODS = ("minmax",)
+PTQ_METHODS = ("minmax", "percentile", "mse", "kl", "aciq", "ggd")
 DEFAULT_CALIB = {"digits": 200}  # held-out calibration images when calib_size is not given
 
 
@@ -94,10 +94,19 @@ class PTQOptions:
     """``hwquant ptq``: post-training quantization of a trained checkpoint."""
 
     checkpoint: str = field(default="runs/train/model.pt", metadata=_h("float checkpoint from hwquant train"))
-    method: str = field(default="minmax", metadata=_h("PTQ method", PTQ_METHODS))
+    method: str = field(default="minmax", metadata=_h(
+        "PTQ method: an activation observer (minmax, percentile, mse, kl, aciq) or the full GGD PTQ (ggd)",
+        PTQ_METHODS))
     w_bits: int = field(default=8, metadata=_h("weight bits (2..16)"))
     a_bits: int = field(default=8, metadata=_h("activation bits (2..16)"))
-    per_channel: bool = field(default=True, metadata=_h("per-output-channel weight scales"))
+    per_channel: bool | None = field(default=None, metadata=_h(
+        "per-output-channel weight scales (none: yes for observer methods, no for ggd's per-layer FL)"))
+    bft: bool = field(default=True, metadata=_h("ggd: backward-forward tuning of the fractional lengths"))
+    power_of_two: bool = field(default=True, metadata=_h("ggd: power-of-two activation steps (fixed point)"))
+    bias: str = field(default="accumulator", metadata=_h("ggd: bias at the accumulator scale or its own FL",
+                                                         ("accumulator", "own")))
+    percentile: float = field(default=99.99, metadata=_h("percentile method: clip percentile"))
+    aciq_dist: str = field(default="laplace", metadata=_h("aciq method: fitted prior", ("laplace", "gauss")))
     first_last_bits: int | None = field(default=None, metadata=_h("bits of the first and last layer (none: same)"))
     rounding: str = field(default="nearest", metadata=_h("rounding mode"))
     calib_batches: int | None = field(default=None, metadata=_h("max calibration batches (none: all)"))
@@ -111,10 +120,20 @@ class PTQOptions:
         _check_choice("method", self.method, PTQ_METHODS)
         self.method_config()
 
-    def method_config(self) -> MinMaxPTQConfig:
-        return MinMaxPTQConfig(w_bits=self.w_bits, a_bits=self.a_bits, per_channel=self.per_channel,
-                               first_last_bits=self.first_last_bits, rounding=self.rounding,
-                               calib_batches=self.calib_batches)
+    def method_config(self) -> ObserverPTQConfig | GGDPTQConfig:
+        if self.method == "ggd":
+            return GGDPTQConfig(w_bits=self.w_bits, a_bits=self.a_bits, per_channel=bool(self.per_channel),
+                                power_of_two=self.power_of_two, bias=self.bias, first_last_bits=self.first_last_bits,
+                                bft=self.bft, calib_batches=self.calib_batches)
+        args: dict[str, Any] = {}
+        if self.method == "percentile":
+            args = {"percentile": self.percentile}
+        elif self.method == "aciq":
+            args = {"dist": self.aciq_dist}
+        per_channel = True if self.per_channel is None else self.per_channel
+        return ObserverPTQConfig(observer=self.method, observer_args=args, w_bits=self.w_bits, a_bits=self.a_bits,
+                                 per_channel=per_channel, first_last_bits=self.first_last_bits,
+                                 rounding=self.rounding, calib_batches=self.calib_batches)
 
 
 @dataclass(frozen=True)
@@ -185,16 +204,26 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     try:
         model = create_model_from_args(ck["model_args"])
         if "ptq" in ck:
-            p = ck["ptq"]
-            mcfg = MinMaxPTQConfig(**p["config"])
-            if mcfg.fold_bn:
-                model = fold_batchnorm(model)
-            model = quantize_model(model, mcfg.recipe(p.get("observer", "minmax")))
+            model = rebuild_quantized(model, ck["ptq"])
         model.load_state_dict(ck["model"])
     except (RuntimeError, KeyError, TypeError, ConfigError) as e:
         raise CheckpointError(f"{path} does not match its model description: {str(e).splitlines()[0]}") from None
     model.eval()
     return model, ck
+
+
+def rebuild_quantized(model: nn.Module, ptq_meta: dict[str, Any]) -> nn.Module:
+    """The quantized module structure a PTQ checkpoint's state dict belongs to (parameters not loaded)."""
+    if ptq_meta["method"] == "ggd":
+        from .methods.ggd_ptq import _set_own_bias
+
+        gcfg = GGDPTQConfig(**ptq_meta["config"])
+        qmodel = quantize_model(fold_batchnorm(model), gcfg.recipe())
+        if gcfg.bias == "own":
+            _set_own_bias(qmodel, gcfg.bias_bits, gcfg.fl_radius, placeholder=True)
+        return qmodel
+    ocfg = ObserverPTQConfig(**ptq_meta["config"])
+    return quantize_model(fold_batchnorm(model) if ocfg.fold_bn else model, ocfg.recipe())
 
 
 def _loaders_for(ck: dict[str, Any], data_dir: str | None, batch_size: int):
@@ -273,8 +302,12 @@ def run_ptq(cfg: PTQOptions) -> dict[str, Any]:
                                        "metrics": q_eval})
     _write_json(out / "ptq.json", result)
     _save_config(out, cfg)
+    extra = ""
+    if report.get("bft"):
+        b = report["bft"]
+        extra = f", BFT calib top-1 {b['before']['top1']:.2f}% -> {b['after']['top1']:.2f}%"
     print(f"{cfg.method} W{cfg.w_bits}A{cfg.a_bits}: top-1 {q_eval['top1']:.2f}% (fp32 {float_eval['top1']:.2f}%), "
-          f"logit SQNR {report['sqnr_db']:.1f} dB -> {out / 'model.pt'}")
+          f"logit SQNR {report['sqnr_db']:.1f} dB{extra} -> {out / 'model.pt'}")
     return result
 
 

@@ -1,6 +1,7 @@
-"""Min-max post-training quantization: the baseline every other PTQ method is compared with.
+"""Observer-based post-training quantization: min-max and the calibration baselines (percentile, MSE,
+KL/entropy, ACIQ) that every other PTQ method is compared with.
 
-Pipeline (shared by observer-based PTQ methods through :func:`observer_ptq`):
+Pipeline (:func:`observer_ptq`):
 
 1. fold BatchNorm into the preceding convs (hardware has no BN);
 2. swap conv/linear layers for fake-quantized ones: weights signed, symmetric, per output channel (or per
@@ -31,10 +32,13 @@ from .base import register_ptq
 
 
 @dataclass(frozen=True)
-class MinMaxPTQConfig:
-    """Min-max PTQ.
+class ObserverPTQConfig:
+    """PTQ whose activation ranges come from a calibration observer (min-max by default).
 
     Attributes:
+        observer: activation observer: ``minmax``, ``percentile``, ``mse``, ``kl``, ``aciq``, ``ggd``...
+        w_observer: weight observer (``minmax``: scale ``max|W| / (2^(b-1)-1)``).
+        observer_args: extra observer options, e.g. ``{"percentile": 99.99}`` or ``{"dist": "laplace"}``.
         w_bits, a_bits: weight / activation code widths (2..16).
         per_channel: per-output-channel weight scales (else per tensor).
         fold_bn: fold BatchNorm into convs before quantizing.
@@ -44,6 +48,9 @@ class MinMaxPTQConfig:
         calib_batches: use at most this many calibration batches (``None``: all).
     """
 
+    observer: str = "minmax"
+    w_observer: str = "minmax"
+    observer_args: tuple[tuple[str, Any], ...] = ()
     w_bits: int = 8
     a_bits: int = 8
     per_channel: bool = True
@@ -61,14 +68,23 @@ class MinMaxPTQConfig:
             raise ConfigError(f"rounding must be one of {', '.join(ROUNDING_MODES)}, got {self.rounding!r}")
         if self.calib_batches is not None and (not isinstance(self.calib_batches, int) or self.calib_batches < 1):
             raise ConfigError(f"calib_batches must be a positive integer or null, got {self.calib_batches!r}")
+        args = self.observer_args.items() if isinstance(self.observer_args, dict) else self.observer_args
+        object.__setattr__(self, "observer_args", tuple(sorted((str(k), v) for k, v in args)))
+        from ..observers import OBSERVERS
 
-    def recipe(self, observer: str = "minmax") -> QuantRecipe:
+        for name in ("observer", "w_observer"):
+            if getattr(self, name) not in OBSERVERS:
+                raise ConfigError(f"{name} must be one of {', '.join(sorted(OBSERVERS))}, got {getattr(self, name)!r}")
+
+    def recipe(self) -> QuantRecipe:
         gran = "channel" if self.per_channel else "tensor"
 
         def layer(wb: int, ab: int) -> LayerQuant:
             return LayerQuant(
-                weight=QuantSpec(bits=wb, signed=True, granularity=gran, rounding=self.rounding, observer="minmax"),
-                act=QuantSpec(bits=ab, signed=None, granularity="tensor", rounding=self.rounding, observer=observer),
+                weight=QuantSpec(bits=wb, signed=True, granularity=gran, rounding=self.rounding,
+                                 observer=self.w_observer),
+                act=QuantSpec(bits=ab, signed=None, granularity="tensor", rounding=self.rounding,
+                              observer=self.observer, observer_args=self.observer_args),
             )
 
         overrides = ()
@@ -76,6 +92,9 @@ class MinMaxPTQConfig:
             fl = layer(self.first_last_bits, self.first_last_bits)
             overrides = (("<first>", fl), ("<last>", fl))
         return QuantRecipe(default=layer(self.w_bits, self.a_bits), overrides=overrides)
+
+
+MinMaxPTQConfig = ObserverPTQConfig  # the default observer is min-max
 
 
 def layer_table(qmodel: nn.Module) -> list[dict[str, Any]]:
@@ -93,6 +112,7 @@ def layer_table(qmodel: nn.Module) -> list[dict[str, Any]]:
             row["a_bits"] = aq.spec.bits
             row["a_signed"] = bool(aq.signed)
             row["a_scale"] = float(aq.scale.reshape(-1)[0])
+            row.update({k: v for k, v in aq.calib_info.items() if k != "observer"})
         rows.append(row)
     return rows
 
@@ -145,12 +165,12 @@ def _copy_eval(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).eval()
 
 
-@register_ptq(MinMaxPTQConfig)
-def minmax_ptq(model: nn.Module, config: MinMaxPTQConfig, calib_loader: Iterable, *, progress: bool = False):
-    """Min-max PTQ (see the module docstring)."""
+@register_ptq(ObserverPTQConfig)
+def minmax_ptq(model: nn.Module, config: ObserverPTQConfig, calib_loader: Iterable, *, progress: bool = False):
+    """Observer-based PTQ (see the module docstring)."""
     qmodel, report = observer_ptq(
-        model, config.recipe("minmax"), calib_loader, fold_bn=config.fold_bn,
+        model, config.recipe(), calib_loader, fold_bn=config.fold_bn,
         calib_batches=config.calib_batches, progress=progress,
     )
-    report = {"method": "minmax", "config": asdict(config), **report}
+    report = {"method": config.observer, "config": asdict(config), **report}
     return qmodel, report

@@ -3,6 +3,11 @@
 ``QuantConv2d`` / ``QuantLinear`` compute ``op(Q_a(x), Q_w(W)) + Q_b(b)`` where the bias, when both
 input and weight are quantized, is quantized to ``bias_bits`` (default 32) at the accumulator scale
 ``s_b = s_a * s_w`` (per output channel): exactly what an integer datapath adds to its int32 accumulator.
+
+A layer may instead carry its own calibrated ``bias_quant`` (e.g. a fixed-point bias with its own
+fractional length FL_b).  The bias is then stored with ``bias_quant``'s bits at the scale
+``max(s_b_own, s_a * s_w)``: a bias finer than the accumulator cannot be added without rounding, so the
+coarser of the two steps is what the hardware really adds (FL_b = min(FL_b_own, FL_w + FL_a)).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ class _QuantMixin:
         self.weight_quant = FakeQuantizer(weight_spec, axis=0, generator=generator) if weight_spec else None
         self.input_quant = FakeQuantizer(act_spec, generator=generator) if act_spec else None
         self.bias_bits = bias_bits
+        self.bias_quant: FakeQuantizer | None = None
 
     def bias_scale(self) -> torch.Tensor | None:
         """Accumulator scale ``s_a * s_w`` (per output channel), or ``None`` if bias stays float."""
@@ -36,7 +42,17 @@ class _QuantMixin:
         if not (iq.enabled and iq.calibrated and wq.enabled and wq.calibrated):
             return None
         s = iq.scale * wq.scale
-        return s.expand(self.bias.shape[0]).contiguous() if s.dim() == 0 else s
+        s = s.expand(self.bias.shape[0]).contiguous() if s.dim() == 0 else s
+        bq = self.bias_quant
+        if bq is not None and bq.enabled and bq.calibrated:
+            s = torch.maximum(s, bq.scale.expand_as(s))
+        return s
+
+    def bias_code_bits(self) -> int:
+        bq = self.bias_quant
+        if bq is not None and bq.enabled and bq.calibrated:
+            return bq.spec.bits
+        return self.bias_bits
 
     def quantized_weight(self) -> torch.Tensor:
         return self.weight if self.weight_quant is None else self.weight_quant(self.weight)
@@ -45,7 +61,7 @@ class _QuantMixin:
         s = self.bias_scale()
         if s is None:
             return self.bias
-        return fake_quantize(self.bias, s, self.bias_bits, True, "nearest", axis=0)
+        return fake_quantize(self.bias, s, self.bias_code_bits(), True, "nearest", axis=0)
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quant is None else self.input_quant(x)

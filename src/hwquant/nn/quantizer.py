@@ -38,6 +38,7 @@ class FakeQuantizer(nn.Module):
         self.enabled = False
         self.observing = False
         self.observer = None
+        self.calib_info: dict = {}  # observer.summary() of the last calibration, for reports
 
     # ----------------------------------------------------------------- state
     @property
@@ -80,6 +81,7 @@ class FakeQuantizer(nn.Module):
     def calibrate(self) -> QuantParams:
         """Turn what the observer saw into parameters, install them, stop observing."""
         params = self.observer.compute()
+        self.calib_info = self.observer.summary()
         self.set_params(params)
         self.observing = False
         self.observer = None

@@ -3,6 +3,14 @@
 Every function here is checked against an independent oracle in ``tests/numerics``.
 """
 
+from .fixed_point import (
+    best_fraction_length,
+    best_fraction_length_per_channel,
+    fixed_point_scale,
+    fl_search_range,
+    fraction_length_errors,
+)
+from .ggd import GGD, expected_mse, ggd_fit, ggd_optimal_step, hui_neuhoff_step, power_of_two_step
 from .metrics import mse, sqnr_db
 from .rounding import ROUNDING_MODES, check_rounding, round_tensor
 from .uniform import (
@@ -17,14 +25,25 @@ from .uniform import (
 )
 
 __all__ = [
+    "GGD",
     "MAX_BITS",
     "MIN_BITS",
     "ROUNDING_MODES",
+    "best_fraction_length",
+    "best_fraction_length_per_channel",
     "check_bits",
     "check_rounding",
     "code_dtype",
     "dequantize",
+    "expected_mse",
     "fake_quantize",
+    "fixed_point_scale",
+    "fl_search_range",
+    "fraction_length_errors",
+    "ggd_fit",
+    "ggd_optimal_step",
+    "hui_neuhoff_step",
+    "power_of_two_step",
     "mse",
     "qrange",
     "quantize",

@@ -7,10 +7,36 @@ Every observer has the same interface::
     params = obs.compute()
 
 and is registered by name with :func:`register_observer`, so a :class:`~hwquant.spec.QuantSpec` selects it
-with ``observer="minmax"``.
+with ``observer="minmax"``.  Registered: ``minmax``, ``percentile``, ``mse``, ``kl``, ``aciq``, ``ggd``; extra
+arguments come from ``spec.observer_args`` (e.g. ``{"percentile": 99.9}``, ``{"dist": "gauss"}``).  The
+distribution-based observers keep a bounded seeded reservoir sample (:mod:`hwquant.observers.sampling`).
 """
 
+from .aciq import ACIQObserver, aciq_clip_ratio
 from .base import OBSERVERS, Observer, make_observer, params_from_range, register_observer
+from .fixedpoint import FixedPointObserver
+from .ggd import GGDObserver
+from .kl import KLObserver, kl_threshold_bins
 from .minmax import MinMaxObserver
+from .mse import MSEObserver
+from .percentile import PercentileObserver
+from .sampling import Reservoir, SamplingObserver
 
-__all__ = ["OBSERVERS", "MinMaxObserver", "Observer", "make_observer", "params_from_range", "register_observer"]
+__all__ = [
+    "OBSERVERS",
+    "ACIQObserver",
+    "FixedPointObserver",
+    "GGDObserver",
+    "KLObserver",
+    "MSEObserver",
+    "MinMaxObserver",
+    "Observer",
+    "PercentileObserver",
+    "Reservoir",
+    "SamplingObserver",
+    "aciq_clip_ratio",
+    "kl_threshold_bins",
+    "make_observer",
+    "params_from_range",
+    "register_observer",
+]

@@ -68,6 +68,14 @@ class Observer:
             return self.spec.signed
         return bool((self.min_seen < 0).any())
 
+    def summary(self) -> dict:
+        """JSON-serialisable facts about the fit (clip value, fitted distribution...) for reports."""
+        out: dict = {"observer": self.name}
+        ggd = getattr(self, "ggd", None)
+        if ggd is not None:
+            out.update({k: float(getattr(ggd, k)) for k in ("alpha", "beta", "lam", "zero_mass") if hasattr(ggd, k)})
+        return out
+
     def compute(self) -> QuantParams:
         if self.count == 0:
             raise DataError("observer saw no data: the calibration loader is empty")

@@ -1,0 +1,316 @@
+"""GGD PTQ: fixed-point weights with error-minimising fractional length, activation steps from a fitted
+generalized gamma distribution, backward-forward tuning (Kim et al., Samsung; seed ``002``).
+
+Pipeline (``ptq(model, GGDPTQConfig(...), calib_loader)``):
+
+1. **Fold BatchNorm** into the preceding convolutions (hardware has no BN).
+2. **Weights** [paper]: Qm.n two's complement per layer (per tensor; per channel optional).  The fractional
+   length FL is the one minimising the MSE of the saturating quantizer over the tensor's values
+   [rec: search ``b - 1 - ceil(log2 max|w|) +- fl_radius``]; step ``2^-FL``.
+3. **Activations** [paper]: fit a generalized gamma density ``f(x) ∝ |x|^β exp(-λ|x|^α)`` to each layer's
+   input (one-sided after ReLU with the zeros as a point mass, else two-sided) on the calibration data, and
+   take the step that minimises the expected quantization MSE of that density [rec: Hui-Neuhoff asymptotic
+   step refined numerically].  With ``power_of_two`` [rec, the fixed-point hardware case] the step is
+   rounded to ``2^-FL_a`` (down or up, whichever has lower error on the calibration samples).
+4. **Biases** [rec]: ``bias="accumulator"`` stores the bias at the accumulator's scale
+   ``2^-(FL_w + FL_a)`` in ``accumulator_bits`` (32) bits, what an integer MAC array adds; ``bias="own"``
+   gives it its own error-minimising FL in ``bias_bits`` bits (capped at ``FL_w + FL_a``).
+5. **Backward-forward tuning** [paper: adjust FLs per layer to maximise top-1/top-5; rec: sweep layers last
+   to first, then first to last; at each layer try ``FL-1, FL, FL+1`` for the weights, then for the input
+   activations; keep the best calibration-split score ``(top-1, top-5, logit SQNR)``, so ties go to the
+   higher SQNR and BFT can never lower calibration accuracy].
+
+The report holds per-layer FL / step, the fitted GGD parameters, weight and layer-output SQNR, end-to-end
+logit SQNR, and calibration accuracy before and after BFT.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, DataError
+from ..nn.fold import fold_batchnorm
+from ..nn.quantizer import FakeQuantizer
+from ..nn.swap import LayerQuant, QuantRecipe, calibrate, quant_layers, quantize_model
+from ..numerics.fixed_point import best_fraction_length
+from ..numerics.metrics import sqnr_db
+from ..numerics.uniform import check_bits
+from ..spec import QuantParams, QuantSpec
+from .base import register_ptq
+
+BIAS_MODES = ("accumulator", "own")
+
+
+@dataclass(frozen=True)
+class GGDPTQConfig:
+    """GGD PTQ (see the module docstring).
+
+    Attributes:
+        w_bits, a_bits: weight / activation word lengths (2..16).
+        per_channel: one FL per output channel instead of per layer (the paper uses per layer).
+        fl_radius: FL search radius around ``b - 1 - ceil(log2 max|w|)``.
+        power_of_two: activation steps rounded to powers of two (fixed point); else the exact GGD step.
+        bias: ``"accumulator"`` (bias at ``2^-(FL_w+FL_a)``, ``accumulator_bits`` wide) or ``"own"``.
+        bias_bits: word length of an ``"own"`` bias (2..16).
+        accumulator_bits: word length of the accumulator-scale bias (8..32).
+        first_last_bits: word length for the first and last layers (``None``: same as the others).
+        bft: run backward-forward tuning.
+        bft_batches: calibration batches used to score BFT candidates (``None``: all).
+        calib_batches: calibration batches used to fit the GGDs (``None``: all).
+        max_samples: activation values kept per layer for the GGD fit (a seeded reservoir).
+        seed: seed of the reservoir sampling.
+    """
+
+    w_bits: int = 8
+    a_bits: int = 8
+    per_channel: bool = False
+    fl_radius: int = 3
+    power_of_two: bool = True
+    bias: str = "accumulator"
+    bias_bits: int = 16
+    accumulator_bits: int = 32
+    first_last_bits: int | None = None
+    bft: bool = True
+    bft_batches: int | None = None
+    calib_batches: int | None = None
+    max_samples: int = 100_000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_bits(self.w_bits, "w_bits")
+        check_bits(self.a_bits, "a_bits")
+        check_bits(self.bias_bits, "bias_bits")
+        check_bits(self.accumulator_bits, "accumulator_bits", lo=8, hi=32)
+        if self.first_last_bits is not None:
+            check_bits(self.first_last_bits, "first_last_bits")
+        if self.bias not in BIAS_MODES:
+            raise ConfigError(f"bias must be one of {', '.join(BIAS_MODES)}, got {self.bias!r}")
+        if not isinstance(self.fl_radius, int) or not 1 <= self.fl_radius <= 16:
+            raise ConfigError(f"fl_radius must be an integer in 1..16, got {self.fl_radius!r}")
+        for name in ("bft_batches", "calib_batches"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{name} must be a positive integer or null, got {v!r}")
+        if not isinstance(self.max_samples, int) or self.max_samples < 1000:
+            raise ConfigError(f"max_samples must be an integer >= 1000, got {self.max_samples!r}")
+
+    def recipe(self) -> QuantRecipe:
+        gran = "channel" if self.per_channel else "tensor"
+
+        def layer(wb: int, ab: int) -> LayerQuant:
+            return LayerQuant(
+                weight=QuantSpec(bits=wb, signed=True, granularity=gran, observer="fixedpoint",
+                                 observer_args={"radius": self.fl_radius}),
+                act=QuantSpec(bits=ab, signed=None, granularity="tensor", observer="ggd",
+                              observer_args={"power_of_two": self.power_of_two, "seed": self.seed,
+                                             "max_samples": self.max_samples}),
+                bias_bits=self.accumulator_bits,
+            )
+
+        overrides = ()
+        if self.first_last_bits is not None:
+            fl = layer(self.first_last_bits, self.first_last_bits)
+            overrides = (("<first>", fl), ("<last>", fl))
+        return QuantRecipe(default=layer(self.w_bits, self.a_bits), overrides=overrides)
+
+
+# ----------------------------------------------------------------------------- scoring
+class CalibScorer:
+    """Scores a quantized model on fixed calibration batches: ``(top-1 %, top-5 %, logit SQNR dB)``.
+
+    The batches and the float model's logits are computed once, so each candidate costs one forward pass.
+    """
+
+    def __init__(self, float_model: nn.Module, batches: Iterable, max_batches: int | None = None):
+        self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.ref: list[torch.Tensor] = []
+        float_model.eval()
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                if max_batches is not None and i >= max_batches:
+                    break
+                x, y = batch[0], batch[1]
+                self.batches.append((x, y))
+                self.ref.append(float_model(x).double())
+        if not self.batches:
+            raise DataError("calibration loader is empty")
+        self.evaluations = 0
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> tuple[float, float, float]:
+        model.eval()
+        c1 = c5 = n = 0
+        sig = noise = 0.0
+        for (x, y), ref in zip(self.batches, self.ref, strict=True):
+            logits = model(x)
+            k = min(5, logits.shape[1])
+            top = logits.topk(k, dim=1).indices
+            hit = top == y[:, None]
+            c1 += int(hit[:, 0].sum())
+            c5 += int(hit.any(1).sum())
+            n += y.numel()
+            d = logits.double()
+            sig += float(ref.pow(2).sum())
+            noise += float((ref - d).pow(2).sum())
+        self.evaluations += 1
+        sq = math.inf if noise == 0 else 10 * math.log10(sig / noise)
+        return 100.0 * c1 / n, 100.0 * c5 / n, sq
+
+
+def fraction_length(q: FakeQuantizer) -> list[int] | int:
+    """FL of a power-of-two quantizer (``scale = 2^-FL``); a list for per-channel scales."""
+    fl = (-torch.log2(q.scale)).round().to(torch.int64)
+    return fl.tolist() if fl.dim() else int(fl)
+
+
+def _is_pow2(q: FakeQuantizer) -> bool:
+    return bool(torch.all(torch.log2(q.scale) == torch.round(torch.log2(q.scale))))
+
+
+def backward_forward_tuning(
+    qmodel: nn.Module, scorer: CalibScorer, *, passes: tuple[str, ...] = ("backward", "forward"), progress=False
+) -> dict[str, Any]:
+    """Greedy per-layer FL tuning (see the module docstring); returns the score history and the changes."""
+    layers = list(quant_layers(qmodel))
+    best = scorer(qmodel)
+    start = best
+    changes: list[dict[str, Any]] = []
+    total = sum(2 * len(layers) for _ in passes)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="BFT", leave=False)
+    for direction in passes:
+        order = layers[::-1] if direction == "backward" else layers
+        for name, layer in order:
+            for kind, q in (("weight", layer.weight_quant), ("act", layer.input_quant)):
+                if bar is not None:
+                    bar.update(1)
+                if q is None or not q.calibrated:
+                    continue
+                base = q.scale.clone()
+                choice = None
+                for delta in (-1, 1):  # FL + delta  <=>  scale * 2^-delta
+                    q.scale = base * (2.0 ** -delta)
+                    s = scorer(qmodel)
+                    if s > best:
+                        best, choice = s, delta
+                q.scale = base * (2.0 ** -choice) if choice is not None else base
+                if choice is not None:
+                    changes.append({"pass": direction, "layer": name, "operand": kind, "delta_fl": choice,
+                                    "top1": best[0], "top5": best[1], "sqnr_db": best[2]})
+    if bar is not None:
+        bar.close()
+    return {"before": dict(zip(("top1", "top5", "sqnr_db"), start, strict=True)),
+            "after": dict(zip(("top1", "top5", "sqnr_db"), best, strict=True)),
+            "changes": changes, "evaluations": scorer.evaluations}
+
+
+# ----------------------------------------------------------------------------- report
+@torch.no_grad()
+def layer_sqnr(float_model: nn.Module, qmodel: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """SQNR (dB) of every quantized layer's output in ``qmodel`` against the same layer in ``float_model``
+    on input ``x`` (noise accumulated from all layers up to and including it)."""
+    outs: dict[str, dict[str, torch.Tensor]] = {"f": {}, "q": {}}
+    names = [n for n, _ in quant_layers(qmodel)]
+    hooks = []
+    for tag, model in (("f", float_model), ("q", qmodel)):
+        mods = dict(model.named_modules())
+        for n in names:
+            hooks.append(mods[n].register_forward_hook(
+                lambda m, i, o, n=n, tag=tag: outs[tag].__setitem__(n, o.detach())))
+    float_model(x)
+    qmodel(x)
+    for h in hooks:
+        h.remove()
+    return {n: sqnr_db(outs["f"][n], outs["q"][n]) for n in names}
+
+
+def _set_own_bias(qmodel: nn.Module, bits: int, radius: int, placeholder: bool = False) -> None:
+    """Give every biased layer its own fixed-point bias quantizer (FL by error minimisation).
+
+    ``placeholder=True`` only builds the modules (to load a checkpoint's state dict into them).
+    """
+    for _, layer in quant_layers(qmodel):
+        if layer.bias is None or layer.weight_quant is None or layer.input_quant is None:
+            continue
+        bq = FakeQuantizer(QuantSpec(bits=bits, signed=True))
+        if not placeholder:
+            fl = best_fraction_length(layer.bias.detach(), bits, signed=True, radius=radius)
+            bq.set_params(QuantParams(scale=torch.tensor(2.0**-fl), zero_point=torch.tensor(0, dtype=torch.int32),
+                                      bits=bits, signed=True))
+        layer.bias_quant = bq
+
+
+def ggd_layer_table(float_model: nn.Module, qmodel: nn.Module, x: torch.Tensor) -> list[dict[str, Any]]:
+    out_sqnr = layer_sqnr(float_model, qmodel, x)
+    rows = []
+    for name, layer in quant_layers(qmodel):
+        wq, aq = layer.weight_quant, layer.input_quant
+        row: dict[str, Any] = {"layer": name}
+        if wq is not None and wq.calibrated:
+            row["w_bits"] = wq.spec.bits
+            row["w_fl"] = fraction_length(wq) if _is_pow2(wq) else None
+            with torch.no_grad():
+                row["w_sqnr_db"] = sqnr_db(layer.weight, wq(layer.weight))
+        if aq is not None and aq.calibrated:
+            row["a_bits"] = aq.spec.bits
+            row["a_signed"] = bool(aq.signed)
+            row["a_step"] = float(aq.scale)
+            row["a_fl"] = fraction_length(aq) if _is_pow2(aq) else None
+            for k in ("alpha", "beta", "lam", "zero_mass"):
+                if k in aq.calib_info:
+                    row[f"ggd_{k}"] = aq.calib_info[k]
+        if layer.bias is not None:
+            s = layer.bias_scale()
+            row["bias_fl"] = int(round(-math.log2(float(s.max())))) if s is not None and _is_pow2_t(s) else None
+        row["out_sqnr_db"] = out_sqnr[name]
+        rows.append(row)
+    return rows
+
+
+def _is_pow2_t(s: torch.Tensor) -> bool:
+    return bool(torch.all(torch.log2(s) == torch.round(torch.log2(s))))
+
+
+@register_ptq(GGDPTQConfig)
+def ggd_ptq(model: nn.Module, config: GGDPTQConfig, calib_loader: Iterable, *, progress: bool = False):
+    """GGD PTQ (see the module docstring).  Returns ``(qmodel, report)``."""
+    t0 = time.perf_counter()
+    float_model = fold_batchnorm(model).eval()
+    qmodel = quantize_model(float_model, config.recipe())
+    n = calibrate(qmodel, calib_loader, max_batches=config.calib_batches, progress=progress)
+    if config.bias == "own":
+        _set_own_bias(qmodel, config.bias_bits, config.fl_radius)
+    t_calib = time.perf_counter() - t0
+    scorer = CalibScorer(float_model, calib_loader, config.bft_batches)
+    probe = scorer.batches[0][0]
+    before_layers = ggd_layer_table(float_model, qmodel, probe)
+    bft = None
+    if config.bft:
+        bft = backward_forward_tuning(qmodel, scorer, progress=progress)
+        calib_after = bft["after"]
+        calib_before = bft["before"]
+    else:
+        calib_before = calib_after = dict(zip(("top1", "top5", "sqnr_db"), scorer(qmodel), strict=True))
+    report = {
+        "method": "ggd",
+        "config": asdict(config),
+        "calib_batches": n,
+        "calib_before_bft": calib_before,
+        "calib_after_bft": calib_after,
+        "sqnr_db": calib_after["sqnr_db"],
+        "layers": ggd_layer_table(float_model, qmodel, probe) if config.bft else before_layers,
+        "layers_before_bft": before_layers if config.bft else None,
+        "bft": bft,
+        "seconds": {"calibrate": t_calib, "total": time.perf_counter() - t0},
+    }
+    return qmodel, report

@@ -1,0 +1,130 @@
+"""GGD observer: fit a generalized gamma distribution to the values and use its MSE-optimal uniform step.
+
+This is the activation rule of GGD PTQ (Kim et al.; see :mod:`hwquant.numerics.ggd`): at :meth:`compute`,
+per row (tensor or channel),
+
+1. ``zero_mass`` = exact fraction of zeros over everything seen (running count); the distribution is two-sided
+   when any observed value was negative;
+2. :func:`~hwquant.numerics.ggd_fit` on the non-zero values of the reservoir sample (itself subsampled to
+   ``max_samples`` for the fit);
+3. ``step = ggd_optimal_step(ggd, bits, signed)``: the step minimising the expected MSE of the spec's quantizer
+   (``2^bits`` codes, signed / unsigned, ``narrow``) under the fit;
+4. ``cap_at_peak`` (default on): ``step = min(step, peak / q_max)``, the min-max step.  A larger step cannot
+   lower the error on anything observed (nothing saturates there); it only happens when the fitted tail
+   extends beyond the data, e.g. a weight channel with few values;
+5. ``power_of_two=True``: the better of ``2^floor(log2 step)`` and ``2^ceil(log2 step)`` by the MSE on the
+   reservoir sample (:func:`~hwquant.numerics.ggd.power_of_two_step`).
+
+Symmetric specs get ``scale = step`` directly (zero point 0).  Affine specs get the range ``[-c, c]`` / ``[0, c]``
+with ``c = step * q_max`` intersected with the observed range (see :meth:`params_from_clip`).  Degenerate
+rows (all zero, or a single repeated magnitude: nothing to fit) fall back to the min-max step
+``peak / q_max`` (1 for an all-zero row) and record ``None`` as their fit.
+
+The fits are exposed as ``observer.ggd`` (a :class:`~hwquant.numerics.GGD` per tensor, or a list per channel)
+and the steps as ``observer.step`` for reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from ..errors import ConfigError, DataError
+from ..numerics.ggd import FIT_METHODS, GGD, ggd_fit, ggd_optimal_step, power_of_two_step
+from ..numerics.uniform import qrange
+from ..spec import QuantParams, QuantSpec
+from .base import register_observer
+from .sampling import DEFAULT_RESERVOIR, SamplingObserver, check_int_arg, reject_unknown
+
+
+@register_observer("ggd")
+class GGDObserver(SamplingObserver):
+    """Scale = the GGD-optimal step of a generalized gamma fit (see the module docstring).
+
+    Arguments: ``power_of_two`` (False), ``cap_at_peak`` (True), ``max_samples`` (100000, fit subsample),
+    ``method`` (``"mle"`` or ``"moments"``), ``reservoir_size``, ``seed`` (reservoir and fit subsample).
+    """
+
+    def __init__(
+        self,
+        spec: QuantSpec,
+        axis: int | None = None,
+        *,
+        power_of_two: bool = False,
+        cap_at_peak: bool = True,
+        max_samples: int = 100_000,
+        method: str = "mle",
+        reservoir_size: int = DEFAULT_RESERVOIR,
+        seed: int = 0,
+        **unknown,
+    ) -> None:
+        reject_unknown("ggd", unknown)
+        if not isinstance(power_of_two, bool):
+            raise ConfigError(f"observer argument power_of_two must be true or false, got {power_of_two!r}")
+        if method not in FIT_METHODS:
+            raise ConfigError(f"observer argument method must be one of {', '.join(FIT_METHODS)}, got {method!r}")
+        if not isinstance(cap_at_peak, bool):
+            raise ConfigError(f"observer argument cap_at_peak must be true or false, got {cap_at_peak!r}")
+        self.power_of_two = power_of_two
+        self.cap_at_peak = cap_at_peak
+        self.max_samples = check_int_arg("max_samples", max_samples, 2)
+        self.method = method
+        self.fit_seed = seed
+        super().__init__(spec, axis, reservoir_size=reservoir_size, seed=seed)
+        self.ggd: GGD | list[GGD | None] | None = None
+        self.step: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        super().reset()
+        self.ggd = None
+        self.step = None
+
+    def summary(self) -> dict:
+        """Base summary (fitted ``alpha, beta, lam, zero_mass`` for per-tensor fits) plus the step."""
+        out = super().summary()
+        if self.step is not None and self.step.numel() == 1:
+            out["step"] = float(self.step)
+        return out
+
+    def fit_row(self, row: torch.Tensor, r: int, signed: bool) -> tuple[GGD | None, float]:
+        """Fit and optimal step for row ``r`` with reservoir values ``row`` ``[m]``."""
+        spec = self.spec
+        peak = float(self.peak(signed)[r])
+        two_sided = bool(self.min_seen.reshape(-1)[r].item() < 0)
+        qmax = qrange(spec.bits, signed, spec.narrow)[1]
+        try:
+            g = ggd_fit(row[row != 0], signed=two_sided, max_samples=self.max_samples, seed=self.fit_seed,
+                        method=self.method)
+        except DataError:  # all zeros or one repeated magnitude: nothing to fit
+            return None, (peak / qmax if peak > 0 else 1.0)
+        g = replace(g, zero_mass=float(self.zeros[r]) / self.total)
+        step = ggd_optimal_step(g, spec.bits, signed, narrow=spec.narrow)
+        if self.cap_at_peak and peak > 0:
+            step = min(step, peak / qmax)
+        if self.power_of_two:
+            step = power_of_two_step(step, spec.bits, signed, calib=row, narrow=spec.narrow)
+        return g, step
+
+    def _compute(self) -> QuantParams:
+        signed = self.resolved_signed()
+        samples = self.samples()
+        fits, steps = [], []
+        for r in range(samples.shape[0]):
+            g, s = self.fit_row(samples[r], r, signed)
+            fits.append(g)
+            steps.append(s)
+        self.ggd = fits[0] if self.axis is None else fits
+        step = torch.tensor(steps, dtype=torch.float32)
+        self.step = self._shape(step)
+        self.clip = step * qrange(self.spec.bits, signed, self.spec.narrow)[1]
+        if not self.spec.symmetric:
+            return self.params_from_clip(self.clip, signed)
+        return QuantParams(
+            scale=self._shape(step),
+            zero_point=torch.zeros_like(self._shape(step), dtype=torch.int32),
+            bits=self.spec.bits,
+            signed=signed,
+            axis=self.axis,
+            narrow=self.spec.narrow,
+        )
