@@ -23,6 +23,8 @@ REGISTRY: dict[str, str] = {
     "quantizer": "benchmarks.quantizer",
     "train_step": "benchmarks.train_step",
     "ptq": "benchmarks.ptq",
+    "qat": "benchmarks.qat",
+    "ggd_fit": "benchmarks.ggd_fit",
 }
 
 

@@ -6,26 +6,41 @@ Layers run one way: ``numerics`` (pure math) <- ``observers`` / ``nn`` (quantize
 
 from . import numerics
 from .errors import CheckpointError, ConfigError, DataError, HwquantError
-from .methods import MinMaxPTQConfig, ptq
+from .methods import (
+    CQATConfig,
+    GGDPTQConfig,
+    LSQConfig,
+    MinMaxPTQConfig,
+    PACTConfig,
+    STEConfig,
+    prepare_qat,
+    ptq,
+)
 from .nn import LayerQuant, QuantRecipe, calibrate, fold_batchnorm, quantize_model
 from .spec import QuantParams, QuantSpec
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CQATConfig",
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "GGDPTQConfig",
     "HwquantError",
+    "LSQConfig",
     "LayerQuant",
     "MinMaxPTQConfig",
+    "PACTConfig",
     "QuantParams",
     "QuantRecipe",
     "QuantSpec",
+    "STEConfig",
     "__version__",
     "calibrate",
     "fold_batchnorm",
     "numerics",
+    "prepare_qat",
     "ptq",
     "quantize_model",
 ]

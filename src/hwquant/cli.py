@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("DemoOptions", "run_demo"),
     "train": ("TrainOptions", "run_train"),
     "ptq": ("PTQOptions", "run_ptq"),
+    "qat": ("QATOptions", "run_qat"),
     "eval": ("EvalOptions", "run_eval"),
 }
 
@@ -26,6 +27,7 @@ HELP = {
     "demo": "train (or reuse) ResNet-20 on Fashion-MNIST, compare FP32 / INT8 / INT4 PTQ, write a report",
     "train": "train a float model (resumable, torchrun-aware)",
     "ptq": "post-training quantization of a trained checkpoint",
+    "qat": "quantization-aware fine-tuning of a trained checkpoint (CQAT, STE, PACT, LSQ)",
     "eval": "evaluate a float or quantized checkpoint",
 }
 

@@ -1,4 +1,4 @@
-"""The commands behind the CLI, as library functions: train, PTQ, eval, demo.
+"""The commands behind the CLI, as library functions: train, PTQ, QAT, eval, demo.
 
 Each takes a validated config dataclass, writes its outputs atomically under ``cfg.out`` (with the
 resolved ``config.yaml`` beside them), and returns a JSON-serialisable result dict.
@@ -18,7 +18,17 @@ from torch import nn
 from . import config as cfgmod
 from .data import make_loaders, resolve_dataset
 from .errors import CheckpointError, ConfigError
-from .methods import GGDPTQConfig, MinMaxPTQConfig, ObserverPTQConfig, ptq
+from .methods import (
+    QAT_CONFIGS,
+    CQATConfig,
+    GGDPTQConfig,
+    MinMaxPTQConfig,
+    ObserverPTQConfig,
+    build_qat_model,
+    prepare_qat,
+    ptq,
+    qat_summary,
+)
 from .models import create_model, create_model_from_args, list_models
 from .nn import fold_batchnorm, quantize_model
 from .train import TrainConfig, atomic_write_text, evaluate, fit, load_checkpoint, save_checkpoint
@@ -26,6 +36,7 @@ from .train.distributed import current, init_from_env
 
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "digits", "synthetic")
 PTQ_METHODS = ("minmax", "percentile", "mse", "kl", "aciq", "ggd")
+QAT_METHODS = ("cqat", "ste", "pact", "lsq", "fp32")
 DEFAULT_CALIB = {"digits": 200}  # held-out calibration images when calib_size is not given
 
 
@@ -102,6 +113,7 @@ class PTQOptions:
     per_channel: bool | None = field(default=None, metadata=_h(
         "per-output-channel weight scales (none: yes for observer methods, no for ggd's per-layer FL)"))
     bft: bool = field(default=True, metadata=_h("ggd: backward-forward tuning of the fractional lengths"))
+    bft_samples: int | None = field(default=512, metadata=_h("ggd: calibration images scoring BFT (none: all)"))
     power_of_two: bool = field(default=True, metadata=_h("ggd: power-of-two activation steps (fixed point)"))
     bias: str = field(default="accumulator", metadata=_h("ggd: bias at the accumulator scale or its own FL",
                                                          ("accumulator", "own")))
@@ -124,7 +136,7 @@ class PTQOptions:
         if self.method == "ggd":
             return GGDPTQConfig(w_bits=self.w_bits, a_bits=self.a_bits, per_channel=bool(self.per_channel),
                                 power_of_two=self.power_of_two, bias=self.bias, first_last_bits=self.first_last_bits,
-                                bft=self.bft, calib_batches=self.calib_batches)
+                                bft=self.bft, bft_samples=self.bft_samples, calib_batches=self.calib_batches)
         args: dict[str, Any] = {}
         if self.method == "percentile":
             args = {"percentile": self.percentile}
@@ -134,6 +146,61 @@ class PTQOptions:
         return ObserverPTQConfig(observer=self.method, observer_args=args, w_bits=self.w_bits, a_bits=self.a_bits,
                                  per_channel=per_channel, first_last_bits=self.first_last_bits,
                                  rounding=self.rounding, calib_batches=self.calib_batches)
+
+
+@dataclass(frozen=True)
+class QATOptions:
+    """``hwquant qat``: quantization-aware fine-tuning of a trained float checkpoint (CQAT or a baseline)."""
+
+    checkpoint: str = field(default="runs/train/model.pt", metadata=_h("float checkpoint from hwquant train"))
+    method: str = field(default="cqat", metadata=_h(
+        "cqat (clipped 8-bit step), ste (min-max), pact (learned clip), lsq (learned step), or fp32 (a float "
+        "fine-tune with the same schedule: the control)", QAT_METHODS))
+    w_bits: int = field(default=5, metadata=_h("stored weight bits (2..16)"))
+    a_bits: int = field(default=4, metadata=_h("stored activation bits (2..16)"))
+    base_bits: int = field(default=8, metadata=_h("cqat: bits the step is sized for"))
+    step: str = field(default="mse", metadata=_h("cqat: step calibration, mse (for the clipped codes) or max "
+                                                  "(literal peak / (2^base_bits - 1))", ("mse", "max")))
+    act_range: str = field(default="ema", metadata=_h("cqat: activation step follows an EMA of the peak, or "
+                                                       "stays static", ("ema", "static")))
+    first_last_bits: int | None = field(default=8, metadata=_h("bits of the first conv and last FC (none: same)"))
+    per_channel: bool = field(default=True, metadata=_h("per-output-channel weight steps"))
+    epochs: int = field(default=2, metadata=_h("fine-tuning epochs"))
+    batch_size: int = field(default=128, metadata=_h("training batch size (per process)"))
+    lr: float = field(default=0.01, metadata=_h("peak learning rate (cosine decay to 0)"))
+    momentum: float = field(default=0.9, metadata=_h("SGD momentum (Nesterov)"))
+    weight_decay: float = field(default=5e-4, metadata=_h("L2 weight decay (not on biases / steps)"))
+    warmup_epochs: float = field(default=0.0, metadata=_h("linear warmup epochs"))
+    augment: bool = field(default=True, metadata=_h("train-time augmentation (crop, flip)"))
+    calib_batches: int | None = field(default=8, metadata=_h("calibration batches to initialise the steps"))
+    seed: int = field(default=0, metadata=_h("seed for data order and augmentation"))
+    channels_last: bool = field(default=True, metadata=_h("channels-last memory format (faster on CPU)"))
+    data_dir: str | None = field(default=None, metadata=_h("dataset directory (default: as in the checkpoint)"))
+    threads: int | None = field(default=None, metadata=_h("torch CPU threads"))
+    out: str = field(default="runs/qat", metadata=_h("output directory"))
+    resume: bool = field(default=False, metadata=_h("resume from OUT/last.pt"))
+    progress: bool = field(default=True, metadata=_h("show progress bars"))
+
+    def __post_init__(self) -> None:
+        _check_choice("method", self.method, QAT_METHODS)
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        self.method_config()
+        self.train_config()
+
+    def method_config(self):
+        """The QAT config dataclass (``None`` for the fp32 control)."""
+        if self.method == "fp32":
+            return None
+        common = {"w_bits": self.w_bits, "a_bits": self.a_bits, "first_last_bits": self.first_last_bits,
+                  "per_channel": self.per_channel, "calib_batches": self.calib_batches}
+        if self.method == "cqat":
+            return CQATConfig(**common, base_bits=self.base_bits, step=self.step, act_range=self.act_range)
+        return QAT_CONFIGS[self.method](**common)
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                           warmup_epochs=self.warmup_epochs, seed=self.seed)
 
 
 @dataclass(frozen=True)
@@ -205,6 +272,9 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         model = create_model_from_args(ck["model_args"])
         if "ptq" in ck:
             model = rebuild_quantized(model, ck["ptq"])
+        elif "qat" in ck and ck["qat"]["method"] != "fp32":
+            qcls = QAT_CONFIGS[ck["qat"]["method"]]
+            model = build_qat_model(model, qcls(**ck["qat"]["config"]))
         model.load_state_dict(ck["model"])
     except (RuntimeError, KeyError, TypeError, ConfigError) as e:
         raise CheckpointError(f"{path} does not match its model description: {str(e).splitlines()[0]}") from None
@@ -308,6 +378,54 @@ def run_ptq(cfg: PTQOptions) -> dict[str, Any]:
         extra = f", BFT calib top-1 {b['before']['top1']:.2f}% -> {b['after']['top1']:.2f}%"
     print(f"{cfg.method} W{cfg.w_bits}A{cfg.a_bits}: top-1 {q_eval['top1']:.2f}% (fp32 {float_eval['top1']:.2f}%), "
           f"logit SQNR {report['sqnr_db']:.1f} dB{extra} -> {out / 'model.pt'}")
+    return result
+
+
+def run_qat(cfg: QATOptions) -> dict[str, Any]:
+    """QAT fine-tune of a float checkpoint; writes OUT/model.pt, OUT/last.pt, OUT/qat.json, OUT/config.yaml.
+
+    Reports the test accuracy of the float model, of the quantized model right after initialisation (the PTQ
+    starting point) and after fine-tuning, and the loss curve.
+    """
+    _set_threads(cfg.threads)
+    dist_info = init_from_env()
+    model, ck = load_model(cfg.checkpoint)
+    if "ptq" in ck or "qat" in ck:
+        raise CheckpointError(f"{cfg.checkpoint} is already quantized; give the float checkpoint")
+    d = ck["data"]
+    loaders = make_loaders(d["dataset"], data_dir=cfg.data_dir or d.get("data_dir"), batch_size=cfg.batch_size,
+                           calib_size=d["calib_size"], seed=cfg.seed, augment=cfg.augment, fallback=False,
+                           rank=dist_info.rank, world_size=dist_info.world_size, channels_last=cfg.channels_last)
+    if loaders.calib is None or len(loaders.calib) == 0:
+        raise ConfigError("the checkpoint's data split has no calibration images (trained with calib_size=0)")
+    out = Path(cfg.out)
+    fp32 = evaluate(model, loaders.test, progress=cfg.progress, desc="eval fp32")
+    qcfg = cfg.method_config()
+    qmodel = model if qcfg is None else prepare_qat(model, qcfg, loaders.calib)
+    if cfg.channels_last:
+        qmodel = qmodel.to(memory_format=torch.channels_last)
+    start = evaluate(qmodel, loaders.test, progress=cfg.progress, desc="eval start")
+    meta = {"method": cfg.method, "config": asdict(qcfg) if qcfg is not None else {}}
+    if dist_info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _save_config(out, cfg)
+    _say(f"{cfg.method} W{cfg.w_bits}A{cfg.a_bits}: fp32 {fp32['top1']:.2f}%, before fine-tuning "
+         f"{start['top1']:.2f}%; fine-tuning {cfg.epochs} epochs at lr {cfg.lr:g}")
+    t0 = time.perf_counter()
+    history = fit(qmodel, loaders.train, cfg.train_config(), eval_loader=loaders.test, out_dir=out,
+                  resume=cfg.resume, progress=cfg.progress,
+                  extra_state={"model_args": ck["model_args"], "data": d, "qat": meta})
+    seconds = time.perf_counter() - t0
+    final = evaluate(qmodel, loaders.test)
+    result = {"method": cfg.method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "config": meta["config"],
+              "fp32": fp32, "start": start, "final": final, "train_seconds": seconds, "history": history["epochs"],
+              "step_loss": history["step_loss"], "layers": qat_summary(qmodel) if qcfg is not None else []}
+    if dist_info.is_main:
+        save_checkpoint(out / "model.pt", {"model": qmodel.state_dict(), "model_args": ck["model_args"],
+                                           "data": d, "qat": meta, "metrics": final, "history": history})
+        _write_json(out / "qat.json", result)
+    _say(f"{cfg.method} W{cfg.w_bits}A{cfg.a_bits}: top-1 {final['top1']:.2f}% (fp32 {fp32['top1']:.2f}%, "
+         f"start {start['top1']:.2f}%) -> {out / 'model.pt'}")
     return result
 
 

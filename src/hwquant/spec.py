@@ -17,6 +17,8 @@ from .numerics.rounding import ROUNDING_MODES
 from .numerics.uniform import MAX_BITS, MIN_BITS, qrange
 
 GRANULARITIES = ("tensor", "channel")
+RANGE_MODES = ("static", "dynamic", "ema", "learned", "pact")
+CLIP_AT = ("step", "codes")
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,22 @@ class QuantSpec:
         symmetric: zero point fixed at 0 (hardware-friendly); ``False`` fits an affine zero point.
         narrow: signed range ``[-(2^(b-1)-1), 2^(b-1)-1]`` (symmetric around 0).
         observer_args: extra keyword arguments for the observer (e.g. ``{"percentile": 99.99}``).
+        step_bits: the step is sized as if the codes had ``step_bits`` bits while the stored codes are
+            still clipped to ``bits`` (CQAT: 8-bit step, codes clipped to 4/5 bits).  For a clip value
+            ``c`` (see ``clip_at``): ``s = c / Q(step_bits)`` with ``Q(b) = 2^b - 1`` (unsigned) or
+            ``2^(b-1) - 1`` (signed), codes ``clamp(round(x / s), q_min(bits), q_max(bits))``.  ``None``
+            means ``bits``; must be ``>= bits``.  Needs ``symmetric=True`` when ``> bits``.
+        range_mode: how the scale evolves during training (QAT), see :class:`~hwquant.nn.FakeQuantizer`:
+            ``"static"`` (calibrated once), ``"dynamic"`` (from ``max|x|`` of every forward), ``"ema"``
+            (exponential moving average of the per-batch ``max|x|``, updated in training mode only),
+            ``"learned"`` (LSQ: the step is a trained parameter), ``"pact"`` (PACT: a trained clip
+            ``alpha``, ``s = alpha / Q``).  Non-static modes need ``symmetric=True``; ``"pact"`` needs
+            ``granularity="tensor"``.
+        ema_decay: ``d`` in ``m_t = d * m_(t-1) + (1 - d) * max|x_t|`` (``range_mode="ema"``), in ``[0, 1)``.
+        clip_at: where a clip value ``c`` (an observer's clip, a tracked max, PACT's ``alpha``) lands:
+            ``"step"``: at the top of the ``step_bits`` code range, ``s = c / Q(step_bits)`` (literal CQAT:
+            ``s = max / 255``); ``"codes"``: at the top of the stored ``bits`` codes, ``s = c / Q(bits)``
+            (the clipped code range covers ``[0, c]``).  Identical when ``step_bits`` is ``None``/``bits``.
     """
 
     bits: int = 8
@@ -43,6 +61,10 @@ class QuantSpec:
     symmetric: bool = True
     narrow: bool = False
     observer_args: tuple[tuple[str, object], ...] = field(default=())
+    step_bits: int | None = None
+    range_mode: Literal["static", "dynamic", "ema", "learned", "pact"] = "static"
+    ema_decay: float = 0.9
+    clip_at: Literal["step", "codes"] = "step"
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
@@ -55,6 +77,39 @@ class QuantSpec:
             raise ConfigError(f"rounding must be one of {', '.join(ROUNDING_MODES)}, got {self.rounding!r}")
         if isinstance(self.observer_args, dict):
             object.__setattr__(self, "observer_args", tuple(sorted(self.observer_args.items())))
+        sb = self.step_bits
+        if sb is not None and (isinstance(sb, bool) or not isinstance(sb, int) or not self.bits <= sb <= MAX_BITS):
+            raise ConfigError(f"step_bits must be null or an integer in {self.bits}..{MAX_BITS} (>= bits), got {sb!r}")
+        if self.range_mode not in RANGE_MODES:
+            raise ConfigError(f"range_mode must be one of {', '.join(RANGE_MODES)}, got {self.range_mode!r}")
+        d = self.ema_decay
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d < 1:
+            raise ConfigError(f"ema_decay must be a number in [0, 1), got {d!r}")
+        if self.clip_at not in CLIP_AT:
+            raise ConfigError(f"clip_at must be one of {', '.join(CLIP_AT)}, got {self.clip_at!r}")
+        if not self.symmetric and (self.range_mode != "static" or self.q_step_bits != self.bits):
+            raise ConfigError(
+                "symmetric must be true with step_bits > bits or a non-static range_mode "
+                f"(got range_mode={self.range_mode!r}, step_bits={sb!r})"
+            )
+        if self.range_mode == "pact" and self.granularity != "tensor":
+            raise ConfigError(f"granularity must be 'tensor' with range_mode='pact', got {self.granularity!r}")
+
+    @property
+    def q_step_bits(self) -> int:
+        """The width the step is sized for: ``step_bits``, or ``bits`` when ``step_bits`` is ``None``."""
+        return self.bits if self.step_bits is None else self.step_bits
+
+    def clip_levels(self, signed: bool) -> int:
+        """``Q`` in ``s = c / Q`` for a clip ``c``: ``Q(step_bits)`` (``clip_at="step"``) or ``Q(bits)``.
+
+        ``Q(b) = 2^(b-1) - 1`` for signed codes, ``2^b - 1`` for unsigned ones.
+
+        >>> QuantSpec(bits=4, signed=False, step_bits=8).clip_levels(False)
+        255
+        """
+        b = self.q_step_bits if self.clip_at == "step" else self.bits
+        return qrange(b, signed)[1]
 
     def with_(self, **changes) -> QuantSpec:
         """A copy with some fields changed (validated again)."""

@@ -117,6 +117,92 @@ def test_cli_subprocess_exit_code_and_no_traceback(tmp_path):
 def test_help_lists_commands():
     r = subprocess.run([sys.executable, "-m", "hwquant.cli", "--help"], capture_output=True, text=True)
     assert r.returncode == 0
-    for cmd in ("demo", "train", "ptq", "eval"):
+    for cmd in ("demo", "train", "ptq", "qat", "eval"):
         assert cmd in r.stdout
-    assert Path("configs/demo.yaml").is_file() or True
+    assert Path(__file__).resolve().parents[2].joinpath("configs", "demo.yaml").is_file()
+
+
+@pytest.mark.parametrize("method", ["percentile", "mse", "kl", "aciq", "ggd"])
+def test_ptq_methods_from_cli_and_reload(trained, tmp_path, method, capsys):
+    out = tmp_path / method
+    assert main(["ptq", "--checkpoint", str(trained / "model.pt"), "--method", method, "--w-bits", "8",
+                 "--a-bits", "8", "--out", str(out), "--no-progress"]) == 0
+    res = json.loads((out / "ptq.json").read_text())
+    assert res["method"] == method
+    assert res["quant"]["top1"] > 50.0
+    if method == "ggd":
+        assert res["report"]["bft"]["after"]["top1"] >= res["report"]["bft"]["before"]["top1"]
+        assert all(r["w_fl"] is not None for r in res["report"]["layers"])
+    # the quantized checkpoint rebuilds and reproduces the same accuracy
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out / "model.pt"), "--no-progress"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["top1"] == pytest.approx(res["quant"]["top1"])
+
+
+def test_ptq_ggd_own_bias_reloads(trained, tmp_path, capsys):
+    out = tmp_path / "own"
+    assert main(["ptq", "--checkpoint", str(trained / "model.pt"), "--method", "ggd", "--bias", "own", "--no-bft",
+                 "--out", str(out), "--no-progress"]) == 0
+    res = json.loads((out / "ptq.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out / "model.pt"), "--no-progress"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["top1"] == pytest.approx(res["quant"]["top1"])
+
+
+def test_ptq_bad_method_and_bias(capsys):
+    assert main(["ptq", "--method", "magic"]) == 2
+    _one_line_error(capsys, "invalid choice")
+    assert main(["ptq", "--method", "ggd", "--bias", "float"]) == 2
+    _one_line_error(capsys, "invalid choice")
+
+
+@pytest.mark.parametrize("method", ["cqat", "fp32"])
+def test_qat_from_cli_and_reload(trained, tmp_path, method, capsys):
+    out = tmp_path / method
+    assert main(["qat", "--checkpoint", str(trained / "model.pt"), "--method", method, "--epochs", "1",
+                 "--batch-size", "64", "--out", str(out), "--no-progress", "--no-channels-last"]) == 0
+    res = json.loads((out / "qat.json").read_text())
+    assert res["method"] == method and res["final"]["top1"] > 50.0
+    assert res["step_loss"] and res["history"][0]["epoch"] == 1
+    if method == "cqat":
+        assert res["config"]["w_bits"] == 5 and res["layers"][1]["a_bits"] == 4
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out / "model.pt"), "--no-progress"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["top1"] == pytest.approx(res["final"]["top1"])
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["qat", "--method", "dorefa"], "invalid choice"),
+    (["qat", "--w-bits", "20"], "w_bits must be an integer in 2..16"),
+    (["qat", "--base-bits", "4"], "base_bits must be >= w_bits"),
+    (["qat", "--epochs", "0"], "epochs"),
+    (["qat", "--checkpoint", "/nonexistent/model.pt"], "checkpoint not found"),
+])
+def test_qat_bad_input(argv, needle, capsys, tmp_path):
+    out = tmp_path / "out"
+    assert main([*argv, "--out", str(out)]) == 2
+    _one_line_error(capsys, needle)
+    assert not out.exists()
+
+
+def test_qat_refuses_a_quantized_checkpoint(trained, tmp_path, capsys):
+    out = tmp_path / "p"
+    assert main(["ptq", "--checkpoint", str(trained / "model.pt"), "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["qat", "--checkpoint", str(out / "model.pt"), "--out", str(tmp_path / "q")]) == 2
+    _one_line_error(capsys, "already quantized")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_resolves(path):
+    from hwquant import config as cfgmod
+    from hwquant import pipelines
+
+    cls = {"train": pipelines.TrainOptions, "ptq": pipelines.PTQOptions, "qat": pipelines.QATOptions,
+           "demo": pipelines.DemoOptions}[path.stem.split("_")[0]]
+    cfg = cfgmod.resolve(cls, cfgmod.load_yaml(path), {}, source=str(path))
+    assert isinstance(cfg, cls)

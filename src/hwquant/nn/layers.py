@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..numerics.uniform import fake_quantize
+from ..numerics.uniform import fake_quantize_trusted, qrange
 from ..spec import QuantSpec
 from .quantizer import FakeQuantizer
 
@@ -61,7 +61,9 @@ class _QuantMixin:
         s = self.bias_scale()
         if s is None:
             return self.bias
-        return fake_quantize(self.bias, s, self.bias_code_bits(), True, "nearest", axis=0)
+        # s is a product of validated steps (finite, > 0); skip the per-call argument checks
+        qmin, qmax = qrange(self.bias_code_bits(), True)
+        return fake_quantize_trusted(self.bias, s.to(self.bias.dtype), None, qmin, qmax, "nearest", None, 0)
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quant is None else self.input_quant(x)

@@ -6,16 +6,51 @@ A quantizer has three switches:
 * ``enabled``: fake-quantize (``(q - z) * s``) instead of passing the value through;
 * its parameters (``scale``, ``zero_point`` buffers, and the resolved sign), set by :meth:`calibrate`
   or :meth:`set_params` and saved in ``state_dict``.
+
+How the scale evolves in training is the spec's ``range_mode`` (QAT); with ``Q = spec.clip_levels``:
+
+* ``static``: the calibrated ``scale`` is kept (PTQ).
+* ``dynamic``: every forward ``s = clip_ratio * peak(x) / Q`` with ``peak = max|x|`` (signed) or ``max x``
+  (unsigned), per tensor or per channel (weights that change every step).
+* ``ema``: in training mode ``m <- d * m + (1 - d) * peak(x)`` (``d = spec.ema_decay``; ``m`` starts at the
+  calibration peak), ``s = clip_ratio * m / Q``; in eval mode the last ``s`` is used (activations).
+* ``learned``: LSQ (Esser et al. 2020): ``s`` is the parameter ``step``, trained with the LSQ gradient scaled
+  by ``1 / sqrt(n * q_max)`` (``n`` elements per scale).
+* ``pact``: PACT (Choi et al. 2018): the parameter ``alpha`` is the clip, ``s = alpha / Q``, trained with
+  PACT's gradient (see :func:`~hwquant.numerics.uniform.pact_fake_quantize`).
+
+``clip_ratio`` (``dynamic`` / ``ema``) is fixed at calibration: the observer's clip over the observed peak
+(1 for min-max, < 1 for an MSE or percentile clip), so the clip keeps following the peak in training.
+After every forward ``scale`` holds the step that was used, so ``codes``, ``params`` and export read one
+place whatever the mode.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from ..numerics.uniform import fake_quantize, quantize
+from ..numerics.uniform import _check_scale, fake_quantize_trusted, qrange, quantize
 from ..observers import make_observer
 from ..spec import QuantParams, QuantSpec
+
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+class _GradScale(torch.autograd.Function):
+    """Identity forward, gradient times ``g`` backward (LSQ's step-size gradient scale)."""
+
+    @staticmethod
+    def forward(ctx, x, g):  # noqa: D401
+        ctx.g = g
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.g, None
 
 
 class FakeQuantizer(nn.Module):
@@ -39,18 +74,47 @@ class FakeQuantizer(nn.Module):
         self.observing = False
         self.observer = None
         self.calib_info: dict = {}  # observer.summary() of the last calibration, for reports
+        self._checked: torch.Tensor | None = None  # the scale tensor last validated by forward
+        mode = spec.range_mode
+        if mode in ("dynamic", "ema"):
+            self.register_buffer("clip_ratio", torch.empty(0))
+        if mode == "ema":
+            self.register_buffer("running_max", torch.empty(0))
+        if mode == "learned":
+            self.step = nn.Parameter(torch.empty(0))
+        if mode == "pact":
+            self.alpha = nn.Parameter(torch.empty(0))
 
     # ----------------------------------------------------------------- state
     @property
     def calibrated(self) -> bool:
         return self.scale.numel() > 0
 
-    def set_params(self, params: QuantParams) -> None:
-        """Install calibrated parameters and enable quantization."""
+    def set_params(self, params: QuantParams, peak: torch.Tensor | None = None) -> None:
+        """Install calibrated parameters and enable quantization.
+
+        For the training range modes this also sets their state: ``clip_ratio = scale * Q / peak`` and the
+        EMA's ``running_max = peak`` (``peak``: the observed ``max|x|`` / ``max x``; needed for
+        ``dynamic`` / ``ema``), LSQ's ``step = scale``, PACT's ``alpha = scale * Q``.
+        """
         self.scale = params.scale.detach().to(torch.float32).clone()
         self.zero_point = params.zero_point.detach().to(torch.int32).clone()
         self.signed = params.signed
         self.enabled = True
+        mode = self.spec.range_mode
+        q = float(self.spec.clip_levels(params.signed))
+        if mode in ("dynamic", "ema"):
+            if peak is None:
+                raise ValueError(f"range_mode={mode!r} needs the observed peak to set clip_ratio")
+            peak = peak.detach().to(self.scale.device, torch.float32).reshape(self.scale.shape)
+            ratio = torch.where(peak > 0, self.scale * q / peak.clamp_min(1e-30), torch.ones_like(peak))
+            self.clip_ratio = ratio.clone()
+            if mode == "ema":
+                self.running_max = peak.clone()
+        elif mode == "learned":  # in place: an optimizer made before a lazy init keeps the same parameter
+            self.step.data = self.scale.clone()
+        elif mode == "pact":
+            self.alpha.data = (self.scale * q).clone()
 
     def params(self) -> QuantParams:
         """The current parameters as a :class:`QuantParams` (raises if not calibrated)."""
@@ -67,10 +131,14 @@ class FakeQuantizer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Buffers start empty and take the checkpoint's shapes (per-tensor or per-channel).
-        for name in ("scale", "zero_point"):
+        for name in ("scale", "zero_point", "clip_ratio", "running_max"):
             key = prefix + name
             if key in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[key]))
+        for name in ("step", "alpha"):
+            key = prefix + name
+            if key in state_dict:  # resized in place, so an optimizer holding the parameter stays valid
+                getattr(self, name).data = torch.empty_like(state_dict[key])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ----------------------------------------------------------- calibration
@@ -82,7 +150,8 @@ class FakeQuantizer(nn.Module):
         """Turn what the observer saw into parameters, install them, stop observing."""
         params = self.observer.compute()
         self.calib_info = self.observer.summary()
-        self.set_params(params)
+        peak = self.observer.peak_seen(params.signed) if self.spec.range_mode in ("dynamic", "ema") else None
+        self.set_params(params, peak)
         self.observing = False
         self.observer = None
         return params
@@ -97,22 +166,73 @@ class FakeQuantizer(nn.Module):
     def _zp(self):
         return 0 if self.spec.symmetric else self.zero_point
 
+    def _peak(self, x: torch.Tensor) -> torch.Tensor:
+        """``max|x|`` (signed) or ``max x`` (unsigned), per tensor or per channel, detached."""
+        x = x.detach()
+        if self.axis is None:
+            return x.abs().amax() if self.signed else x.amax()
+        dims = [d for d in range(x.dim()) if d != self.axis % x.dim()]
+        return x.abs().amax(dim=dims) if self.signed else x.amax(dim=dims)
+
+    def _tracked_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """Update and return the step for ``dynamic`` / ``ema`` (see the module docstring)."""
+        # every tensor here is detached (buffers, x.detach()), so no autograd bookkeeping is needed
+        if self.spec.range_mode == "dynamic" or self.training:
+            peak = self._peak(x).float()
+            if self.spec.range_mode == "ema":
+                d = self.spec.ema_decay
+                peak = self.running_max.mul_(d).add_(peak, alpha=1 - d)
+            # s = clip_ratio * peak / Q; an all-zero peak gives the smallest normal step (every code 0)
+            torch.mul(self.clip_ratio, peak, out=self.scale)
+            self.scale.div_(self.spec.clip_levels(bool(self.signed))).clamp_min_(_TINY)
+        return self.scale
+
+    def _trained_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """LSQ / PACT: the step is (a function of) a parameter, so the scale gets a gradient."""
+        signed = bool(self.signed)
+        qmin, qmax = qrange(self.spec.bits, signed, self.spec.narrow)
+        if self.spec.range_mode == "learned":
+            n = x.numel() if self.axis is None else x.numel() // x.shape[self.axis]
+            s = _GradScale.apply(self.step.clamp_min(1e-8), 1.0 / math.sqrt(n * qmax))
+            lsq = True
+        else:
+            s = self.alpha.clamp_min(1e-8) / self.spec.clip_levels(signed)
+            lsq = False
+        with torch.no_grad():
+            self.scale.copy_(s.detach())
+        s = s.to(x.dtype)
+        if self.axis is not None:
+            shape = [1] * x.dim()
+            shape[self.axis % x.dim()] = -1
+            s = s.reshape(shape)
+        return fake_quantize_trusted(x, s, None, qmin, qmax, self.spec.rounding, self.generator, self.axis, lsq=lsq)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
             self.observer.update(x)
         if not (self.enabled and self.calibrated):
             return x
-        return fake_quantize(
-            x,
-            self.scale,
-            self.spec.bits,
-            bool(self.signed),
-            self.spec.rounding,
-            zero_point=self._zp(),
-            axis=self.axis,
-            narrow=self.spec.narrow,
-            generator=self.generator,
-        )
+        mode = self.spec.range_mode
+        if mode in ("learned", "pact"):
+            return self._trained_forward(x)
+        if mode != "static":
+            self._tracked_scale(x)
+        if self._checked is not self.scale:  # validate a newly installed scale once, not every forward
+            _check_scale(self.scale)
+            self._checked = self.scale
+        signed = bool(self.signed)
+        qmin, qmax = qrange(self.spec.bits, signed, self.spec.narrow)
+        s = self._view(self.scale, x)
+        z = None if self.spec.symmetric else self._view(self.zero_point, x)
+        return fake_quantize_trusted(x, s, z, qmin, qmax, self.spec.rounding, self.generator, self.axis)
+
+    def _view(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        t = t.to(x.dtype)
+        if self.axis is None:
+            return t.reshape(())
+        shape = [1] * x.dim()
+        shape[self.axis % x.dim()] = -1
+        return t.reshape(shape)
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes of ``x`` with the current parameters (for export and tests)."""
@@ -131,4 +251,6 @@ class FakeQuantizer(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         sign = {True: "signed", False: "unsigned", None: "auto-sign"}[self.signed]
-        return f"bits={s.bits}, {sign}, {s.granularity}, rounding={s.rounding}, enabled={self.enabled}"
+        step = "" if s.step_bits in (None, s.bits) else f", step_bits={s.step_bits} (clip_at={s.clip_at})"
+        mode = "" if s.range_mode == "static" else f", range_mode={s.range_mode}"
+        return f"bits={s.bits}, {sign}, {s.granularity}, rounding={s.rounding}{step}{mode}, enabled={self.enabled}"

@@ -26,9 +26,38 @@ uses.  If ``scale`` requires grad, it gets the LSQ gradient (Esser et al. 2020):
               = q_min - z  or  q_max - z   when clipped low / high
 
 summed over every dimension except ``axis``.
+
+**PACT** (Choi et al. 2018, :func:`pact_fake_quantize`): a trained clip ``alpha`` and the step
+``s = alpha / levels`` (``levels = q_max`` by default, so the top code is ``alpha``).  The value is
+``fake_quantize(x, s)``; ``d/dx`` is the STE mask above, and ``d/dalpha`` is PACT's: the clip part of the LSQ
+gradient divided by ``levels``, i.e. ``sum g * q_max / levels`` over elements clipped high (plus
+``q_min / levels`` over those clipped low), nothing from elements inside the code range.  The clip boundary
+is where the *code* saturates (``x >= alpha + s/2``), the same boundary the STE mask uses, rather than
+PACT's ``x >= alpha`` on the unrounded value; the half-step difference keeps value, mask and gradient
+consistent.
+
+**Speed.**  The per-tensor, round-to-nearest, float32 CPU case (every activation quantizer) runs a small C
+kernel compiled once at first use with the system C compiler (``$CC``, else ``cc``/``gcc``; OpenMP and
+``-march=native``; cached under ``$HWQUANT_CACHE_DIR`` or ``~/.cache/hwquant``): one pass writes the output
+and a one-byte mask state, and the backward is one pass over the gradient and the mask.  It computes the
+same float32 operations as the torch code (``x * r``, round half to even, clamp, ``* s``), and a self-test
+against the torch path runs before it is used; when no compiler is found, the build or the self-test fails,
+or ``HWQUANT_NATIVE=0`` is set, everything runs on the torch path (see :func:`native_status`).  Per-channel
+scales, other roundings or dtypes, accelerators and ``torch.compile`` tracing always use the torch path.
 """
 
 from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
 
 import torch
 
@@ -178,29 +207,324 @@ def dequantize(
     z = _as_param(zero_point, ref, axis, dtype)
     return ref.sub_(z).mul_(s)
 
+# ----------------------------------------------------------------------------------------- native kernels
+_NATIVE_SRC = r"""
+#include <stdint.h>
+#include <math.h>
+/* mask states: 0 clipped low, 1 in range (gradient passes), 2 clipped high.  NaN -> 0. */
+#define PAR _Pragma("omp parallel for simd schedule(static) num_threads(nt) if(n > 32768)")
+static inline float clampf(float v, float lo, float hi) { v = v < lo ? lo : v; return v > hi ? hi : v; }
+static inline uint8_t state(float v, float lo, float hi) { return v >= lo ? (v <= hi ? 1 : 2) : 0; }
+
+void hwq_fq(const float *restrict x, float *restrict y, uint8_t *restrict m, int64_t n, float r, float s,
+            float z, int has_z, float lo, float hi, int nt) {
+  if (m == 0 && !has_z) { PAR for (int64_t i = 0; i < n; i++) y[i] = clampf(rintf(x[i] * r), lo, hi) * s; }
+  else if (m == 0) { PAR for (int64_t i = 0; i < n; i++) y[i] = (clampf(rintf(x[i] * r) + z, lo, hi) - z) * s; }
+  else if (!has_z) {
+    PAR for (int64_t i = 0; i < n; i++) {
+      float v = rintf(x[i] * r); m[i] = state(v, lo, hi); y[i] = clampf(v, lo, hi) * s;
+    }
+  } else {
+    PAR for (int64_t i = 0; i < n; i++) {
+      float v = rintf(x[i] * r) + z; m[i] = state(v, lo, hi); y[i] = (clampf(v, lo, hi) - z) * s;
+    }
+  }
+}
+
+/* per channel along the outermost memory dimension: C blocks of `inner` elements, reciprocal r[c], step s[c] */
+void hwq_fq_pc(const float *restrict x, float *restrict y, uint8_t *restrict m, int64_t C, int64_t inner,
+               const float *restrict r, const float *restrict s, float lo, float hi, int nt) {
+  _Pragma("omp parallel for schedule(static) num_threads(nt) if(C * inner > 32768)")
+  for (int64_t c = 0; c < C; c++) {
+    const float rc = r[c], sc = s[c];
+    const float *restrict xc = x + c * inner;
+    float *restrict yc = y + c * inner;
+    if (m) {
+      uint8_t *restrict mc = m + c * inner;
+      for (int64_t i = 0; i < inner; i++) {
+        float v = rintf(xc[i] * rc); mc[i] = state(v, lo, hi); yc[i] = clampf(v, lo, hi) * sc;
+      }
+    } else {
+      for (int64_t i = 0; i < inner; i++) yc[i] = clampf(rintf(xc[i] * rc), lo, hi) * sc;
+    }
+  }
+}
+
+void hwq_mask_bwd(const float *restrict g, const uint8_t *restrict m, float *restrict gx, int64_t n, int nt) {
+  PAR for (int64_t i = 0; i < n; i++) gx[i] = m[i] == 1 ? g[i] : 0.0f;
+}
+
+/* Scale gradient: returns sum g * ds where ds = round(x r) - x r in range (only if lsq, else 0: PACT),
+   lo - z / hi - z when clipped low / high; writes the STE input gradient gx if given */
+double hwq_scale_bwd(const float *restrict g, const float *restrict x, const uint8_t *restrict m, float *restrict gx,
+                     int64_t n, float r, float z, float lo, float hi, int lsq, int nt) {
+  double acc = 0.0;
+  float glo = lo - z, ghi = hi - z;
+  _Pragma("omp parallel for simd schedule(static) num_threads(nt) if(n > 32768) reduction(+:acc)")
+  for (int64_t i = 0; i < n; i++) {
+    uint8_t mi = m[i];
+    float ds;
+    if (mi == 1) { float v = x[i] * r; ds = lsq ? rintf(v) - v : 0.0f; } else ds = mi == 2 ? ghi : glo;
+    acc += (double)(g[i] * ds);
+    if (gx) gx[i] = mi == 1 ? g[i] : 0.0f;
+  }
+  return acc;
+}
+
+"""
+
+_NATIVE_LOCK = threading.Lock()
+_NATIVE: dict = {"lib": None, "state": "unloaded", "reason": "", "path": None}
+
+
+def _cache_dir() -> str:
+    explicit = os.environ.get("HWQUANT_CACHE_DIR")
+    base = explicit or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hwquant")
+    try:
+        os.makedirs(base, exist_ok=True)
+        if os.access(base, os.W_OK):
+            return base
+    except OSError:
+        pass
+    fallback = os.path.join(tempfile.gettempdir(), f"hwquant-{os.getuid() if hasattr(os, 'getuid') else 0}")
+    os.makedirs(fallback, exist_ok=True)
+    return fallback
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build_native() -> str:
+    """Compile the kernels (once per source, compiler and CPU) and return the path of the shared library."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("no C compiler (set CC or install gcc)")
+    flag_sets = [["-O3", "-march=native"], ["-O3"]]
+    common = ["-fno-math-errno", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c99"]
+    key = hashlib.sha256("\0".join([_NATIVE_SRC, cc, _cpu_flags(), platform.machine(), repr(flag_sets),
+                                    repr(common)]).encode()).hexdigest()[:16]
+    d = _cache_dir()
+    so = os.path.join(d, f"hwquant_fq_{key}.so")
+    if os.path.exists(so):
+        return so
+    with tempfile.TemporaryDirectory(dir=d) as tmp:
+        src = os.path.join(tmp, "fq.c")
+        with open(src, "w", encoding="utf-8") as f:
+            f.write(_NATIVE_SRC)
+        err = ""
+        for flags in flag_sets:
+            out = os.path.join(tmp, "fq.so")
+            proc = subprocess.run([cc, *flags, *common, src, "-o", out, "-lm"], capture_output=True, text=True,
+                                  timeout=120)
+            if proc.returncode == 0:
+                os.replace(out, so)  # atomic: concurrent builders write the same bytes
+                return so
+            err = proc.stderr.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+            err = err[0]
+        raise RuntimeError(f"C compiler failed: {err}")
+
+
+def _load_native():
+    path = _build_native()
+    lib = ctypes.CDLL(path)
+    P, I64, F, I, D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_double
+    lib.hwq_fq.argtypes = [P, P, P, I64, F, F, F, I, F, F, I]
+    lib.hwq_fq.restype = None
+    lib.hwq_fq_pc.argtypes = [P, P, P, I64, I64, P, P, F, F, I]
+    lib.hwq_fq_pc.restype = None
+    lib.hwq_mask_bwd.argtypes = [P, P, P, I64, I]
+    lib.hwq_mask_bwd.restype = None
+    lib.hwq_scale_bwd.argtypes = [P, P, P, P, I64, F, F, F, F, I, I]
+    lib.hwq_scale_bwd.restype = D
+    return lib, path
+
+
+def _native_self_test(lib) -> str | None:
+    """Compare the kernel with the torch path on awkward values (ties, clipping, NaN, inf); ``None`` if equal."""
+    g = torch.Generator().manual_seed(0)
+    ties = torch.arange(-40, 40, dtype=torch.float32) + 0.5
+    x = torch.cat([torch.randn(70_000, generator=g) * 20, ties, torch.tensor([float("nan"), float("inf"),
+                   -float("inf"), -0.0, 0.0, 1e30, -1e30])])
+    for s, z, lo, hi in ((1.0, 0, -8, 7), (0.37, 0, 0, 15), (0.05, 3, 0, 255), (2.0**-5, 0, -16, 15)):
+        st = torch.tensor(s, dtype=torch.float32)
+        zt = None if z == 0 else torch.tensor(float(z))
+        ref, ref_mask = _codes_float(x, st, zt, lo, hi, "nearest", None, want_mask=True)
+        if zt is not None:
+            ref.sub_(zt)
+        ref.mul_(st)
+        y = torch.empty_like(x)
+        m = torch.empty(x.shape, dtype=torch.uint8)
+        lib.hwq_fq(x.data_ptr(), y.data_ptr(), m.data_ptr(), x.numel(), 1.0 / float(st), float(st), float(z),
+                   int(z != 0), float(lo), float(hi), max(1, torch.get_num_threads()))
+        same = torch.equal(torch.nan_to_num(y, nan=7.5), torch.nan_to_num(ref, nan=7.5))
+        if not same or not torch.equal(m == 1, ref_mask):
+            return f"kernel differs from the torch path (scale {s}, zero point {z}, codes {lo}..{hi})"
+    w = torch.randn(16, 8, 3, 3, generator=g).contiguous(memory_format=torch.channels_last)
+    sc = torch.rand(16, generator=g) * 0.2 + 1e-3
+    ref, ref_mask = _codes_float(w, sc.view(-1, 1, 1, 1), None, -16, 15, "nearest", None, want_mask=True)
+    ref.mul_(sc.view(-1, 1, 1, 1))
+    y, m = _native_fq_pc(w, sc, -16, 15, True, lib)
+    if not torch.equal(y, ref) or not torch.equal(m == 1, ref_mask):
+        return "per-channel kernel differs from the torch path"
+    return None
+
+
+def _native():
+    """The loaded kernel library, or ``None`` (disabled, no compiler, build or self-test failure)."""
+    st = _NATIVE["state"]
+    if st == "ok":
+        return _NATIVE["lib"]
+    if st == "failed":
+        return None
+    with _NATIVE_LOCK:
+        if _NATIVE["state"] == "unloaded":
+            if os.environ.get("HWQUANT_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+                _NATIVE.update(state="failed", reason="disabled by HWQUANT_NATIVE")
+            else:
+                try:
+                    lib, path = _load_native()
+                    bad = _native_self_test(lib)
+                    if bad:
+                        raise RuntimeError(bad)
+                    _NATIVE.update(lib=lib, state="ok", path=path, reason="")
+                except Exception as e:  # noqa: BLE001 - any failure means: use the torch path
+                    _NATIVE.update(state="failed", reason=f"{type(e).__name__}: {e}")
+                    warnings.warn(f"hwquant: fused fake-quant kernel unavailable, using torch ops ({e})",
+                                  RuntimeWarning, stacklevel=3)
+    return _NATIVE["lib"]
+
+
+def native_status() -> dict:
+    """``{"available", "path", "reason"}`` of the fused C kernel (builds it on first call)."""
+    lib = _native()
+    return {"available": lib is not None, "path": _NATIVE["path"], "reason": _NATIVE["reason"]}
+
+
+def _dense(x: torch.Tensor) -> bool:
+    if x.is_contiguous():
+        return True
+    if x.dim() == 4:
+        return x.is_contiguous(memory_format=torch.channels_last)
+    if x.dim() == 5:
+        return x.is_contiguous(memory_format=torch.channels_last_3d)
+    return False
+
+
+def _compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - older torch
+        return False
+
+
+def _outer_blocks(x: torch.Tensor, axis: int) -> bool:
+    """Is ``axis`` the outermost memory dimension, so each channel is one contiguous block?"""
+    return axis % x.dim() == 0 and x.shape[0] > 0 and x.stride(0) * x.shape[0] == x.numel()
+
+
+def _use_native(x: torch.Tensor, axis, rounding: str) -> bool:
+    return (
+        (axis is None or _outer_blocks(x, axis))
+        and rounding == "nearest"
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and x.numel() > 0
+        and _dense(x)
+        and not _compiling()
+        and _native() is not None
+    )
+
+
+def _grad_like(grad: torch.Tensor, m: torch.Tensor) -> bool:
+    """Can the kernel read ``grad`` element for element alongside the mask ``m``?"""
+    return grad.dtype == torch.float32 and grad.device.type == "cpu" and grad.stride() == m.stride()
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _native_fq_pc(x: torch.Tensor, s: torch.Tensor, qmin: int, qmax: int, want_mask: bool, lib=None):
+    """Per-channel kernel forward (axis 0 outermost in memory, zero point 0): ``(y, mask state or None)``."""
+    lib = lib or _NATIVE["lib"]
+    s = s.reshape(-1).to(torch.float32).contiguous()
+    r = torch.reciprocal(s)
+    y = torch.empty_like(x)
+    m = torch.empty_like(x, dtype=torch.uint8) if want_mask else None
+    lib.hwq_fq_pc(x.data_ptr(), y.data_ptr(), 0 if m is None else m.data_ptr(), x.shape[0], x.numel() // x.shape[0],
+                  r.data_ptr(), s.data_ptr(), float(qmin), float(qmax), _threads())
+    return y, m
+
+
+def _native_fq(x: torch.Tensor, sf: float, zf: float, qmin: int, qmax: int, want_mask: bool):
+    """Kernel forward: ``(y, mask state or None)``; ``sf`` / ``zf`` are the float32 scale and zero point."""
+    y = torch.empty_like(x)
+    m = torch.empty_like(x, dtype=torch.uint8) if want_mask else None
+    _NATIVE["lib"].hwq_fq(x.data_ptr(), y.data_ptr(), 0 if m is None else m.data_ptr(), x.numel(), 1.0 / sf, sf,
+                          zf, int(zf != 0.0), float(qmin), float(qmax), _threads())
+    return y, m
+
+
+def _shape_param(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """A trusted scale / zero point (0-d, or 1-d along ``axis``) viewed to broadcast against ``x``."""
+    if axis is None:
+        return t.reshape(())
+    shape = [1] * x.dim()
+    shape[axis % x.dim()] = -1
+    return t.reshape(shape)
+
 
 class _FakeQuantSTE(torch.autograd.Function):
-    """Fused fake quantization: one pass computes the output and the STE mask; backward reuses the mask."""
+    """Fused fake quantization: one pass computes the output and the STE mask; backward reuses the mask.
+
+    Two implementations with identical results: the C kernel (mask state ``uint8``: 1 = in range) and torch
+    ops (``bool`` mask).  With a scale that requires grad its gradient is computed as well: the LSQ gradient
+    (``lsq=True``) or its clip-only part (``lsq=False``: PACT, zero inside the code range).
+    """
 
     @staticmethod
-    def forward(ctx, x, s, z, qmin, qmax, rounding, generator, axis):  # noqa: D401
+    def forward(ctx, x, s, z, qmin, qmax, rounding, generator, axis, lsq=True):  # noqa: D401
         scale_grad = ctx.needs_input_grad[1]
+        ctx.lsq = lsq
+        ctx.axis = axis
+        ctx.scale_shape = s.shape
+        # per-channel kernel: zero point 0 and no scale gradient (LSQ per channel runs on torch ops)
+        ctx.native = _use_native(x, axis, rounding) and (axis is None or (z is None and not scale_grad))
+        if ctx.native and axis is not None:
+            y, m = _native_fq_pc(x, s, qmin, qmax, want_mask=True)
+            ctx.save_for_backward(m, None)
+            return y
+        if ctx.native:
+            sf = float(s)
+            zf = 0.0 if z is None else float(z)
+            y, m = _native_fq(x, sf, zf, qmin, qmax, want_mask=True)
+            ctx.consts = (1.0 / sf, zf, float(qmin), float(qmax))
+            ctx.save_for_backward(m, x if scale_grad else None)
+            return y
         t, mask = _codes_float(x, s, z, qmin, qmax, rounding, generator, want_mask=True)
         if z is not None:
             t.sub_(z)
         if scale_grad:
-            # LSQ gradient: (q - z) - x*r inside the range, the clipped code outside.
-            g_s = t - x * torch.reciprocal(s)
+            # LSQ gradient: (q - z) - x*r inside the range, the clipped code outside (PACT: 0 inside).
+            g_s = t - x * torch.reciprocal(s) if lsq else torch.zeros((), dtype=t.dtype)
             g_s = torch.where(mask, g_s, t)
             ctx.save_for_backward(mask, g_s)
         else:
             ctx.save_for_backward(mask)
-        ctx.axis = axis
-        ctx.scale_shape = s.shape
         return t.mul_(s)
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.native:
+            return _FakeQuantSTE._native_backward(ctx, grad)
         saved = ctx.saved_tensors
         mask = saved[0]
         grad_x = grad * mask if ctx.needs_input_grad[0] else None
@@ -212,7 +536,65 @@ class _FakeQuantSTE(torch.autograd.Function):
             else:
                 dims = [d for d in range(grad.dim()) if d != ctx.axis % grad.dim()]
                 grad_s = prod.sum(dim=dims, keepdim=True).reshape(ctx.scale_shape)
-        return grad_x, grad_s, None, None, None, None, None, None
+        return grad_x, grad_s, None, None, None, None, None, None, None
+
+    @staticmethod
+    def _native_backward(ctx, grad):
+        m, x = ctx.saved_tensors
+        lib = _NATIVE["lib"]
+        want_x, want_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not _grad_like(grad, m):
+            grad = grad.to(torch.float32).contiguous(memory_format=_format_of(m))
+        grad_x = torch.empty_like(grad) if want_x else None
+        grad_s = None
+        if want_s:
+            r, zf, lo, hi = ctx.consts
+            acc = lib.hwq_scale_bwd(grad.data_ptr(), x.data_ptr(), m.data_ptr(),
+                                    0 if grad_x is None else grad_x.data_ptr(), m.numel(), r, zf, lo, hi,
+                                    int(ctx.lsq), _threads())
+            grad_s = torch.tensor(acc, dtype=torch.float32).reshape(ctx.scale_shape)
+        elif want_x:
+            lib.hwq_mask_bwd(grad.data_ptr(), m.data_ptr(), grad_x.data_ptr(), m.numel(), _threads())
+        return grad_x, grad_s, None, None, None, None, None, None, None
+
+
+def _format_of(t: torch.Tensor) -> torch.memory_format:
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if t.dim() == 5 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def fake_quantize_trusted(
+    x: torch.Tensor,
+    s: torch.Tensor,
+    z: torch.Tensor | None,
+    qmin: int,
+    qmax: int,
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
+    axis: int | None = None,
+    lsq: bool = True,
+) -> torch.Tensor:
+    """:func:`fake_quantize` without argument checks, for callers that hold validated parameters.
+
+    ``s`` (and ``z``, or ``None`` for a zero point of 0) must already be float tensors of ``x``'s dtype shaped
+    to broadcast along ``axis`` (0-d per tensor), with ``s > 0`` finite and ``z`` integer-valued in range.
+    ``lsq=False`` gives a scale that requires grad only the clip part of the LSQ gradient (PACT's).
+    """
+    if not (torch.is_grad_enabled() and (x.requires_grad or s.requires_grad)):
+        # No gradient wanted: skip the STE mask (most of the forward cost for cache-resident tensors).
+        if _use_native(x, axis, rounding):
+            if axis is None:
+                return _native_fq(x, float(s), 0.0 if z is None else float(z), qmin, qmax, want_mask=False)[0]
+            if z is None:
+                return _native_fq_pc(x, s, qmin, qmax, want_mask=False)[0]
+        t, _ = _codes_float(x, s, z, qmin, qmax, rounding, generator, want_mask=False)
+        if z is not None:
+            t.sub_(z)
+        return t.mul_(s)
+    return _FakeQuantSTE.apply(x, s, z, qmin, qmax, rounding, generator, axis, lsq)
 
 
 def fake_quantize(
@@ -237,10 +619,36 @@ def fake_quantize(
     tensor([-1.0000,  0.5000,  0.5000,  3.5000])
     """
     s, z, qmin, qmax = _prepare(x, scale, zero_point, bits, signed, rounding, axis, narrow)
-    if not (torch.is_grad_enabled() and (x.requires_grad or s.requires_grad)):
-        # No gradient wanted: skip the STE mask (most of the forward cost for cache-resident tensors).
-        t, _ = _codes_float(x, s, z, qmin, qmax, rounding, generator, want_mask=False)
-        if z is not None:
-            t.sub_(z)
-        return t.mul_(s)
-    return _FakeQuantSTE.apply(x, s, z, qmin, qmax, rounding, generator, axis)
+    return fake_quantize_trusted(x, s, z, qmin, qmax, rounding, generator, axis)
+
+
+def pact_fake_quantize(
+    x: torch.Tensor,
+    alpha: torch.Tensor,
+    bits: int,
+    signed: bool = False,
+    *,
+    levels: int | None = None,
+    narrow: bool = False,
+) -> torch.Tensor:
+    """PACT fake quantization with a trained clip ``alpha`` (0-d tensor, usually an ``nn.Parameter``).
+
+    ``s = alpha / levels`` (``levels``: ``q_max`` of ``bits`` unless given, e.g. 255 for a CQAT 8-bit step
+    with 4-bit codes); returns ``fake_quantize(x, s, bits, signed)`` with PACT's gradient for ``alpha`` (see
+    the module docstring).  Round to nearest even.
+
+    >>> a = torch.tensor(1.5, requires_grad=True)
+    >>> y = pact_fake_quantize(torch.tensor([0.2, 0.9, 2.0]), a, 2)
+    >>> y.sum().backward(); y.detach(), a.grad
+    (tensor([0.0000, 1.0000, 1.5000]), tensor(1.))
+    """
+    qmin, qmax = qrange(check_bits(bits), signed, narrow)
+    lv = qmax if levels is None else levels
+    if isinstance(lv, bool) or not isinstance(lv, int) or lv < 1:
+        raise ConfigError(f"levels must be a positive integer, got {levels!r}")
+    a = torch.as_tensor(alpha, dtype=x.dtype, device=x.device).reshape(())
+    av = float(a.detach())
+    if not math.isfinite(av) or av <= 0:
+        raise ConfigError(f"PACT clip alpha must be finite and > 0, got {av}")
+    return fake_quantize_trusted(x, a / lv, None, qmin, qmax, "nearest", None, None, lsq=False)
+

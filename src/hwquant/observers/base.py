@@ -68,6 +68,16 @@ class Observer:
             return self.spec.signed
         return bool((self.min_seen < 0).any())
 
+    def peak_seen(self, signed: bool) -> torch.Tensor:
+        """Running ``max|x|`` (signed) or ``max(max x, 0)`` (unsigned): 0-d per tensor, ``[C]`` per channel.
+
+        Needs a subclass that tracks ``max_seen`` (every built-in observer does).
+        """
+        hi = self.max_seen.reshape(-1).float().cpu()
+        lo = self.min_seen.reshape(-1).float().cpu()
+        pk = torch.maximum(hi, -lo) if signed else hi.clamp_min(0.0)
+        return pk.reshape(()) if self.axis is None else pk
+
     def summary(self) -> dict:
         """JSON-serialisable facts about the fit (clip value, fitted distribution...) for reports."""
         out: dict = {"observer": self.name}
@@ -90,7 +100,8 @@ def params_from_range(
 ) -> QuantParams:
     """Scale and zero point that map the range ``[lo, hi]`` onto the spec's codes.
 
-    Symmetric (zero point 0): ``s = max(|lo|, |hi|) / q_max``; for unsigned codes ``s = hi / q_max``.
+    Symmetric (zero point 0): ``s = max(|lo|, |hi|) / Q``; for unsigned codes ``s = hi / Q``, where ``Q`` is
+    :meth:`QuantSpec.clip_levels` (``q_max``, or ``q_max`` of ``step_bits`` for a CQAT-style 8-bit step).
     Affine: ``s = (hi - lo) / (q_max - q_min)``, ``z = clamp(q_min - round(lo / s))``; the range is first
     widened to contain 0 so that 0 is exactly representable (zero padding, ReLU).  An all-zero range
     gives ``s = 1``.
@@ -100,7 +111,7 @@ def params_from_range(
     hi = torch.maximum(hi.float(), torch.zeros_like(hi, dtype=torch.float32))
     if spec.symmetric:
         amax = torch.maximum(-lo, hi) if signed else hi
-        scale = amax / qmax
+        scale = amax / spec.clip_levels(signed)
         zp = torch.zeros_like(scale, dtype=torch.int32)
     else:
         scale = (hi - lo) / (qmax - qmin)

@@ -1,0 +1,276 @@
+"""QAT benchmark: CQAT against the QAT baselines (accuracy) and the cost of a QAT training step (speed).
+
+Part 1, ``speed``: ResNet-20 training step (forward, cross-entropy, backward, SGD momentum 0.9), batch 128
+(32 in quick mode), 28x28x1 input, channels_last, a fixed random batch.  Contenders, stepped **interleaved**
+(one step of each per round) so a slow spell of the shared machine hits all alike:
+
+* ``fp32``: the float model with BatchNorm folded (the structure every QAT model trains);
+* ``hwquant cqat w5a4``: :func:`hwquant.prepare_qat` with ``CQATConfig()`` (fused C kernel: one pass writes
+  the output and the STE mask, the backward is one pass over gradient and mask);
+* ``hwquant cqat w5a4 (torch ops)``: the same model on hwquant's torch-op path (kernel switched off);
+* ``naive ste``: the textbook ``x + (clamp(round(x / s)) * s - x).detach()`` on weights and inputs;
+* ``torch fake_quantize``: ``torch.fake_quantize_per_channel_affine`` (weights) and ``_per_tensor_affine``
+  (inputs);
+* ``brevitas w5a4``: ``QuantConv2d`` / ``QuantLinear`` / ``QuantIdentity`` with 5-bit weights and 4-bit inputs,
+  if brevitas is installed (``pip install brevitas``; not a dependency of hwquant).
+
+The naive and torch contenders quantize the same tensors as CQAT (per-channel weights, per-tensor inputs)
+with the same steps, so only the implementation differs.  ``x fp32`` is the median over rounds of
+``t / t_fp32``.
+
+Part 2, ``accuracy``: Fashion-MNIST ResNet-20 (the demo's cached 4-epoch checkpoint, trained if missing),
+every run fine-tuned from it with the same seed, epochs, learning rate (0.01, cosine) and data order, through
+``hwquant qat`` (:func:`hwquant.pipelines.run_qat`): an FP32 control (the float model fine-tuned with the same
+schedule), CQAT W5A4 with the calibrated step (``step=mse``) and with the literal one (``step=max``), STE,
+PACT and LSQ at W5A4, and STE at W4A4.  First conv and last FC at 8 bits for every quantized run.  Reported:
+test top-1 before fine-tuning (the PTQ starting point) and after, the drop against the FP32 control and
+against the original checkpoint, training time, and the loss curves (``qat_loss.png``).  Quick mode runs two
+short runs on the small CNN / digits.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hwquant as hq
+from hwquant.models import create_model
+from hwquant.nn import fold_batchnorm, quant_layers
+from hwquant.numerics import uniform
+
+from .common import loadavg, markdown_table, paired_ratio, time_interleaved, write_results
+
+NAME = "qat"
+IMAGE = 28
+LR, MOMENTUM = 0.01, 0.9
+
+
+# ----------------------------------------------------------------------------- reference QAT layers (speed)
+class _RefQuant(nn.Module):
+    """Wraps a conv/linear: fake-quantizes its input (per tensor) and weight (per channel) with ``kind``."""
+
+    def __init__(self, layer: nn.Module, kind: str, s_in: float, in_range: tuple[int, int], w_bits: int):
+        super().__init__()
+        self.layer, self.kind = layer, kind
+        self.s_in, (self.in_lo, self.in_hi) = s_in, in_range
+        self.w_hi = 2 ** (w_bits - 1) - 1
+        self.w_lo = -self.w_hi - 1
+
+    def _w_scale(self, w: torch.Tensor) -> torch.Tensor:
+        return (w.detach().abs().amax(dim=tuple(range(1, w.dim()))) / self.w_hi).clamp_min(1e-12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.layer.weight
+        sw = self._w_scale(w)
+        shape = [-1] + [1] * (w.dim() - 1)
+        if self.kind == "naive":
+            qx = torch.clamp(torch.round(x / self.s_in), self.in_lo, self.in_hi) * self.s_in
+            x = x + (qx - x).detach()
+            qw = torch.clamp(torch.round(w / sw.view(shape)), self.w_lo, self.w_hi) * sw.view(shape)
+            w = w + (qw - w).detach()
+        else:
+            x = torch.fake_quantize_per_tensor_affine(x, self.s_in, 0, self.in_lo, self.in_hi)
+            zp = torch.zeros(sw.numel(), dtype=torch.int32)
+            w = torch.fake_quantize_per_channel_affine(w, sw, zp, 0, self.w_lo, self.w_hi)
+        if isinstance(self.layer, nn.Conv2d):
+            return self.layer._conv_forward(x, w, self.layer.bias)
+        return F.linear(x, w, self.layer.bias)
+
+
+def _reference_model(qat_model: nn.Module, float_model: nn.Module, kind: str) -> nn.Module:
+    """``float_model`` with each layer wrapped in :class:`_RefQuant`, using ``qat_model``'s bits and steps."""
+    ref = copy.deepcopy(float_model)
+    for name, layer in quant_layers(qat_model):
+        aq = layer.input_quant
+        lo, hi = aq.params().qmin, aq.params().qmax
+        parent_name, _, child = name.rpartition(".")
+        parent = ref.get_submodule(parent_name) if parent_name else ref
+        setattr(parent, child, _RefQuant(getattr(parent, child), kind, float(aq.scale), (lo, hi),
+                                         layer.weight_quant.spec.bits))
+    return ref
+
+
+def _brevitas_model(float_model: nn.Module) -> nn.Module | None:
+    """A W5A4 Brevitas twin of the folded ResNet-20 (first/last 8-bit), or ``None`` if brevitas is missing."""
+    try:
+        import brevitas.nn as qnn
+    except Exception:  # noqa: BLE001 - optional reference point
+        return None
+    ref = copy.deepcopy(float_model)
+    layers = [(n, m) for n, m in ref.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for i, (name, m) in enumerate(layers):
+        edge = i in (0, len(layers) - 1)
+        wb, ab = (8, 8) if edge else (5, 4)
+        if isinstance(m, nn.Conv2d):
+            q = qnn.QuantConv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
+                                bias=m.bias is not None, weight_bit_width=wb)
+        else:
+            q = qnn.QuantLinear(m.in_features, m.out_features, bias=m.bias is not None, weight_bit_width=wb)
+        q.load_state_dict(m.state_dict(), strict=False)
+        act = qnn.QuantIdentity(bit_width=ab, return_quant_tensor=False)
+        parent_name, _, child = name.rpartition(".")
+        parent = ref.get_submodule(parent_name) if parent_name else ref
+        setattr(parent, child, nn.Sequential(act, q))
+    return ref
+
+
+def _stepper(model: nn.Module, x: torch.Tensor, y: torch.Tensor, torch_ops: bool = False):
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+
+    def step() -> float:
+        saved = uniform._NATIVE["state"]
+        if torch_ops:
+            uniform._NATIVE["state"] = "failed"  # hwquant's torch-op path for this step only
+        try:
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+        finally:
+            uniform._NATIVE["state"] = saved
+        return loss.item()
+
+    return step
+
+
+def speed(quick: bool) -> dict[str, Any]:
+    load_before = loadavg()
+    batch, warmup, repeats = (32, 1, 3) if quick else (128, 3, 15)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 1, IMAGE, IMAGE, generator=g).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), generator=g)
+    torch.manual_seed(0)
+    float_model = fold_batchnorm(create_model("resnet20", in_channels=1, num_classes=10))
+    cqat = hq.prepare_qat(float_model, hq.CQATConfig(), [x])
+    models: dict[str, tuple[nn.Module, bool]] = {
+        "fp32": (copy.deepcopy(float_model), False),
+        "hwquant cqat w5a4": (cqat, False),
+        "hwquant cqat w5a4 (torch ops)": (copy.deepcopy(cqat), True),
+        "naive ste": (_reference_model(cqat, float_model, "naive"), False),
+        "torch fake_quantize": (_reference_model(cqat, float_model, "torch"), False),
+    }
+    brev = _brevitas_model(float_model)
+    if brev is not None:
+        models["brevitas w5a4"] = (brev, False)
+    steps = {}
+    for name, (m, torch_ops) in models.items():
+        m.to(memory_format=torch.channels_last).train()
+        steps[name] = _stepper(m, x, y, torch_ops)
+    stats = time_interleaved(steps, repeats=repeats, warmup=warmup)
+    base = stats["fp32"]
+    rows = [{"model": name, "median_ms": st["median_s"] * 1e3, "min_ms": st["min_s"] * 1e3,
+             "x_fp32": paired_ratio(st, base), "images_per_s": batch / st["median_s"]}
+            for name, st in stats.items()]
+    return {"batch": batch, "rounds": repeats, "loadavg_before": load_before, "native": uniform.native_status(),
+            "brevitas": brev is not None, "rows": rows}
+
+
+# ----------------------------------------------------------------------------- accuracy
+RUNS = [  # name, QAT options
+    ("fp32 control", {"method": "fp32"}),
+    ("cqat w5a4 (step=mse)", {"method": "cqat", "step": "mse"}),
+    ("cqat w5a4 (step=max, literal)", {"method": "cqat", "step": "max"}),
+    ("ste w5a4", {"method": "ste"}),
+    ("pact w5a4", {"method": "pact"}),
+    ("lsq w5a4", {"method": "lsq"}),
+    ("ste w4a4", {"method": "ste", "w_bits": 4}),
+]
+
+
+def _checkpoint(quick: bool) -> Path:
+    from hwquant.pipelines import TrainOptions, run_train
+
+    runs = Path(os.environ.get("HWQUANT_BENCH_RUNS", "runs"))
+    if quick:
+        out = runs / "bench_qat_digits"
+        if not (out / "model.pt").exists():
+            run_train(TrainOptions(model="small_cnn", dataset="digits", epochs=12, batch_size=64, lr=0.1,
+                                   out=str(out), progress=False, channels_last=False))
+        return out / "model.pt"
+    ck = Path("runs/cache/resnet20-fashion_mnist-e4-b128-lr0.1-s0/model.pt")
+    if not ck.exists():
+        run_train(TrainOptions(model="resnet20", dataset="fashion_mnist", epochs=4, out=str(ck.parent),
+                               resume=True, progress=False))
+    return ck
+
+
+def accuracy(quick: bool) -> dict[str, Any]:
+    from hwquant.pipelines import QATOptions, run_qat
+
+    ck = _checkpoint(quick)
+    runs_dir = Path(os.environ.get("HWQUANT_BENCH_RUNS", "runs")) / ("bench_qat_quick" if quick else "bench_qat")
+    epochs = 1 if quick else int(os.environ.get("HWQUANT_QAT_EPOCHS", "2"))
+    plan = RUNS[:2] if quick else RUNS
+    extra = {"batch_size": 64, "channels_last": False} if quick else {}
+    rows, curves = [], {}
+    for name, opts in plan:
+        out = runs_dir / name.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "-").replace(",", "")
+        cfg = QATOptions(checkpoint=str(ck), epochs=epochs, lr=LR, out=str(out), resume=True, progress=False,
+                         **extra, **opts)
+        res = run_qat(cfg)
+        rows.append({"run": name, "w_bits": cfg.w_bits if cfg.method != "fp32" else 32,
+                     "a_bits": cfg.a_bits if cfg.method != "fp32" else 32, "start_top1": res["start"]["top1"],
+                     "top1": res["final"]["top1"], "top5": res["final"]["top5"],
+                     "checkpoint_top1": res["fp32"]["top1"], "train_s": res["train_seconds"]})
+        curves[name] = res["step_loss"]
+        print(f"  {name}: start {res['start']['top1']:.2f}% -> {res['final']['top1']:.2f}%", flush=True)
+    control = rows[0]["top1"]
+    for r in rows:
+        r["drop_vs_control"] = control - r["top1"]
+        r["drop_vs_checkpoint"] = r["checkpoint_top1"] - r["top1"]
+    return {"checkpoint": str(ck), "epochs": epochs, "lr": LR, "rows": rows, "curves": curves}
+
+
+def _plot(curves: dict[str, list], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, pts in curves.items():
+        if pts:
+            s, loss = zip(*pts, strict=True)
+            ax.plot(s, loss, label=name, lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (mean of 10 steps)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.set_title("QAT fine-tuning from the FP32 checkpoint")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def table(results: dict[str, Any]) -> str:
+    sp, acc = results["speed"], results["accuracy"]
+    return "\n".join([
+        f"## Training step, ResNet-20, batch {sp['batch']}, {sp['rounds']} interleaved rounds "
+        f"(fused kernel: {sp['native']['available']}; brevitas installed: {sp['brevitas']}; "
+        f"load before: {sp['loadavg_before']})", "",
+        markdown_table(sp["rows"], [("model", "model"), ("median_ms", "median ms/step"), ("min_ms", "min ms/step"),
+                                    ("images_per_s", "images/s"), ("x_fp32", "x fp32")]), "",
+        f"## Accuracy: fine-tuned {acc['epochs']} epoch(s) at lr {acc['lr']} (cosine) from {acc['checkpoint']}", "",
+        markdown_table(acc["rows"], [("run", "run"), ("w_bits", "W"), ("a_bits", "A"),
+                                     ("start_top1", "top-1 before QAT"), ("top1", "top-1"), ("top5", "top-5"),
+                                     ("drop_vs_control", "drop vs FP32 control (pt)"),
+                                     ("drop_vs_checkpoint", "drop vs checkpoint (pt)"), ("train_s", "train s")]),
+        "",
+    ])
+
+
+def main(quick: bool = False, out_dir: str | os.PathLike | Path | None = None) -> dict[str, Any]:
+    """Measure, write ``qat.{json,md}`` (+ ``qat_loss.png``) and return ``{"results", "table", "json", "md"}``."""
+    results: dict[str, Any] = {"speed": speed(quick), "accuracy": accuracy(quick)}
+    md = table(results)
+    json_path, md_path = write_results(NAME, results, md, out_dir=out_dir)
+    _plot(results["accuracy"]["curves"], Path(json_path).with_name("qat_loss.png"))
+    return {"results": results, "table": md, "json": str(json_path), "md": str(md_path)}

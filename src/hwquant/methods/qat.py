@@ -1,0 +1,264 @@
+"""Quantization-aware training: CQAT (clipped QAT, Lee & Park, ISOCC 2022; seed ``001``) and the QAT
+baselines (min-max STE, PACT, LSQ), all on one mechanism: a :class:`~hwquant.nn.FakeQuantizer` whose
+``range_mode`` says how its step follows training.
+
+``qmodel = prepare_qat(model, config, calib_loader)`` folds BatchNorm into the convolutions (the model that is
+trained is the model that is deployed: integer weights of the folded convs), swaps every conv/linear for its
+fake-quantized twin, and initialises every quantizer from the float model on the calibration batches.  Then
+train ``qmodel`` like any model (:func:`hwquant.train.fit`).  Gradients pass rounding by the straight-through
+estimator, zero where the code is clipped.
+
+**CQAT** [paper]: values are quantized with an 8-bit step and the 8-bit codes are then clipped so that only
+4 bits (activations) / 5 bits (weights) are used.  Here [rec]:
+
+* activations after ReLU (unsigned): ``q = clamp(round(x / s_a), 0, 2^a_bits - 1)``; weights (signed, per
+  output channel or per tensor): ``q = clamp(round(W / s_w), -2^(w_bits-1), 2^(w_bits-1) - 1)``;
+  the first conv and the last FC stay at ``first_last_bits`` (8) with plain min-max steps, unclipped (the
+  same for every method);
+* ``step="max"`` is the literal reading: ``s = peak / (2^8 - 1)`` (activations, unsigned) and
+  ``s = max|W| / (2^7 - 1)`` (weights), so the clipped codes cover only ``15/255`` of the activation range and
+  ``16/127`` of the weight range;
+* ``step="mse"`` calibrates the step on the FP32 model so that the *clipped* codes minimise the mean squared
+  error (the clip is chosen for the stored codes, not the 8-bit range); the 8-bit grid with that step is
+  what an 8-bit datapath runs, and the 4/5-bit codes are its low bits;
+* during training the weight step follows the weights (``dynamic``: ``s = r * max|W| / Q`` every step with the
+  ratio ``r`` fixed at calibration), the activation step follows an EMA of the batch peak (``act_range="ema"``)
+  or stays at its calibrated value (``"static"``).
+
+Baselines at the same bits on the same mechanism: :class:`STEConfig` (min-max: ``s = max|W| / q_max``
+every step, activations ``s = EMA(max x) / q_max``), :class:`PACTConfig` (activations: a trained clip
+``alpha``, initialised from the MSE clip; weights as STE), :class:`LSQConfig` (weights and activations: a
+trained step with the LSQ gradient, initialised from the MSE step).
+
+Integer codes of a prepared model are real: ``layer.weight_quant.codes(layer.weight)`` are int8 in
+``[-16, 15]`` for W5 and ``layer.input_quant.codes(x)`` uint8 in ``[0, 15]`` for A4.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ..errors import ConfigError
+from ..nn.fold import fold_batchnorm
+from ..nn.swap import LayerQuant, QuantRecipe, calibrate, quant_layers, quantize_model
+from ..numerics.uniform import check_bits, qrange
+from ..spec import QuantSpec
+
+ACT_RANGES = ("ema", "static")
+CQAT_STEPS = ("max", "mse")
+
+
+@dataclass(frozen=True)
+class _QATCommon:
+    """Fields every QAT method shares.
+
+    Attributes:
+        w_bits, a_bits: stored weight / activation code widths (2..16).
+        first_last_bits: width of the first conv and last linear layer (weights and inputs), ``None``: same as
+            the others.
+        per_channel: one weight step per output channel (else per tensor).
+        ema_decay: ``d`` of the activation-peak EMA ``m <- d m + (1 - d) peak``.
+        fold_bn: fold BatchNorm into the convs before QAT (what the integer datapath runs).
+        calib_batches: calibration batches used to initialise the quantizers (``None``: all).
+    """
+
+    w_bits: int = 5
+    a_bits: int = 4
+    first_last_bits: int | None = 8
+    per_channel: bool = True
+    ema_decay: float = 0.9
+    fold_bn: bool = True
+    calib_batches: int | None = 8
+
+    def __post_init__(self) -> None:
+        check_bits(self.w_bits, "w_bits")
+        check_bits(self.a_bits, "a_bits")
+        if self.first_last_bits is not None:
+            check_bits(self.first_last_bits, "first_last_bits")
+        d = self.ema_decay
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d < 1:
+            raise ConfigError(f"ema_decay must be a number in [0, 1), got {d!r}")
+        if self.calib_batches is not None and (not isinstance(self.calib_batches, int) or self.calib_batches < 1):
+            raise ConfigError(f"calib_batches must be a positive integer or null, got {self.calib_batches!r}")
+
+    # subclasses: the weight and activation specs of the low-bit layers
+    def _specs(self, wb: int, ab: int) -> tuple[QuantSpec, QuantSpec]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _minmax_specs(self, wb: int, ab: int) -> tuple[QuantSpec, QuantSpec]:
+        """Plain min-max QAT: ``s = max|W| / q_max`` every step, activations ``s = EMA(peak) / q_max``."""
+        w = QuantSpec(bits=wb, signed=True, granularity=self._gran(), range_mode="dynamic")
+        a = QuantSpec(bits=ab, signed=None, range_mode="ema", ema_decay=self.ema_decay)
+        return w, a
+
+    def recipe(self) -> QuantRecipe:
+        """Low-bit layers get the method's specs; the first conv and last FC (``first_last_bits``) get plain
+        min-max quantization for every method, so methods differ only where they are meant to."""
+        w, a = self._specs(self.w_bits, self.a_bits)
+        overrides = ()
+        if self.first_last_bits is not None:
+            fw, fa = self._minmax_specs(self.first_last_bits, self.first_last_bits)
+            fl = LayerQuant(weight=fw, act=fa)
+            overrides = (("<first>", fl), ("<last>", fl))
+        return QuantRecipe(default=LayerQuant(weight=w, act=a), overrides=overrides)
+
+    def _gran(self) -> str:
+        return "channel" if self.per_channel else "tensor"
+
+
+@dataclass(frozen=True)
+class CQATConfig(_QATCommon):
+    """CQAT: an 8-bit (``base_bits``) step, codes clipped to ``w_bits`` / ``a_bits`` (see the module docstring).
+
+    Attributes:
+        base_bits: width the step is sized for (8), ``>= w_bits, a_bits``.
+        step: ``"mse"`` (clip calibrated for the clipped codes) or ``"max"`` (literal ``peak / Q(base_bits)``).
+        act_range: ``"ema"`` (the activation step follows an EMA of the batch peak) or ``"static"``.
+    """
+
+    base_bits: int = 8
+    step: str = "mse"
+    act_range: str = "ema"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_bits(self.base_bits, "base_bits")
+        if self.base_bits < max(self.w_bits, self.a_bits):
+            raise ConfigError(f"base_bits must be >= w_bits and a_bits, got {self.base_bits}")
+        if self.step not in CQAT_STEPS:
+            raise ConfigError(f"step must be one of {', '.join(CQAT_STEPS)}, got {self.step!r}")
+        if self.act_range not in ACT_RANGES:
+            raise ConfigError(f"act_range must be one of {', '.join(ACT_RANGES)}, got {self.act_range!r}")
+
+    def _specs(self, wb: int, ab: int) -> tuple[QuantSpec, QuantSpec]:
+        literal = self.step == "max"
+        obs = "minmax" if literal else "mse"
+        clip_at = "step" if literal else "codes"
+        w = QuantSpec(bits=wb, signed=True, granularity=self._gran(), observer=obs, step_bits=self.base_bits,
+                      clip_at=clip_at, range_mode="dynamic")
+        a = QuantSpec(bits=ab, signed=None, observer=obs, step_bits=self.base_bits, clip_at=clip_at,
+                      range_mode=self.act_range, ema_decay=self.ema_decay)
+        return w, a
+
+
+@dataclass(frozen=True)
+class STEConfig(_QATCommon):
+    """Plain min-max QAT with the straight-through estimator: ``s = max|W| / q_max`` every step, activations
+    ``s = EMA(peak) / q_max``."""
+
+    w_bits: int = 4
+    a_bits: int = 4
+
+    def _specs(self, wb: int, ab: int) -> tuple[QuantSpec, QuantSpec]:
+        return self._minmax_specs(wb, ab)
+
+
+@dataclass(frozen=True)
+class PACTConfig(_QATCommon):
+    """PACT (Choi et al. 2018): activations with a trained clip ``alpha`` (initialised from the MSE clip on
+    the calibration data), ``s = alpha / q_max``; weights min-max as :class:`STEConfig`."""
+
+    w_bits: int = 4
+    a_bits: int = 4
+
+    def _specs(self, wb: int, ab: int) -> tuple[QuantSpec, QuantSpec]:
+        w, _ = self._minmax_specs(wb, ab)
+        return w, QuantSpec(bits=ab, signed=None, observer="mse", range_mode="pact")
+
+
+@dataclass(frozen=True)
+class LSQConfig(_QATCommon):
+    """LSQ (Esser et al. 2020): weights and activations with a trained step (LSQ gradient scaled by
+    ``1 / sqrt(n q_max)``), initialised from the MSE-optimal step on the calibration data."""
+
+    w_bits: int = 4
+    a_bits: int = 4
+
+    def _specs(self, wb: int, ab: int) -> tuple[QuantSpec, QuantSpec]:
+        w = QuantSpec(bits=wb, signed=True, granularity=self._gran(), observer="mse", range_mode="learned")
+        a = QuantSpec(bits=ab, signed=None, observer="mse", range_mode="learned")
+        return w, a
+
+
+QAT_CONFIGS: dict[str, type[_QATCommon]] = {"cqat": CQATConfig, "ste": STEConfig, "pact": PACTConfig,
+                                             "lsq": LSQConfig}
+
+
+def build_qat_model(model: nn.Module, config: _QATCommon) -> nn.Module:
+    """The QAT module structure for ``config`` (BN folded, layers swapped), quantizers not initialised.
+
+    Loading a QAT checkpoint's state dict into it restores the trained model.
+    """
+    if not isinstance(config, _QATCommon):
+        names = ", ".join(c.__name__ for c in QAT_CONFIGS.values())
+        raise ConfigError(f"prepare_qat needs a QAT config ({names}), got {type(config).__name__}")
+    base = fold_batchnorm(model) if config.fold_bn else model
+    return quantize_model(base, config.recipe())
+
+
+def prepare_qat(
+    model: nn.Module, config: _QATCommon, calib_loader: Iterable | None = None, *, progress: bool = False
+) -> nn.Module:
+    """A fake-quantized copy of ``model`` ready to train (see the module docstring).
+
+    The quantizers are initialised from ``calib_loader`` (batches of ``x`` or ``(x, y)``, at most
+    ``config.calib_batches``) or, when it is ``None``, from the first batch the model sees.  ``model`` is
+    not modified.
+    """
+    was_training = model.training
+    qmodel = build_qat_model(model, config)
+    if calib_loader is not None:
+        calibrate(qmodel, calib_loader, max_batches=config.calib_batches, progress=progress)
+    else:
+        _calibrate_on_first_batch(qmodel)
+    qmodel.train(was_training)
+    return qmodel
+
+
+def _calibrate_on_first_batch(qmodel: nn.Module) -> None:
+    holder: dict[str, Any] = {}
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        holder["handle"].remove()
+        calibrate(module, [args[0]])
+
+    holder["handle"] = qmodel.register_forward_pre_hook(hook)
+
+
+def qat_summary(qmodel: nn.Module) -> list[dict[str, Any]]:
+    """Per layer: code widths, the step each quantizer uses now, the step's ``base_bits`` range, clip ratio."""
+    rows = []
+    for name, layer in quant_layers(qmodel):
+        row: dict[str, Any] = {"layer": name}
+        for tag, q in (("w", layer.weight_quant), ("a", layer.input_quant)):
+            if q is None or not q.calibrated:
+                continue
+            spec = q.spec
+            row[f"{tag}_bits"] = spec.bits
+            row[f"{tag}_mode"] = spec.range_mode
+            row[f"{tag}_scale"] = float(q.scale.max()) if q.scale.dim() else float(q.scale)
+            if spec.q_step_bits != spec.bits:
+                # the range the step spans with all step_bits codes (what an 8-bit datapath sees)
+                row[f"{tag}_step_range"] = row[f"{tag}_scale"] * qrange(spec.q_step_bits, bool(q.signed))[1]
+            ratio = getattr(q, "clip_ratio", None)
+            if ratio is not None and ratio.numel():
+                row[f"{tag}_clip_ratio"] = float(ratio.mean())
+        rows.append(row)
+    return rows
+
+
+__all__ = [
+    "CQATConfig",
+    "LSQConfig",
+    "PACTConfig",
+    "QAT_CONFIGS",
+    "STEConfig",
+    "build_qat_model",
+    "prepare_qat",
+    "qat_summary",
+]
+
