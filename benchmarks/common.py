@@ -32,7 +32,9 @@ import torch
 from hwquant.report import markdown_table
 
 __all__ = [
+    "DEMO_CHECKPOINT",
     "RESULTS_ENV",
+    "float_checkpoint",
     "loadavg",
     "machine_info",
     "machine_line",
@@ -224,3 +226,28 @@ def write_results(
     md = f"# Benchmark: {name}\n\nMachine: {machine_line(info)}\n\n{table_md.rstrip()}\n"
     _atomic_write_text(md_path, md)
     return json_path, md_path
+
+
+DEMO_CHECKPOINT = Path("runs/cache/resnet20-fashion_mnist-e4-b128-lr0.1-s0/model.pt")
+
+
+def float_checkpoint(quick: bool, tag: str) -> Path:
+    """The float model the accuracy benchmarks start from, trained if missing.
+
+    Full mode: the demo's cached ResNet-20 / Fashion-MNIST checkpoint (4 epochs, seed 0; ``make demo`` writes
+    it).  Quick mode: a small CNN on scikit-learn digits under ``$HWQUANT_BENCH_RUNS`` (default ``runs``)
+    ``/<tag>``.
+    """
+    from hwquant.pipelines import TrainOptions, run_train
+
+    if quick:
+        out = Path(os.environ.get("HWQUANT_BENCH_RUNS", "runs")) / tag
+        if not (out / "model.pt").exists():
+            run_train(TrainOptions(model="small_cnn", dataset="digits", epochs=12, batch_size=64, lr=0.1,
+                                   out=str(out), progress=False, channels_last=False))
+        return out / "model.pt"
+    if not DEMO_CHECKPOINT.exists():
+        run_train(TrainOptions(model="resnet20", dataset="fashion_mnist", epochs=4, out=str(DEMO_CHECKPOINT.parent),
+                               resume=True, progress=False))
+    return DEMO_CHECKPOINT
+

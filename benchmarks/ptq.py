@@ -7,11 +7,13 @@ ACIQ-Laplace) against the **exhaustive best uniform step** (a 600-point log grid
 
 Part 2, model (``model`` rows): ResNet-20 trained on Fashion-MNIST (the demo's cached checkpoint, trained if
 missing), test top-1 and end-to-end logit SQNR at W8A8, W6A6, W4A4, W8A4 for every method, same checkpoint,
-same calibration split (1000 training images held out), same test set.  Weights are per tensor for every
-method (the GGD paper's per-layer fixed point): GGD uses the error-minimising power-of-two FL, min-max uses
-``max|W|``, the other baselines use an MSE-optimal weight clip.  Activations: the method's observer, per
-tensor, unsigned after ReLU.  GGD steps are powers of two (fixed point); the baselines' steps are arbitrary
-reals, which favours the baselines.  The GGD+BFT wall time (the whole PTQ including BFT) is reported.
+same calibration split (1000 training images held out), same test set; every layer at the setting's bits,
+and for W4A4 / W8A4 also with the first conv (whose input is the image) and the last FC at 8 bits.
+Weights are per tensor for every method (the GGD paper's per-layer fixed point): GGD uses the
+error-minimising power-of-two FL, min-max uses ``max|W|``, the other baselines use an MSE-optimal weight clip.
+Activations: the method's observer, per tensor, unsigned after ReLU.  GGD steps are powers of two (fixed
+point); the baselines' steps are arbitrary reals, which favours the baselines.  The GGD+BFT wall time (the
+whole PTQ including BFT) is reported.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from hwquant.observers import make_observer
 from hwquant.spec import QuantSpec
 from hwquant.train import evaluate
 
-from .common import markdown_table, write_results
+from .common import float_checkpoint, markdown_table, write_results
 
 NAME = "ptq"
 
@@ -51,6 +53,9 @@ OBSERVERS = {
     "aciq": {"dist": "laplace"},
 }
 SETTINGS = [(8, 8), (6, 6), (4, 4), (8, 4)]
+# Every layer at the setting's bits, and the usual deployment variant with the first conv (the image input)
+# and the last FC at 8 bits, for the settings where the input layer decides the outcome.
+VARIANTS = [("all layers", None, SETTINGS), ("first/last 8-bit", 8, [(4, 4), (8, 4)])]
 METHODS = ["minmax", "percentile", "mse", "kl", "aciq", "ggd", "ggd+bft"]
 
 
@@ -90,27 +95,15 @@ def synthetic(quick: bool) -> list[dict[str, Any]]:
 
 
 def _checkpoint(quick: bool) -> Path:
-    from hwquant.pipelines import TrainOptions, run_train
-
-    if quick:
-        out = Path(os.environ.get("HWQUANT_BENCH_RUNS", "runs")) / "bench_ptq_digits"
-        if not (out / "model.pt").exists():
-            run_train(TrainOptions(model="small_cnn", dataset="digits", epochs=12, batch_size=64, lr=0.1,
-                                   out=str(out), progress=False, channels_last=False))
-        return out / "model.pt"
-    ck = Path("runs/cache/resnet20-fashion_mnist-e4-b128-lr0.1-s0/model.pt")
-    if not ck.exists():
-        run_train(TrainOptions(model="resnet20", dataset="fashion_mnist", epochs=4, out=str(ck.parent),
-                               resume=True, progress=False))
-    return ck
+    return float_checkpoint(quick, "bench_ptq_digits")
 
 
-def _config(method: str, wb: int, ab: int):
+def _config(method: str, wb: int, ab: int, first_last: int | None = None):
     if method.startswith("ggd"):
-        return GGDPTQConfig(w_bits=wb, a_bits=ab, bft=method == "ggd+bft")
+        return GGDPTQConfig(w_bits=wb, a_bits=ab, bft=method == "ggd+bft", first_last_bits=first_last)
     args = {"percentile": {"percentile": 99.99}, "aciq": {"dist": "laplace"}}.get(method, {})
     return ObserverPTQConfig(observer=method, observer_args=args, w_observer="minmax" if method == "minmax" else "mse",
-                             w_bits=wb, a_bits=ab, per_channel=False)
+                             w_bits=wb, a_bits=ab, per_channel=False, first_last_bits=first_last)
 
 
 def model_rows(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -121,12 +114,14 @@ def model_rows(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     loaders = _loaders_for(ck, None, 512)
     fp32 = evaluate(model, loaders.test)
     rows = []
-    settings = SETTINGS[2:3] if quick else SETTINGS
-    for wb, ab in settings:
-        row: dict[str, Any] = {"setting": f"W{wb}A{ab}", "fp32": fp32["top1"]}
+    plan = [(v, fl, st) for v, fl, sts in VARIANTS for st in sts]
+    if quick:
+        plan = [("all layers", None, (4, 4))]
+    for variant, first_last, (wb, ab) in plan:
+        row: dict[str, Any] = {"setting": f"W{wb}A{ab}", "variant": variant, "fp32": fp32["top1"]}
         for method in METHODS:
             t0 = time.perf_counter()
-            qmodel, report = ptq(model, _config(method, wb, ab), loaders.calib)
+            qmodel, report = ptq(model, _config(method, wb, ab, first_last), loaders.calib)
             secs = time.perf_counter() - t0
             ev = evaluate(qmodel, loaders.test)
             row[method] = ev["top1"]
@@ -138,7 +133,7 @@ def model_rows(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         best_other = max(row[m] for m in METHODS if m != "ggd+bft")
         row["ggd+bft - best other"] = row["ggd+bft"] - best_other
         rows.append(row)
-        print(f"  {row['setting']}: " + ", ".join(f"{m} {row[m]:.2f}" for m in METHODS), flush=True)
+        print(f"  {row['setting']} ({variant}): " + ", ".join(f"{m} {row[m]:.2f}" for m in METHODS), flush=True)
     meta = {"checkpoint": str(ck_path), "dataset": ck["data"]["dataset"], "fp32": fp32}
     return rows, meta
 
@@ -146,10 +141,10 @@ def model_rows(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 def table(results: dict[str, Any]) -> str:
     syn_cols = [("shape", "shape"), ("bits", "bits"), ("best", "best step (exhaustive)")] + [
         (k, k) for k in OBSERVERS] + [("ggd - best", "ggd - best")]
-    model_cols = [("setting", "setting"), ("fp32", "FP32")] + [(m, m) for m in METHODS] + [
+    model_cols = [("setting", "setting"), ("variant", "layers"), ("fp32", "FP32")] + [(m, m) for m in METHODS] + [
         ("ggd+bft - best other", "ggd+bft - best other"), ("bft calib top1", "BFT calib top-1"),
         ("ggd+bft seconds", "GGD+BFT s")]
-    sqnr_cols = [("setting", "setting")] + [(f"{m} sqnr", m) for m in METHODS]
+    sqnr_cols = [("setting", "setting"), ("variant", "layers")] + [(f"{m} sqnr", m) for m in METHODS]
     meta = results["model_meta"]
     return "\n".join([
         "## Synthetic: SQNR (dB) of each observer's step vs the exhaustive best uniform step", "",

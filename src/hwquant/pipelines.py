@@ -154,8 +154,8 @@ class QATOptions:
 
     checkpoint: str = field(default="runs/train/model.pt", metadata=_h("float checkpoint from hwquant train"))
     method: str = field(default="cqat", metadata=_h(
-        "cqat (clipped 8-bit step), ste (min-max), pact (learned clip), lsq (learned step), or fp32 (a float "
-        "fine-tune with the same schedule: the control)", QAT_METHODS))
+        "cqat (clipped 8-bit step), ste (min-max), pact (learned clip), lsq (learned step), or fp32 (the BN-folded "
+        "float model fine-tuned with the same schedule: the control)", QAT_METHODS))
     w_bits: int = field(default=5, metadata=_h("stored weight bits (2..16)"))
     a_bits: int = field(default=4, metadata=_h("stored activation bits (2..16)"))
     base_bits: int = field(default=8, metadata=_h("cqat: bits the step is sized for"))
@@ -167,9 +167,11 @@ class QATOptions:
     per_channel: bool = field(default=True, metadata=_h("per-output-channel weight steps"))
     epochs: int = field(default=2, metadata=_h("fine-tuning epochs"))
     batch_size: int = field(default=128, metadata=_h("training batch size (per process)"))
-    lr: float = field(default=0.01, metadata=_h("peak learning rate (cosine decay to 0)"))
+    lr: float = field(default=0.005, metadata=_h("peak learning rate (cosine decay to 0)"))
     momentum: float = field(default=0.9, metadata=_h("SGD momentum (Nesterov)"))
     weight_decay: float = field(default=5e-4, metadata=_h("L2 weight decay (not on biases / steps)"))
+    grad_clip: float | None = field(default=2.0, metadata=_h(
+        "clip the global gradient norm (the BN-folded network has no normalisation; none: off)"))
     warmup_epochs: float = field(default=0.0, metadata=_h("linear warmup epochs"))
     augment: bool = field(default=True, metadata=_h("train-time augmentation (crop, flip)"))
     calib_batches: int | None = field(default=8, metadata=_h("calibration batches to initialise the steps"))
@@ -200,7 +202,7 @@ class QATOptions:
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
-                           warmup_epochs=self.warmup_epochs, seed=self.seed)
+                           warmup_epochs=self.warmup_epochs, grad_clip=self.grad_clip, seed=self.seed)
 
 
 @dataclass(frozen=True)
@@ -272,9 +274,11 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         model = create_model_from_args(ck["model_args"])
         if "ptq" in ck:
             model = rebuild_quantized(model, ck["ptq"])
-        elif "qat" in ck and ck["qat"]["method"] != "fp32":
-            qcls = QAT_CONFIGS[ck["qat"]["method"]]
-            model = build_qat_model(model, qcls(**ck["qat"]["config"]))
+        elif "qat" in ck:
+            if ck["qat"]["method"] == "fp32":
+                model = fold_batchnorm(model)
+            else:
+                model = build_qat_model(model, QAT_CONFIGS[ck["qat"]["method"]](**ck["qat"]["config"]))
         model.load_state_dict(ck["model"])
     except (RuntimeError, KeyError, TypeError, ConfigError) as e:
         raise CheckpointError(f"{path} does not match its model description: {str(e).splitlines()[0]}") from None
@@ -401,7 +405,8 @@ def run_qat(cfg: QATOptions) -> dict[str, Any]:
     out = Path(cfg.out)
     fp32 = evaluate(model, loaders.test, progress=cfg.progress, desc="eval fp32")
     qcfg = cfg.method_config()
-    qmodel = model if qcfg is None else prepare_qat(model, qcfg, loaders.calib)
+    # the fp32 control trains the same BN-folded network the QAT methods train
+    qmodel = fold_batchnorm(model) if qcfg is None else prepare_qat(model, qcfg, loaders.calib)
     if cfg.channels_last:
         qmodel = qmodel.to(memory_format=torch.channels_last)
     start = evaluate(qmodel, loaders.test, progress=cfg.progress, desc="eval start")

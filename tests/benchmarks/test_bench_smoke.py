@@ -117,3 +117,22 @@ def test_registry_modules_have_main():
     for name in bench_run.REGISTRY:
         assert callable(bench_run.get_benchmark(name).main)
     assert train_step.NAME == "train_step" and quantizer.NAME == "quantizer"
+
+
+def test_qat_and_ggd_fit_quick(tmp_path, monkeypatch):
+    monkeypatch.setenv(common.RESULTS_ENV, str(tmp_path))
+    monkeypatch.setenv("HWQUANT_BENCH_RUNS", str(tmp_path / "runs"))
+    bench_run.run(["qat", "ggd_fit"], quick=True, verbose=False)
+    qat = _load(tmp_path, "qat")["results"]
+    speed = {r["model"]: r for r in qat["speed"]["rows"]}
+    assert {"fp32", "hwquant cqat w5a4", "naive ste", "torch fake_quantize"} <= set(speed)
+    assert all(_positive(r["median_ms"]) and _positive(r["x_fp32"]) for r in speed.values())
+    rows = qat["accuracy"]["rows"]
+    assert [r["run"] for r in rows] == ["fp32 control", "cqat w5a4 (step=mse)"]
+    assert rows[0]["drop_vs_control"] == 0.0 and rows[1]["top1"] > 50.0  # digits: chance is 10%
+    assert (tmp_path / "qat_loss.png").stat().st_size > 1000
+    fit = _load(tmp_path, "ggd_fit")["results"]
+    for r in fit["rows"]:
+        if r["fit"] == "hwquant mle (all)":
+            assert r["dll"] > -1e-3, r  # the exact MLE on all samples is at least as likely as scipy's fit
+            assert abs(r["alpha"] - r["true_alpha"]) < 0.1 * r["true_alpha"], r

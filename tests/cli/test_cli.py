@@ -206,3 +206,30 @@ def test_every_shipped_config_resolves(path):
            "demo": pipelines.DemoOptions}[path.stem.split("_")[0]]
     cfg = cfgmod.resolve(cls, cfgmod.load_yaml(path), {}, source=str(path))
     assert isinstance(cfg, cls)
+
+
+def test_qat_resume_continues_from_last_checkpoint(trained, tmp_path, monkeypatch):
+    import hwquant.pipelines as pl
+
+    def run(out, *extra):
+        return main(["qat", "--checkpoint", str(trained / "model.pt"), "--method", "lsq", "--batch-size", "64",
+                     "--epochs", "2", "--out", str(out), "--no-progress", "--no-channels-last", *extra])
+
+    assert run(tmp_path / "full") == 0
+    full = json.loads((tmp_path / "full" / "qat.json").read_text())
+    real_fit = pl.fit
+
+    def killed_in_epoch_2(model, loader, cfg, **kw):  # like a kill right after epoch 1's checkpoint
+        def hook(m, step):
+            if step == len(loader) + 1:
+                raise KeyboardInterrupt
+        return real_fit(model, loader, cfg, step_hook=hook, **kw)
+
+    monkeypatch.setattr(pl, "fit", killed_in_epoch_2)
+    assert run(tmp_path / "cut") == 130
+    assert (tmp_path / "cut" / "last.pt").exists() and not (tmp_path / "cut" / "model.pt").exists()
+    monkeypatch.setattr(pl, "fit", real_fit)
+    assert run(tmp_path / "cut", "--resume") == 0
+    resumed = json.loads((tmp_path / "cut" / "qat.json").read_text())
+    assert [e["epoch"] for e in resumed["history"]] == [1, 2]
+    assert resumed["final"] == full["final"]  # same data order, RNG, EMA and step state: the same model

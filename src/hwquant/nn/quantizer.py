@@ -36,7 +36,6 @@ from ..numerics.uniform import _check_scale, fake_quantize_trusted, qrange, quan
 from ..observers import make_observer
 from ..spec import QuantParams, QuantSpec
 
-
 _TINY = torch.finfo(torch.float32).tiny
 
 

@@ -31,7 +31,8 @@ class TrainConfig:
 
     ``lr`` follows a linear warmup over ``warmup_epochs`` then a cosine decay to 0 at the end of
     ``epochs``, updated every step.  SGD with (Nesterov) momentum and decoupled-from-nothing L2
-    ``weight_decay`` (applied to every parameter but BN/bias when ``no_decay_bn_bias``).
+    ``weight_decay`` (applied to every parameter but BN/bias when ``no_decay_bn_bias``).  ``grad_clip``
+    rescales the gradients to at most that global L2 norm before every step (``None``: off).
     """
 
     epochs: int = 4
@@ -42,6 +43,7 @@ class TrainConfig:
     no_decay_bn_bias: bool = True
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
+    grad_clip: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -57,6 +59,8 @@ class TrainConfig:
             raise ConfigError(f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs!r}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
+            raise ConfigError(f"grad_clip must be a positive number or null, got {self.grad_clip!r}")
 
 
 def _batch_xy(batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,6 +193,8 @@ def fit(
                 raise DataError(f"loss became {loss.item()} at epoch {epoch + 1} (NaN in the data or lr too high)")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             sched.step()
             global_step += 1
