@@ -180,6 +180,9 @@ def test_qat_from_cli_and_reload(trained, tmp_path, method, capsys):
     (["qat", "--base-bits", "4"], "base_bits must be >= w_bits"),
     (["qat", "--epochs", "0"], "epochs"),
     (["qat", "--checkpoint", "/nonexistent/model.pt"], "checkpoint not found"),
+    (["qat", "--grad-clip", "0"], "grad_clip must be a positive number"),
+    (["qat", "--step", "median"], "invalid choice"),
+    (["ptq", "--method", "ggd", "--bft-samples", "0"], "bft_samples must be a positive integer"),
 ])
 def test_qat_bad_input(argv, needle, capsys, tmp_path):
     out = tmp_path / "out"
