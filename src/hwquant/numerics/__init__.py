@@ -20,6 +20,8 @@ from .uniform import (
     code_dtype,
     dequantize,
     fake_quantize,
+    native_status,
+    pact_fake_quantize,
     qrange,
     quantize,
 )
@@ -45,6 +47,8 @@ __all__ = [
     "hui_neuhoff_step",
     "power_of_two_step",
     "mse",
+    "native_status",
+    "pact_fake_quantize",
     "qrange",
     "quantize",
     "round_tensor",
