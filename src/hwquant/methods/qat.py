@@ -36,6 +36,7 @@ Integer codes of a prepared model are real: ``layer.weight_quant.codes(layer.wei
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -53,7 +54,7 @@ CQAT_STEPS = ("max", "mse")
 
 
 @dataclass(frozen=True)
-class _QATCommon:
+class _QATCommon(abc.ABC):
     """Fields every QAT method shares.
 
     Attributes:
@@ -85,9 +86,9 @@ class _QATCommon:
         if self.calib_batches is not None and (not isinstance(self.calib_batches, int) or self.calib_batches < 1):
             raise ConfigError(f"calib_batches must be a positive integer or null, got {self.calib_batches!r}")
 
-    # subclasses: the weight and activation specs of the low-bit layers
-    def _specs(self, wb: int, ab: int) -> tuple[QuantSpec, QuantSpec]:  # pragma: no cover
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _specs(self, wb: int, ab: int) -> tuple[QuantSpec, QuantSpec]:
+        """The weight and input-activation specs of the low-bit layers (each method's own)."""
 
     def _minmax_specs(self, wb: int, ab: int) -> tuple[QuantSpec, QuantSpec]:
         """Plain min-max QAT: ``s = max|W| / q_max`` every step, activations ``s = EMA(peak) / q_max``."""
