@@ -32,7 +32,7 @@ import math
 import torch
 from torch import nn
 
-from ..numerics.uniform import _check_scale, fake_quantize_trusted, qrange, quantize
+from ..numerics.uniform import _check_scale, _shape_param, fake_quantize_trusted, qrange, quantize
 from ..observers import make_observer
 from ..spec import QuantParams, QuantSpec
 
@@ -199,11 +199,7 @@ class FakeQuantizer(nn.Module):
             lsq = False
         with torch.no_grad():
             self.scale.copy_(s.detach())
-        s = s.to(x.dtype)
-        if self.axis is not None:
-            shape = [1] * x.dim()
-            shape[self.axis % x.dim()] = -1
-            s = s.reshape(shape)
+        s = _shape_param(s.to(x.dtype), x, self.axis)
         return fake_quantize_trusted(x, s, None, qmin, qmax, self.spec.rounding, self.generator, self.axis, lsq=lsq)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -221,17 +217,9 @@ class FakeQuantizer(nn.Module):
             self._checked = self.scale
         signed = bool(self.signed)
         qmin, qmax = qrange(self.spec.bits, signed, self.spec.narrow)
-        s = self._view(self.scale, x)
-        z = None if self.spec.symmetric else self._view(self.zero_point, x)
+        s = _shape_param(self.scale.to(x.dtype), x, self.axis)
+        z = None if self.spec.symmetric else _shape_param(self.zero_point.to(x.dtype), x, self.axis)
         return fake_quantize_trusted(x, s, z, qmin, qmax, self.spec.rounding, self.generator, self.axis)
-
-    def _view(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        t = t.to(x.dtype)
-        if self.axis is None:
-            return t.reshape(())
-        shape = [1] * x.dim()
-        shape[self.axis % x.dim()] = -1
-        return t.reshape(shape)
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes of ``x`` with the current parameters (for export and tests)."""
