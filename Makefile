@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 PIP_ARGS ?=
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
+BENCH_STAMP := $(VENV)/.installed-bench
 ARGS ?=
 
 .PHONY: demo test data install dev lint bench clean
@@ -19,6 +20,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 $(DEV_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q $(PIP_ARGS) -e '.[dev]'
 	touch $@ $(STAMP)
+
+$(BENCH_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q $(PIP_ARGS) -e '.[dev,synth]'
+	touch $@ $(DEV_STAMP) $(STAMP)
 
 install: $(STAMP)
 dev: $(DEV_STAMP)
@@ -35,7 +40,7 @@ test: $(DEV_STAMP)
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
-bench: $(DEV_STAMP)
+bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.run $(ARGS)
 
 clean:

@@ -25,6 +25,8 @@ REGISTRY: dict[str, str] = {
     "ptq": "benchmarks.ptq",
     "qat": "benchmarks.qat",
     "ggd_fit": "benchmarks.ggd_fit",
+    "rtl": "benchmarks.rtl",
+    "export": "benchmarks.export",
 }
 
 

@@ -4,7 +4,7 @@ Layers run one way: ``numerics`` (pure math) <- ``observers`` / ``nn`` (quantize
 <- ``pipelines`` / ``cli``.
 """
 
-from . import numerics
+from . import export, numerics
 from .errors import CheckpointError, ConfigError, DataError, HwquantError
 from .methods import (
     CQATConfig,
@@ -38,6 +38,7 @@ __all__ = [
     "STEConfig",
     "__version__",
     "calibrate",
+    "export",
     "fold_batchnorm",
     "numerics",
     "prepare_qat",

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ptq": ("PTQOptions", "run_ptq"),
     "qat": ("QATOptions", "run_qat"),
     "eval": ("EvalOptions", "run_eval"),
+    "export": ("ExportOptions", "run_export"),
 }
 
 HELP = {
@@ -29,6 +30,7 @@ HELP = {
     "ptq": "post-training quantization of a trained checkpoint",
     "qat": "quantization-aware fine-tuning of a trained checkpoint (CQAT, STE, PACT, LSQ)",
     "eval": "evaluate a float or quantized checkpoint",
+    "export": "integer model, golden vectors, ONNX or RTL rounding units (each checked bit for bit)",
 }
 
 

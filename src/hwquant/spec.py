@@ -51,6 +51,10 @@ class QuantSpec:
             ``"step"``: at the top of the ``step_bits`` code range, ``s = c / Q(step_bits)`` (literal CQAT:
             ``s = max / 255``); ``"codes"``: at the top of the stored ``bits`` codes, ``s = c / Q(bits)``
             (the clipped code range covers ``[0, c]``).  Identical when ``step_bits`` is ``None``/``bits``.
+        pow2: round every step to the nearest power of two in the log domain, ``s = 2^round(log2 s)`` (fixed
+            point: requantization becomes a shift and the integer model is bit-exact with the float one, see
+            :mod:`hwquant.export.integer`).  Applied after calibration and after every ``dynamic`` / ``ema``
+            update; not with ``learned`` / ``pact`` (their step is a trained parameter).
     """
 
     bits: int = 8
@@ -65,6 +69,7 @@ class QuantSpec:
     range_mode: Literal["static", "dynamic", "ema", "learned", "pact"] = "static"
     ema_decay: float = 0.9
     clip_at: Literal["step", "codes"] = "step"
+    pow2: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
@@ -92,6 +97,10 @@ class QuantSpec:
                 "symmetric must be true with step_bits > bits or a non-static range_mode "
                 f"(got range_mode={self.range_mode!r}, step_bits={sb!r})"
             )
+        if not isinstance(self.pow2, bool):
+            raise ConfigError(f"pow2 must be true or false, got {self.pow2!r}")
+        if self.pow2 and self.range_mode in ("learned", "pact"):
+            raise ConfigError(f"pow2 steps are not supported with range_mode={self.range_mode!r}")
         if self.range_mode == "pact" and self.granularity != "tensor":
             raise ConfigError(f"granularity must be 'tensor' with range_mode='pact', got {self.granularity!r}")
 

@@ -236,3 +236,58 @@ def test_qat_resume_continues_from_last_checkpoint(trained, tmp_path, monkeypatc
     resumed = json.loads((tmp_path / "cut" / "qat.json").read_text())
     assert [e["epoch"] for e in resumed["history"]] == [1, 2]
     assert resumed["final"] == full["final"]  # same data order, RNG, EMA and step state: the same model
+
+
+def test_export_int_golden_onnx_from_cli(trained, tmp_path, capsys):
+    ptq_out = tmp_path / "ggd"
+    assert main(["ptq", "--checkpoint", str(trained / "model.pt"), "--method", "ggd", "--no-bft",
+                 "--out", str(ptq_out), "--no-progress"]) == 0
+    out = tmp_path / "export"
+    base = ["export", "--checkpoint", str(ptq_out / "model.pt"), "--out", str(out), "--no-progress"]
+    assert main([*base, "--format", "int"]) == 0
+    res = json.loads((out / "export-int.json").read_text())
+    cmp = res["compare"]
+    assert cmp["images"] > 0 and cmp["codes_diff"] == 0 and cmp["out_diff"] == 0  # fixed point: bit-exact
+    assert cmp["top1_integer"] == cmp["top1_fake_quant"]
+    assert (out / "integer_model.pt").is_file() and res["acc_bits_max"] <= 32
+    ck = torch.load(out / "integer_model.pt", weights_only=True)
+    assert ck["format"] == "hwquant-integer-1" and ck["params"]["conv1"]["weight"].dtype == torch.int64
+    assert main([*base, "--format", "golden", "--golden-images", "2"]) == 0
+    res = json.loads((out / "export-golden.json").read_text())
+    assert res["golden"]["ok"] and (out / "golden" / "manifest.json").is_file()
+    pytest.importorskip("onnxruntime")
+    assert main([*base, "--format", "onnx", "--images", "100"]) == 0
+    res = json.loads((out / "export-onnx.json").read_text())
+    assert res["onnx"]["images"] == 100 and res["onnx"]["codes_diff"] == 0
+    assert (out / "model.onnx").is_file()
+
+
+def test_export_rtl_from_cli(tmp_path):
+    pytest.importorskip("amaranth")
+    out = tmp_path / "rtl"
+    assert main(["export", "--format", "rtl", "--rtl-in-width", "10", "--rtl-frac-bits", "3", "--out", str(out),
+                 "--no-progress"]) == 0
+    res = json.loads((out / "export-rtl.json").read_text())
+    assert [u["mode"] for u in res["units"]] == ["nearest", "zero", "stochastic"]
+    assert all(u["sim_ok"] and u["vectors"] == 1024 for u in res["units"])
+    assert "module round_zero_i10_f3_o8" in (out / "rtl" / "round_zero_i10_f3_o8.v").read_text()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["export", "--format", "verilog"], "invalid choice"),
+    (["export", "--format", "rtl", "--rtl-modes", "nearest,up"], "rtl_modes entry must be one of"),
+    (["export", "--format", "rtl", "--rtl-frac-bits", "40"], "frac_bits"),
+    (["export", "--checkpoint", "/nonexistent/model.pt"], "checkpoint not found"),
+    (["export", "--images", "0"], "images must be >= 1"),
+    (["export", "--opset", "9"], "opset must be in 13..23"),
+])
+def test_export_bad_input(argv, needle, capsys, tmp_path):
+    out = tmp_path / "out"
+    assert main([*argv, "--out", str(out)]) == 2
+    _one_line_error(capsys, needle)
+    assert not out.exists()
+
+
+def test_export_refuses_a_float_checkpoint(trained, tmp_path, capsys):
+    assert main(["export", "--checkpoint", str(trained / "model.pt"), "--out", str(tmp_path / "e")]) == 2
+    _one_line_error(capsys, "not a quantized checkpoint")

@@ -135,3 +135,43 @@ def test_spec_validation():
         QuantSpec(granularity="row")
     with pytest.raises(ConfigError, match="observer"):
         FakeQuantizer(QuantSpec(observer="nope")).start_observing()
+
+
+def test_pow2_spec_snaps_calibrated_and_tracked_steps():
+    q = FakeQuantizer(QuantSpec(bits=4, signed=None, range_mode="ema", pow2=True))
+    x = torch.rand(1000) * 3.1
+    q.calibrate_from(x)
+    s = float(q.scale)
+    assert s == 2.0 ** round(torch.log2(torch.tensor(3.1 * float(x.max()) / 3.1 / 15)).item())
+    q.train()
+    for k in range(5):
+        q(torch.rand(1000) * (1 + k))
+        assert float(torch.log2(q.scale)).is_integer()
+    w = FakeQuantizer(QuantSpec(bits=5, granularity="channel", range_mode="dynamic", pow2=True), axis=0)
+    w.calibrate_from(torch.randn(6, 3, 3, 3))
+    w(torch.randn(6, 3, 3, 3) * 3)
+    assert torch.equal(w.scale, torch.exp2(torch.round(torch.log2(w.scale))))
+    with pytest.raises(ConfigError, match="pow2"):
+        QuantSpec(range_mode="learned", pow2=True)
+
+
+def test_eval_computes_on_integer_codes_exactly():
+    """Eval mode (no grad): y = fl32((conv(q_x, q_w) + B) * s_acc) with exact integer sums; training keeps
+    the float path (op on dequantized values), which differs only by float32 rounding."""
+    torch.manual_seed(4)
+    conv = nn.Conv2d(3, 5, 3, padding=1, bias=True)
+    q = QuantConv2d.from_float(conv, QuantSpec(bits=8, granularity="channel"), QuantSpec(bits=8, signed=None))
+    x = torch.relu(torch.randn(4, 3, 10, 10))
+    q.weight_quant.calibrate_from(q.weight.detach())
+    q.input_quant.calibrate_from(x)
+    qx = q.input_quant.codes(x).double()
+    qw = q.weight_quant.codes(q.weight).double()
+    s_acc = (q.input_quant.scale * q.weight_quant.scale).double()  # float32 product, as the layer documents
+    qb = torch.round(conv.bias.detach() * torch.reciprocal(s_acc.float())).double()
+    ref = ((F.conv2d(qx, qw, qb, padding=1)) * s_acc.reshape(1, -1, 1, 1)).float()
+    q.eval()
+    with torch.no_grad():
+        y_eval = q(x)
+    assert torch.equal(y_eval, ref)
+    y_float = q(x)  # grad enabled: the float (training) path
+    torch.testing.assert_close(y_float, ref, rtol=1e-5, atol=1e-5)

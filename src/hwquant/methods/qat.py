@@ -65,6 +65,8 @@ class _QATCommon(abc.ABC):
         ema_decay: ``d`` of the activation-peak EMA ``m <- d m + (1 - d) peak``.
         fold_bn: fold BatchNorm into the convs before QAT (what the integer datapath runs).
         calib_batches: calibration batches used to initialise the quantizers (``None``: all).
+        pow2: power-of-two steps everywhere (fixed point; requantization is a shift, so the integer model
+            of :func:`hwquant.export.integer_model` is bit-exact with the trained model).  Not for LSQ / PACT.
     """
 
     w_bits: int = 5
@@ -74,6 +76,7 @@ class _QATCommon(abc.ABC):
     ema_decay: float = 0.9
     fold_bn: bool = True
     calib_batches: int | None = 8
+    pow2: bool = False
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits, "w_bits")
@@ -85,6 +88,10 @@ class _QATCommon(abc.ABC):
             raise ConfigError(f"ema_decay must be a number in [0, 1), got {d!r}")
         if self.calib_batches is not None and (not isinstance(self.calib_batches, int) or self.calib_batches < 1):
             raise ConfigError(f"calib_batches must be a positive integer or null, got {self.calib_batches!r}")
+        if not isinstance(self.pow2, bool):
+            raise ConfigError(f"pow2 must be true or false, got {self.pow2!r}")
+        if self.pow2:
+            self.recipe()  # the specs reject pow2 for trained steps (LSQ, PACT)
 
     @abc.abstractmethod
     def _specs(self, wb: int, ab: int) -> tuple[QuantSpec, QuantSpec]:
@@ -99,13 +106,16 @@ class _QATCommon(abc.ABC):
     def recipe(self) -> QuantRecipe:
         """Low-bit layers get the method's specs; the first conv and last FC (``first_last_bits``) get plain
         min-max quantization for every method, so methods differ only where they are meant to."""
-        w, a = self._specs(self.w_bits, self.a_bits)
+        w, a = self._pow2(*self._specs(self.w_bits, self.a_bits))
         overrides = ()
         if self.first_last_bits is not None:
-            fw, fa = self._minmax_specs(self.first_last_bits, self.first_last_bits)
+            fw, fa = self._pow2(*self._minmax_specs(self.first_last_bits, self.first_last_bits))
             fl = LayerQuant(weight=fw, act=fa)
             overrides = (("<first>", fl), ("<last>", fl))
         return QuantRecipe(default=LayerQuant(weight=w, act=a), overrides=overrides)
+
+    def _pow2(self, w: QuantSpec, a: QuantSpec) -> tuple[QuantSpec, QuantSpec]:
+        return (w.with_(pow2=True), a.with_(pow2=True)) if self.pow2 else (w, a)
 
     def _gran(self) -> str:
         return "channel" if self.per_channel else "tensor"

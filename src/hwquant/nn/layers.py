@@ -8,6 +8,16 @@ A layer may instead carry its own calibrated ``bias_quant`` (e.g. a fixed-point 
 fractional length FL_b).  The bias is then stored with ``bias_quant``'s bits at the scale
 ``max(s_b_own, s_a * s_w)``: a bias finer than the accumulator cannot be added without rounding, so the
 coarser of the two steps is what the hardware really adds (FL_b = min(FL_b_own, FL_w + FL_a)).
+
+**Evaluation computes on codes.**  In eval mode without autograd (``model.eval()`` under ``torch.no_grad()``,
+as :func:`~hwquant.train.evaluate` runs) a layer whose input and weight are both quantized (zero point 0)
+computes what an integer datapath computes: the codes ``q_x = round(x_hat / s_x)``, ``q_w = round(w_hat / s_w)``
+(exact recoveries of the fake-quantizers' codes), the accumulator ``A = op(q_x, q_w) + B`` on integers
+(exact: float32 while the worst case ``K * max|q_x| * max|q_w| + max|B|`` is below ``2^24``, else float64),
+and one rounding ``y = fl32(fl64(A) * fl64(s_acc))`` with ``s_acc = fl32(s_x * s_w)`` and ``B`` the bias codes
+in accumulator units.  :func:`hwquant.export.integer_model` produces ``A`` with integer arithmetic, so the
+two agree bit for bit at every layer output; in training the float path (``op(x_hat, w_hat) + b_hat``, whose
+float32 sums round differently) keeps the usual gradients.
 """
 
 from __future__ import annotations
@@ -16,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..numerics.uniform import fake_quantize_trusted, qrange
+from ..numerics.uniform import _shape_param, fake_quantize_trusted, qrange
 from ..spec import QuantSpec
 from .quantizer import FakeQuantizer
 
@@ -68,6 +78,56 @@ class _QuantMixin:
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quant is None else self.input_quant(x)
 
+    # ----------------------------------------------------------- integer (exact) evaluation
+    def accumulator_scale(self) -> torch.Tensor | None:
+        """``fl32(s_x * s_w)`` per output channel (1-D), or ``None`` unless input and weight are quantized
+        with zero point 0 (the only case with an integer accumulator)."""
+        iq, wq = self.input_quant, self.weight_quant
+        if iq is None or wq is None or not (iq.enabled and iq.calibrated and wq.enabled and wq.calibrated):
+            return None
+        if not (iq.spec.symmetric and wq.spec.symmetric) or iq.axis is not None or wq.axis not in (None, 0):
+            return None
+        s = (iq.scale.float() * wq.scale.float()).reshape(-1)
+        return s.expand(self.weight.shape[0]).contiguous() if s.numel() == 1 else s
+
+    def bias_codes(self, acc_scale: torch.Tensor) -> torch.Tensor | None:
+        """The bias as integers in accumulator units (float tensor holding integers), or ``None`` if the
+        layer has no bias.  Raises ``ValueError`` when the bias step is not an integer multiple of the
+        accumulator step (it cannot be added to the accumulator exactly)."""
+        if self.bias is None:
+            return None
+        s_b = self.bias_scale()
+        if s_b is None:
+            raise ValueError("the bias is not quantized (bias_bits=None): no integer accumulator")
+        qmin, qmax = qrange(self.bias_code_bits(), True)
+        q = torch.round(self.bias.detach().float() * torch.reciprocal(s_b.float())).clamp_(qmin, qmax)
+        ratio = (s_b.double() / acc_scale.double())
+        k = torch.round(ratio)
+        if not torch.equal(ratio, k):
+            raise ValueError("bias step is not an integer multiple of the accumulator step s_x * s_w")
+        return q * k.float()
+
+    def _exact_ok(self) -> bool:
+        return not self.training and not torch.is_grad_enabled() and self.accumulator_scale() is not None
+
+    def _exact_forward(self, x: torch.Tensor, op) -> torch.Tensor:
+        iq, wq = self.input_quant, self.weight_quant
+        x_hat, w_hat = self.quantized_input(x), self.quantized_weight()
+        qx = torch.round(x_hat / iq.scale.to(x_hat.dtype))
+        qw = torch.round(w_hat / _shape_param(wq.scale.to(w_hat.dtype), w_hat, wq.axis))
+        s_acc = self.accumulator_scale()
+        try:
+            qb = self.bias_codes(s_acc)
+        except ValueError:  # not representable in integers: keep the float path
+            return op(x_hat, w_hat, self.quantized_bias())
+        qmin, qmax = qrange(iq.spec.bits, bool(iq.signed), iq.spec.narrow)
+        k = self.weight[0].numel()
+        bound = k * max(-qmin, qmax) * float(qw.abs().amax()) + (0.0 if qb is None else float(qb.abs().amax()))
+        dtype = torch.float32 if bound < 2**24 else torch.float64
+        acc = op(qx.to(dtype), qw.to(dtype), None if qb is None else qb.to(dtype))
+        shape = (1, -1) + (1,) * (acc.dim() - 2)
+        return (acc.double() * s_acc.double().reshape(shape)).to(x.dtype)
+
 
 class QuantConv2d(_QuantMixin, nn.Conv2d):
     """``nn.Conv2d`` with fake-quantized input, weight (per output channel axis 0) and bias."""
@@ -92,6 +152,8 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._exact_ok():
+            return self._exact_forward(x, self._conv_forward)
         return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.quantized_bias())
 
 
@@ -117,6 +179,8 @@ class QuantLinear(_QuantMixin, nn.Linear):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._exact_ok():
+            return self._exact_forward(x, F.linear)
         return F.linear(self.quantized_input(x), self.quantized_weight(), self.quantized_bias())
 
 

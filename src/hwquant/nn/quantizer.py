@@ -39,6 +39,11 @@ from ..spec import QuantParams, QuantSpec
 _TINY = torch.finfo(torch.float32).tiny
 
 
+def _pow2_(s: torch.Tensor) -> torch.Tensor:
+    """``s <- 2^round(log2 s)`` in place (nearest power of two in the log domain)."""
+    return s.log2_().round_().exp2_()
+
+
 class _GradScale(torch.autograd.Function):
     """Identity forward, gradient times ``g`` backward (LSQ's step-size gradient scale)."""
 
@@ -97,6 +102,8 @@ class FakeQuantizer(nn.Module):
         ``dynamic`` / ``ema``), LSQ's ``step = scale``, PACT's ``alpha = scale * Q``.
         """
         self.scale = params.scale.detach().to(torch.float32).clone()
+        if self.spec.pow2:
+            _pow2_(self.scale)
         self.zero_point = params.zero_point.detach().to(torch.int32).clone()
         self.signed = params.signed
         self.enabled = True
@@ -106,7 +113,8 @@ class FakeQuantizer(nn.Module):
             if peak is None:
                 raise ValueError(f"range_mode={mode!r} needs the observed peak to set clip_ratio")
             peak = peak.detach().to(self.scale.device, torch.float32).reshape(self.scale.shape)
-            ratio = torch.where(peak > 0, self.scale * q / peak.clamp_min(1e-30), torch.ones_like(peak))
+            s_obs = params.scale.detach().to(self.scale.device, torch.float32).reshape(self.scale.shape)
+            ratio = torch.where(peak > 0, s_obs * q / peak.clamp_min(1e-30), torch.ones_like(peak))
             self.clip_ratio = ratio.clone()
             if mode == "ema":
                 self.running_max = peak.clone()
@@ -184,6 +192,8 @@ class FakeQuantizer(nn.Module):
             # s = clip_ratio * peak / Q; an all-zero peak gives the smallest normal step (every code 0)
             torch.mul(self.clip_ratio, peak, out=self.scale)
             self.scale.div_(self.spec.clip_levels(bool(self.signed))).clamp_min_(_TINY)
+            if self.spec.pow2:
+                _pow2_(self.scale)
         return self.scale
 
     def _trained_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -240,4 +250,6 @@ class FakeQuantizer(nn.Module):
         sign = {True: "signed", False: "unsigned", None: "auto-sign"}[self.signed]
         step = "" if s.step_bits in (None, s.bits) else f", step_bits={s.step_bits} (clip_at={s.clip_at})"
         mode = "" if s.range_mode == "static" else f", range_mode={s.range_mode}"
-        return f"bits={s.bits}, {sign}, {s.granularity}, rounding={s.rounding}{step}{mode}, enabled={self.enabled}"
+        p2 = ", pow2" if s.pow2 else ""
+        return (f"bits={s.bits}, {sign}, {s.granularity}, rounding={s.rounding}{step}{mode}{p2}, "
+                f"enabled={self.enabled}")

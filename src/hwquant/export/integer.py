@@ -1,0 +1,641 @@
+"""The integer reference model: a quantized network run on integer codes only.
+
+:func:`integer_model` traces a fake-quantized model (``torch.fx``, quantized layers as leaves) and turns
+it into an :class:`IntegerModel`: a flat list of integer operations with integer parameters only.  Every
+tensor between operations is an ``int64`` tensor ``V`` whose real value is ``V * scale`` (``scale`` per
+channel along dim 1, kept as metadata in float64; the hardware never multiplies by it).  Operations:
+
+``conv2d`` / ``linear``
+    ``A = op(q_x, q_w) + B``: input codes ``q_x``, weight codes ``q_w`` (per output channel scale ``s_w``),
+    bias ``B`` in accumulator units; ``scale = fl32(s_x * s_w)``.  Computed exactly (float64 on integer
+    values, checked ``< 2^53``; an RTL accumulator needs ``acc_bits`` bits, reported per layer).
+``requant``
+    ``q = clamp(rne((V * M) >> n), q_min, q_max)`` per channel: an integer multiplier ``M`` (up to 31 bits)
+    and a right shift ``n``, ``M / 2^n ~ scale_in / s_out`` (relative error below ``2^-(m-1)`` for an
+    ``m``-bit ``M``; for power-of-two scales ``M`` is a power of two: a pure shift).  ``rne`` rounds the
+    shifted-out bits half to even (``f = V*M >> n``, remainder ``r``: ``f + (r > h or (r == h and f odd))``,
+    ``h = 2^(n-1)``).  Inserted wherever a value meets a quantized layer (its input quantizer's ``s_out``,
+    code range and sign) or a :class:`~hwquant.nn.QuantAct`.
+``add``
+    ``V = k_a * V_a + k_b * V_b`` at the finer input scale divided by ``2^f``: ``k`` are integers (one of
+    them ``2^f``, the other ``rne(ratio * 2^f)`` with at least 16 significant bits; ``f = 0`` and exact when
+    the scale ratio is an integer, e.g. power-of-two scales).  A residual sum is
+    kept this wide (no rounding), as the float model keeps it.
+``relu``  ``max(V, 0)``.
+``sumpool`` (``AvgPool2d`` / ``AdaptiveAvgPool2d(1)``) the window sum ``S`` of ``d = k^2`` values; the next
+    ``requant`` divides: ``q = rne((S * M) / (d * 2^n))``, rounded exactly (an RTL divider by the constant
+    ``d``, or its exact multiply-shift form).  With power-of-two scales this is the exact rounding of the
+    mean, the same as the float model's correctly rounded mean.
+``maxpool``  the window max (exact: scales are positive).
+``flatten``  a reshape (per-channel scales repeat over the flattened spatial positions).
+
+The input is quantized once, by the first layer's input quantizer (:meth:`IntegerModel.quantize_input`,
+the host's job); from there on everything is integer.  The output is the last layer's accumulator;
+:meth:`IntegerModel.dequantize` gives ``fl32(fl64(V) * fl64(scale))``, which equals the fake-quant model's
+output bit for bit when the last layer's input codes agree (quantized layers evaluate on codes, see
+:mod:`hwquant.nn.layers`).
+
+Where the float model and the integer model can still differ: a requantization computes
+``rne(fl32(y) * fl32(1/s))`` in float and ``rne(V * M >> n)`` in integers, so a value within about one
+float32 ulp of a rounding tie can land on the neighbouring code; a residual ``add`` rounds in float32 and
+not in integers.  :func:`compare` counts such codes layer by layer.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from ..nn.layers import QUANT_LAYERS, QuantAct, QuantConv2d, QuantLinear
+from ..nn.quantizer import FakeQuantizer
+from ..numerics.uniform import qrange
+
+__all__ = ["IntegerModel", "IntOp", "compare", "integer_model", "requant_params", "rshift_rne"]
+
+_EXACT = 2**53  # float64 holds every integer below this exactly
+_ADD_BITS = 16  # significant bits of the coarser add multiplier
+_MAX_M_BITS = 31
+
+
+# ------------------------------------------------------------------------------------------ integer helpers
+def rshift_rne(p: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """``round_half_even(p / 2^n)`` for int64 ``p`` and shifts ``n >= 0`` (broadcast), in integers only."""
+    n = n.to(torch.int64)
+    f = torch.bitwise_right_shift(p, n)  # arithmetic shift: floor
+    r = p - torch.bitwise_left_shift(f, n)
+    h = torch.bitwise_left_shift(torch.ones_like(n), n) >> 1  # 2^(n-1); 0 when n == 0
+    up = (r > h) | ((r == h) & (h > 0) & (torch.bitwise_and(f, 1) == 1))
+    return f + up.to(torch.int64)
+
+
+def div_rne(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``round_half_even(a / b)`` for int64 ``a`` and positive int64 ``b`` (broadcast), exactly."""
+    f = torch.div(a, b, rounding_mode="floor")
+    r2 = 2 * (a - f * b)  # twice the remainder, in [0, 2b)
+    up = (r2 > b) | ((r2 == b) & (torch.bitwise_and(f, 1) == 1))
+    return f + up.to(torch.int64)
+
+
+def requant_params(ratio: torch.Tensor, m_bits: int = _MAX_M_BITS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer multiplier ``M`` (``m_bits`` significant bits) and shift ``n >= 0`` with ``M / 2^n ~ ratio``.
+
+    ``ratio`` is float64 and positive.  A power of two gives ``M = 1`` (a pure shift).  When ``ratio`` is so
+    large that ``n`` would be negative, ``M`` takes the whole value and ``n = 0``.
+    """
+    ratio = ratio.double().reshape(-1)
+    if not (torch.isfinite(ratio).all() and (ratio > 0).all()):
+        raise ConfigError("requantization ratio must be finite and > 0 (a scale is zero or not finite)")
+    mant, exp = torch.frexp(ratio)  # ratio = mant * 2^exp, mant in [0.5, 1)
+    n = (m_bits - exp).clamp_min(0)
+    m = torch.round(torch.ldexp(ratio, n)).to(torch.int64)
+    # strip trailing zero bits so power-of-two ratios become pure shifts
+    while True:
+        even = (torch.bitwise_and(m, 1) == 0) & (n > 0) & (m > 0)
+        if not bool(even.any()):
+            break
+        m = torch.where(even, m >> 1, m)
+        n = torch.where(even, n - 1, n)
+    return m, n.to(torch.int64)
+
+
+def _bitlen(v: float) -> int:
+    return int(math.ceil(math.log2(v + 1))) if v > 0 else 0
+
+
+# ----------------------------------------------------------------------------------------------- op records
+@dataclass
+class IntOp:
+    """One integer operation: ``kind``, input value names, output name and integer parameters.
+
+    ``params`` hold tensors (int64 codes / multipliers / shifts) and Python numbers; ``scale`` is the output
+    value's scale (float64, 1-D per channel or 0-d), ``bound`` a guaranteed bound on ``|V|``.
+    """
+
+    kind: str
+    name: str
+    inputs: tuple[str, ...]
+    params: dict[str, Any] = field(default_factory=dict)
+    scale: torch.Tensor | None = None
+    bound: float = 0.0
+    shape: tuple[int, ...] = ()
+
+    @property
+    def bits(self) -> int:
+        """Two's complement bits that hold every output value (sign included)."""
+        return _bitlen(self.bound) + 1
+
+    def run(self, *xs: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        k = self.kind
+        if k == "requant":
+            (v,) = xs
+            m, n, d = p["multiplier"], p["shift"], p.get("divisor", 1)
+            shape = (1, -1) + (1,) * (v.dim() - 2) if m.numel() > 1 else ()
+            if d == 1:
+                q = rshift_rne(v * m.reshape(shape), n.reshape(shape))
+            else:  # after a sum pool: round (V * M) / (d * 2^n) exactly
+                q = div_rne(v * m.reshape(shape), torch.bitwise_left_shift(torch.full_like(n, d), n).reshape(shape))
+            return q.clamp_(p["qmin"], p["qmax"])
+        if k in ("conv2d", "linear"):
+            # integer sums computed in floating point are exact while every partial sum is below 2^24
+            # (float32) / 2^53 (float64); ``bound`` is the worst case over all inputs, so this is exact
+            (x,) = xs
+            dt = torch.float32 if self.bound < 2**24 else torch.float64
+            w = p["weight"].to(dt)
+            if k == "conv2d":
+                acc = F.conv2d(x.to(dt), w, None, p["stride"], p["padding"], p["dilation"], p["groups"])
+            else:
+                acc = F.linear(x.to(dt), w)
+            return _add_bias(acc, p.get("bias"))
+        if k == "relu":
+            return xs[0].clamp_min(0)
+        if k == "add":
+            a, b = xs
+            return a * _per_channel(p["k_a"], a) + b * _per_channel(p["k_b"], b)
+        if k == "sumpool":
+            (x,) = xs
+            if p.get("global"):
+                return x.sum(dim=(2, 3), keepdim=True)
+            kk = p["kernel_size"]
+            s = F.avg_pool2d(x.double(), kk, p["stride"], p["padding"], count_include_pad=True)
+            return torch.round(s * (kk[0] * kk[1])).to(torch.int64)
+        if k == "maxpool":
+            (x,) = xs
+            return F.max_pool2d(x.double(), p["kernel_size"], p["stride"], p["padding"], p["dilation"]).to(
+                torch.int64
+            )
+        if k == "flatten":
+            return torch.flatten(xs[0], p["start_dim"])
+        if k == "identity":
+            return xs[0]
+        raise ValueError(f"unknown integer op {k!r}")
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-ready summary (no tensors)."""
+        d: dict[str, Any] = {"kind": self.kind, "name": self.name, "inputs": list(self.inputs),
+                             "bits": self.bits, "shape": list(self.shape)}
+        for key, v in self.params.items():
+            if isinstance(v, torch.Tensor):
+                if v.numel() <= 4:
+                    d[key] = v.tolist()
+            else:
+                d[key] = list(v) if isinstance(v, tuple) else v
+        return d
+
+
+def _per_channel(k: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if k.numel() == 1:
+        return k.reshape(())
+    return k.reshape((1, -1) + (1,) * (like.dim() - 2))
+
+
+def _add_bias(acc: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    out = acc.to(torch.int64)  # integer-valued already (exact), so the cast is exact
+    if bias is not None:
+        out += bias.reshape((1, -1) + (1,) * (acc.dim() - 2))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- the model
+class IntegerModel(nn.Module):
+    """A quantized network as a list of :class:`IntOp` on int64 tensors (see the module docstring).
+
+    ``model(codes)`` runs from input codes to the output accumulator; :meth:`run` starts from a float
+    input.  :meth:`trace` returns every intermediate value (for golden vectors).
+    """
+
+    def __init__(self, ops: list[IntOp], input_quant: FakeQuantizer, input_name: str, output_name: str,
+                 input_shape: tuple[int, ...]):
+        super().__init__()
+        self.ops = ops
+        self.input_quant = input_quant
+        self.input_name = input_name
+        self.output_name = output_name
+        self.input_shape = tuple(input_shape)
+        qmin, qmax = qrange(input_quant.spec.bits, bool(input_quant.signed), input_quant.spec.narrow)
+        self.input_range = (qmin, qmax)
+        self.input_scale = input_quant.scale.detach().double().reshape(())
+        self._by_name = {op.name: op for op in ops}
+
+    @property
+    def output_scale(self) -> torch.Tensor:
+        return self._by_name[self.output_name].scale
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Input codes (int64) with the first layer's input quantizer."""
+        if x.dim() != len(self.input_shape) or tuple(x.shape[1:]) != self.input_shape[1:]:
+            raise ConfigError(f"input shape {tuple(x.shape)} does not match the exported {self.input_shape}")
+        if not torch.isfinite(x).all():
+            raise ConfigError("input holds NaN or infinite values")
+        return self.input_quant.codes(x.float()).to(torch.int64)
+
+    def check_codes(self, codes: torch.Tensor) -> None:
+        if codes.dtype.is_floating_point or codes.dim() != len(self.input_shape):
+            raise ConfigError(f"input codes must be an integer tensor of rank {len(self.input_shape)}")
+        lo, hi = self.input_range
+        if codes.numel() and (int(codes.min()) < lo or int(codes.max()) > hi):
+            raise ConfigError(f"input codes outside [{lo}, {hi}]")
+
+    def trace(self, codes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every value, by name, for input ``codes``."""
+        self.check_codes(codes)
+        env = {self.input_name: codes.to(torch.int64)}
+        for op in self.ops:
+            env[op.name] = op.run(*(env[i] for i in op.inputs))
+        return env
+
+    @torch.no_grad()
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.trace(codes)[self.output_name]
+
+    def dequantize(self, v: torch.Tensor) -> torch.Tensor:
+        """``fl32(fl64(V) * fl64(scale))`` (per channel along dim 1)."""
+        s = self.output_scale
+        s = s.reshape((1, -1) + (1,) * (v.dim() - 2)) if s.numel() > 1 else s.reshape(())
+        return (v.double() * s).float()
+
+    @torch.no_grad()
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """Float input -> dequantized float output (what the fake-quant model returns)."""
+        return self.dequantize(self(self.quantize_input(x)))
+
+    def layers(self) -> list[dict[str, Any]]:
+        """Per conv/linear layer: name, accumulator bits (worst case), weight/input bits, MACs."""
+        rows = []
+        for op in self.ops:
+            if op.kind in ("conv2d", "linear"):
+                rows.append({"layer": op.name, "kind": op.kind, "acc_bits": op.bits, "acc_bound": op.bound,
+                             "w_bits": op.params["w_bits"], "x_bits": op.params["x_bits"],
+                             "macs": op.params["macs"]})
+        return rows
+
+    def summary(self) -> list[dict[str, Any]]:
+        return [op.describe() for op in self.ops]
+
+
+# ---------------------------------------------------------------------------------------------- conversion
+class _Tracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, (*QUANT_LAYERS, QuantAct, FakeQuantizer)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+@dataclass
+class _Val:
+    """Conversion-time metadata of one integer value."""
+
+    name: str
+    scale: torch.Tensor  # float64, 1-D per channel (dim 1) or 0-d
+    bound: float
+    example: torch.Tensor  # int64 example value (shapes)
+    codes: tuple | None = None  # (s_out float32 0-d, qmin, qmax) when these are stored codes
+    divisor: int = 1  # a sum pool's window size: the real value is V * scale / divisor
+
+
+def _scale_vec(s: torch.Tensor, channels: int) -> torch.Tensor:
+    s = s.double().reshape(-1)
+    return s.expand(channels).clone() if s.numel() == 1 else s
+
+
+class _Builder:
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.mods = dict(model.named_modules())
+        self.ops: list[IntOp] = []
+        self.vals: dict[str, _Val] = {}
+        self.count: dict[str, int] = {}
+
+    def _fresh(self, base: str) -> str:
+        n = self.count.get(base, 0)
+        self.count[base] = n + 1
+        return base if n == 0 else f"{base}.{n}"
+
+    def emit(self, op: IntOp, example: torch.Tensor, codes=None, divisor: int = 1) -> _Val:
+        op.shape = tuple(example.shape)
+        self.ops.append(op)
+        v = _Val(op.name, op.scale, op.bound, example, codes, divisor)
+        self.vals[op.name] = v
+        return v
+
+    def requant(self, v: _Val, q: FakeQuantizer, where: str) -> _Val:
+        """``v`` as codes of quantizer ``q`` (a no-op if it already is)."""
+        if not (q.enabled and q.calibrated):
+            raise ConfigError(f"{where}: its input quantizer is not calibrated/enabled; nothing to export")
+        if not q.spec.symmetric or q.axis is not None:
+            raise ConfigError(f"{where}: integer export needs per-tensor activation quantizers with zero point 0")
+        if q.spec.rounding != "nearest":
+            raise ConfigError(f"{where}: integer export supports rounding='nearest' activations only")
+        s_out = q.scale.detach().float().reshape(())
+        qmin, qmax = qrange(q.spec.bits, bool(q.signed), q.spec.narrow)
+        if v.codes is not None and torch.equal(v.codes[0], s_out) and v.codes[1:] == (qmin, qmax):
+            return v
+        c = v.example.shape[1] if v.example.dim() > 1 else 1
+        ratio = _scale_vec(v.scale, c) / s_out.double()
+        m_bits = min(_MAX_M_BITS, 62 - _bitlen(v.bound))
+        max_shift = 62 - _bitlen(v.divisor)
+        m, n = requant_params(ratio, m_bits)
+        if int(n.max()) > max_shift:  # a tiny ratio: fewer multiplier bits keep the shift in range
+            m_bits -= int(n.max()) - max_shift
+            m, n = requant_params(ratio, max(m_bits, 1))
+        if m_bits < 12:
+            raise ConfigError(f"{where}: value of {_bitlen(v.bound)} bits leaves no room for a requant multiplier")
+        if m.numel() > 1 and bool((m == m[0]).all() and (n == n[0]).all()):
+            m, n = m[:1], n[:1]
+        op = IntOp("requant", self._fresh(f"{where}.requant"), (v.name,),
+                   {"multiplier": m, "shift": n, "divisor": v.divisor, "qmin": qmin, "qmax": qmax,
+                    "out_scale": float(s_out), "bits": q.spec.bits, "signed": bool(q.signed)},
+                   scale=s_out.double(), bound=float(max(-qmin, qmax)))
+        return self.emit(op, op.run(v.example), codes=(s_out, qmin, qmax))
+
+    def layer(self, name: str, m: QuantConv2d | QuantLinear, v: _Val) -> _Val:
+        s_acc = m.accumulator_scale()
+        if s_acc is None:
+            raise ConfigError(f"{name}: input and weight must both be quantized (zero point 0) for integer export")
+        if m.weight_quant.spec.rounding != "nearest":
+            raise ConfigError(f"{name}: integer export supports rounding='nearest' weights only")
+        xq = self.requant(v, m.input_quant, name)
+        with torch.no_grad():
+            w_hat = m.weight_quant(m.weight.detach())
+            s_w = m.weight_quant.scale.detach().float()
+            sw = s_w.reshape((-1,) + (1,) * (w_hat.dim() - 1)) if s_w.numel() > 1 else s_w.reshape(())
+            qw = torch.round(w_hat / sw).to(torch.int64)
+            try:
+                qb = m.bias_codes(s_acc)
+            except ValueError as e:
+                raise ConfigError(f"{name}: {e}") from None
+        qb = None if qb is None else qb.to(torch.int64)
+        k = m.weight[0].numel()
+        per_out = qw.reshape(qw.shape[0], -1).abs().sum(dim=1).double() * xq.bound
+        if qb is not None:
+            per_out = per_out + qb.abs().double()
+        bound = float(per_out.max())
+        if bound >= _EXACT:
+            raise ConfigError(f"{name}: accumulator bound 2^{math.log2(bound):.1f} exceeds the exact float64 range")
+        params: dict[str, Any] = {"weight": qw, "bias": qb, "w_bits": m.weight_quant.spec.bits,
+                                  "x_bits": m.input_quant.spec.bits, "w_scale": s_w.double().reshape(-1),
+                                  "x_scale": float(xq.codes[0]), "in_codes": (xq.codes[1], xq.codes[2])}
+        if isinstance(m, QuantConv2d):
+            if m.padding_mode != "zeros" or isinstance(m.padding, str):
+                raise ConfigError(f"{name}: integer export supports numeric zero padding only")
+            params.update(stride=tuple(m.stride), padding=tuple(m.padding), dilation=tuple(m.dilation),
+                          groups=m.groups)
+            kind = "conv2d"
+        else:
+            kind = "linear"
+        op = IntOp(kind, self._fresh(name), (xq.name,), params, scale=s_acc.double(), bound=bound)
+        out = op.run(xq.example)
+        params["macs"] = int(out[0].numel() * k)
+        return self.emit(op, out)
+
+    def add(self, name: str, a: _Val, b: _Val) -> _Val:
+        if a.divisor != 1 or b.divisor != 1:
+            raise ConfigError(f"{name}: an average pool's output must go (through flatten) to a quantized layer")
+        c = a.example.shape[1] if a.example.dim() > 1 else 1
+        sa, sb = _scale_vec(a.scale, c), _scale_vec(b.scale, c)
+        fine, coarse = torch.minimum(sa, sb), torch.maximum(sa, sb)
+        r = coarse / fine
+        if bool((r == torch.round(r)).all()):
+            f = 0  # integer ratios (power-of-two scales): exact with no extra fraction bits
+        else:
+            f = max(0, _ADD_BITS - 1 - math.floor(math.log2(float(r.min()))))
+        s_out = fine / 2.0**f
+        ka = torch.round(sa / s_out).to(torch.int64)
+        kb = torch.round(sb / s_out).to(torch.int64)
+        bound = float((ka.double() * a.bound + kb.double() * b.bound).max())
+        if bound >= 2**62:
+            raise ConfigError(f"{name}: residual sum needs more than 62 bits")
+        op = IntOp("add", self._fresh(name), (a.name, b.name), {"k_a": ka, "k_b": kb, "frac_bits": f},
+                   scale=s_out, bound=bound)
+        return self.emit(op, op.run(a.example, b.example))
+
+    def unary(self, kind: str, name: str, v: _Val, params=None, scale=None, bound=None, keep_codes=False,
+              divisor: int | None = None) -> _Val:
+        if v.divisor != 1 and kind not in ("flatten",):
+            raise ConfigError(f"{name}: an average pool's output must go (through flatten) to a quantized layer")
+        op = IntOp(kind, self._fresh(name), (v.name,), params or {}, scale=v.scale if scale is None else scale,
+                   bound=v.bound if bound is None else bound)
+        d = v.divisor if divisor is None else divisor
+        return self.emit(op, op.run(v.example), codes=v.codes if keep_codes else None, divisor=d)
+
+
+def _pair(x) -> tuple[int, int]:
+    return (x, x) if isinstance(x, int) else tuple(x)
+
+
+def integer_model(qmodel: nn.Module, example_input: torch.Tensor) -> IntegerModel:
+    """Build the :class:`IntegerModel` of a fake-quantized model (BatchNorm folded, every conv/linear
+    quantized with calibrated per-tensor input and per-tensor/per-channel weight quantizers).
+
+    ``example_input``: one float batch of the model's input shape (used for shapes only).
+
+    Raises:
+        ConfigError: an operation has no integer form here (an unfolded BatchNorm, a float conv, an
+            asymmetric or stochastic quantizer, an unknown function); the message names the node.
+    """
+    qmodel = qmodel.eval()
+    try:
+        graph = _Tracer().trace(qmodel)
+    except Exception as e:  # noqa: BLE001 - fx raises many kinds
+        raise ConfigError(f"cannot trace the model for integer export: {e}") from None
+    b = _Builder(qmodel)
+    env: dict[str, Any] = {}
+    input_quant = None
+    input_name = None
+    output_name = None
+    placeholder_users: list[str] = []
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            if input_name is not None:
+                raise ConfigError("integer export supports models with one input")
+            input_name = node.name
+            env[node.name] = ("input", node)
+            placeholder_users = [u.name for u in node.users]
+            continue
+        if node.op == "output":
+            out = env[node.args[0].name] if isinstance(node.args[0], torch.fx.Node) else None
+            if not isinstance(out, _Val) or out.divisor != 1:
+                raise ConfigError("the model output must be a layer's accumulator (an integer value)")
+            output_name = out.name
+            continue
+        args = [env[a.name] if isinstance(a, torch.fx.Node) else a for a in node.args]
+
+        def val(i: int, _args=args, _node=node) -> _Val:
+            a = _args[i]
+            if isinstance(a, tuple) and a and a[0] == "input":
+                raise ConfigError(f"{_node.name}: the float input must first meet a quantized layer")
+            if not isinstance(a, _Val):
+                raise ConfigError(f"{_node.name}: unsupported argument {a!r}")
+            return a
+
+        if node.op == "call_module":
+            m = b.mods[node.target]
+            name = str(node.target)
+            if isinstance(m, QUANT_LAYERS):
+                a = args[0]
+                if isinstance(a, tuple) and a[0] == "input":
+                    if len(placeholder_users) != 1:
+                        raise ConfigError("the float input must feed exactly one quantized layer")
+                    input_quant = m.input_quant
+                    if input_quant is None or not (input_quant.enabled and input_quant.calibrated):
+                        raise ConfigError(f"{name}: the first layer's input is not quantized")
+                    codes = input_quant.codes(torch.zeros(example_input.shape)).to(torch.int64)
+                    qmin, qmax = qrange(input_quant.spec.bits, bool(input_quant.signed), input_quant.spec.narrow)
+                    s_in = input_quant.scale.detach().float().reshape(())
+                    a = _Val(input_name, s_in.double(), float(max(-qmin, qmax)), codes, (s_in, qmin, qmax))
+                    b.vals[input_name] = a
+                env[node.name] = b.layer(name, m, a)
+            elif isinstance(m, QuantAct):
+                env[node.name] = b.requant(val(0), m.quant, name)
+            elif isinstance(m, nn.ReLU):
+                env[node.name] = b.unary("relu", name, val(0), keep_codes=False)
+            elif isinstance(m, (nn.Identity, nn.Dropout)):
+                env[node.name] = val(0)
+            elif isinstance(m, nn.AdaptiveAvgPool2d):
+                v = val(0)
+                if _pair(m.output_size) != (1, 1):
+                    raise ConfigError(f"{name}: only AdaptiveAvgPool2d(1) has an integer form here")
+                hw = v.example.shape[2] * v.example.shape[3]
+                env[node.name] = b.unary("sumpool", name, v, {"global": True, "divisor": hw},
+                                         bound=v.bound * hw, divisor=hw)
+            elif isinstance(m, nn.AvgPool2d):
+                v = val(0)
+                if m.ceil_mode or m.divisor_override is not None or not m.count_include_pad:
+                    raise ConfigError(f"{name}: AvgPool2d needs ceil_mode=False, count_include_pad=True")
+                kk = _pair(m.kernel_size)
+                st = _pair(m.stride if m.stride is not None else m.kernel_size)
+                n = kk[0] * kk[1]
+                env[node.name] = b.unary("sumpool", name, v, {"kernel_size": kk, "stride": st,
+                                                              "padding": _pair(m.padding), "divisor": n},
+                                         bound=v.bound * n, divisor=n)
+            elif isinstance(m, nn.MaxPool2d):
+                v = val(0)
+                if m.ceil_mode or m.return_indices:
+                    raise ConfigError(f"{name}: MaxPool2d needs ceil_mode=False")
+                env[node.name] = b.unary("maxpool", name, v, {"kernel_size": _pair(m.kernel_size),
+                                                              "stride": _pair(m.stride), "padding": _pair(m.padding),
+                                                              "dilation": _pair(m.dilation)}, keep_codes=True)
+            elif isinstance(m, nn.Flatten):
+                env[node.name] = _flatten(b, name, val(0), m.start_dim, m.end_dim)
+            elif isinstance(m, nn.BatchNorm2d):
+                raise ConfigError(f"{name}: BatchNorm must be folded before integer export (fold_batchnorm)")
+            elif isinstance(m, (nn.Conv2d, nn.Linear)):
+                raise ConfigError(f"{name}: layer is not quantized; integer export needs every conv/linear quantized")
+            else:
+                raise ConfigError(f"{name}: module {type(m).__name__} has no integer form here")
+        elif node.op in ("call_function", "call_method"):
+            t = node.target
+            name = node.name
+            if t in (operator.add, torch.add, "add", operator.iadd):
+                if len(args) != 2 or node.kwargs:
+                    raise ConfigError(f"{name}: only two-operand add is supported")
+                env[node.name] = b.add(name, val(0), val(1))
+            elif t in (F.relu, torch.relu, "relu"):
+                env[node.name] = b.unary("relu", name, val(0))
+            elif t in (torch.flatten, "flatten"):
+                start = args[1] if len(args) > 1 else node.kwargs.get("start_dim", 0)
+                end = args[2] if len(args) > 2 else node.kwargs.get("end_dim", -1)
+                env[node.name] = _flatten(b, name, val(0), start, end)
+            else:
+                raise ConfigError(f"{name}: function {getattr(t, '__name__', t)!r} has no integer form here")
+        else:
+            raise ConfigError(f"{node.name}: unsupported graph node {node.op}")
+    if input_quant is None or output_name is None:
+        raise ConfigError("the model has no quantized first layer or no output")
+    return IntegerModel(b.ops, input_quant, input_name, output_name, tuple(example_input.shape))
+
+
+def _flatten(b: _Builder, name: str, v: _Val, start: int, end: int) -> _Val:
+    ex = v.example
+    if start != 1 or end not in (-1, ex.dim() - 1):
+        raise ConfigError(f"{name}: only flatten(x, 1) is supported")
+    spatial = int(math.prod(ex.shape[2:])) if ex.dim() > 2 else 1
+    s = v.scale.reshape(-1)
+    if s.numel() > 1 and spatial > 1:
+        s = s.repeat_interleave(spatial)
+    return b.unary("flatten", name, v, {"start_dim": 1}, scale=s if v.scale.dim() else v.scale,
+                   keep_codes=True)
+
+
+# ----------------------------------------------------------------------------------------------- comparison
+@torch.no_grad()
+def compare(qmodel: nn.Module, imodel: IntegerModel, batches: Iterable, *, max_batches: int | None = None,
+            progress: bool = False) -> dict[str, Any]:
+    """Run the fake-quant model and the integer model on the same data and compare.
+
+    Returns the output agreement (``max_abs_diff``, ``n_diff`` of output elements, ``top1`` of both and
+    ``top1_agree`` on the labelled data) and, for every requantization, how many codes differ from the
+    fake-quant model's codes at the same layer input (``codes_diff``) and the largest difference in LSB.
+    """
+    from tqdm.auto import tqdm
+
+    qmodel.eval()
+    layer_inputs: dict[str, torch.Tensor] = {}
+    hooks = []
+    req_for: dict[str, str] = {}
+    for op in imodel.ops:
+        if op.kind in ("conv2d", "linear"):
+            req_for[op.inputs[0]] = op.name
+    mods = dict(qmodel.named_modules())
+
+    def hook(name):
+        def f(mod, inp):
+            iq = mod.input_quant
+            x_hat = iq(inp[0])
+            layer_inputs[name] = torch.round(x_hat / iq.scale.to(x_hat.dtype)).to(torch.int64)
+        return f
+
+    for op in imodel.ops:
+        if op.kind in ("conv2d", "linear") and op.name in mods:
+            hooks.append(mods[op.name].register_forward_pre_hook(hook(op.name)))
+    stats = {"n": 0, "max_abs_diff": 0.0, "n_diff": 0, "n_out": 0, "top1_fq": 0, "top1_int": 0, "agree": 0}
+    per_layer: dict[str, dict[str, int]] = {}
+    try:
+        it = tqdm(batches, desc="compare", leave=False, disable=not progress)
+        for i, batch in enumerate(it):
+            if max_batches is not None and i >= max_batches:
+                break
+            x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+            layer_inputs.clear()
+            fq = qmodel(x)
+            env = imodel.trace(imodel.quantize_input(x))
+            out = imodel.dequantize(env[imodel.output_name])
+            d = (out.double() - fq.double()).abs()
+            stats["max_abs_diff"] = max(stats["max_abs_diff"], float(d.max()))
+            stats["n_diff"] += int((d > 0).sum())
+            stats["n_out"] += d.numel()
+            for vname, lname in req_for.items():
+                if lname not in layer_inputs:
+                    continue
+                dq = (env[vname] - layer_inputs[lname]).abs()
+                row = per_layer.setdefault(lname, {"codes": 0, "codes_diff": 0, "max_lsb": 0})
+                row["codes"] += dq.numel()
+                row["codes_diff"] += int((dq > 0).sum())
+                row["max_lsb"] = max(row["max_lsb"], int(dq.max()))
+            if y is not None:
+                pf, pi = fq.argmax(1), out.argmax(1)
+                stats["top1_fq"] += int((pf == y).sum())
+                stats["top1_int"] += int((pi == y).sum())
+                stats["agree"] += int((pf == pi).sum())
+                stats["n"] += y.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+    n = max(stats["n"], 1)
+    codes = sum(r["codes"] for r in per_layer.values())
+    diff = sum(r["codes_diff"] for r in per_layer.values())
+    return {"images": stats["n"], "max_abs_diff": stats["max_abs_diff"], "out_diff": stats["n_diff"],
+            "out_elements": stats["n_out"], "top1_fake_quant": 100.0 * stats["top1_fq"] / n,
+            "top1_integer": 100.0 * stats["top1_int"] / n, "prediction_agree": 100.0 * stats["agree"] / n,
+            "codes": codes, "codes_diff": diff, "max_code_lsb": max((r["max_lsb"] for r in per_layer.values()),
+                                                                   default=0),
+            "layers": per_layer}

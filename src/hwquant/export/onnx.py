@@ -1,0 +1,316 @@
+"""ONNX export: a QDQ graph written with ``onnx.helper`` from the integer model, checked in onnxruntime.
+
+``torch.onnx.export`` maps ``fake_quantize_*`` to QuantizeLinear/DequantizeLinear only for the code ranges
+(0, 255), (-128, 127) and (0, 127), so the graph is built here from the
+:class:`~hwquant.export.integer.IntegerModel`, one ONNX node group per integer op:
+
+* every ``requant`` -> ``QuantizeLinear(scale, zero point 0)`` -> ``DequantizeLinear``, in the narrowest ONNX
+  integer type that holds the code range: ``UINT4`` / ``INT4`` at opset 21 when the codes are 4-bit, else
+  ``UINT8`` / ``INT8`` (``UINT16`` / ``INT16`` above 8 bits).  Codes narrower than their type (CQAT's 5-bit
+  weights ride in ``INT8``; a 3-bit activation in ``UINT4``) get a ``Clip`` at ``q_max * s`` before the
+  quantizer, so the stored codes keep their range.  The input quantizer is the first of them.
+* ``conv2d`` / ``linear`` -> ``DequantizeLinear(int weights, per-channel scale, axis 0)`` and, for the bias,
+  ``DequantizeLinear(int32 bias, s_x * s_w, axis 0)``, feeding a float ``Conv`` / ``Gemm``: the QDQ pattern
+  onnxruntime fuses into ``QLinearConv`` / ``QGemm`` where the types allow.
+* ``relu`` / ``add`` / ``sumpool`` / ``maxpool`` / ``flatten`` -> ``Relu`` / ``Add`` / ``GlobalAveragePool`` or
+  ``AveragePool`` / ``MaxPool`` / ``Flatten`` on the dequantized values.
+
+The graph input is the float image, the output the float logits.  With ``codes_outputs=True`` every
+quantizer's integer codes are extra outputs (``<name>:codes``, read back through a ``Cast`` to int32 so int4
+outputs are easy to consume), for :func:`check_onnx`'s per-layer comparison.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, HwquantError
+from .integer import IntegerModel
+
+__all__ = ["check_onnx", "onnx_available", "to_onnx"]
+
+OPSET = 21
+
+
+def onnx_available() -> bool:
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _need_onnx():
+    try:
+        import onnx
+    except ImportError:
+        raise HwquantError("ONNX export needs the onnx package: pip install 'hwquant[onnx]'") from None
+    return onnx
+
+
+def _qtype(onnx, qmin: int, qmax: int, opset: int):
+    """ONNX tensor type holding ``[qmin, qmax]`` and whether a Clip is needed to keep the range."""
+    TP = onnx.TensorProto
+    signed = qmin < 0
+    options = [((-8, 7), TP.INT4), ((0, 15), TP.UINT4)] if opset >= 21 else []
+    options += [((-128, 127), TP.INT8), ((0, 255), TP.UINT8), ((-32768, 32767), TP.INT16), ((0, 65535), TP.UINT16)]
+    for (lo, hi), t in options:
+        if (lo < 0) == signed and lo <= qmin and qmax <= hi:
+            return t, (lo, hi) != (qmin, qmax)
+    raise ConfigError(f"codes [{qmin}, {qmax}] fit no ONNX integer type")
+
+
+def _np_type(onnx, t):
+    return onnx.helper.tensor_dtype_to_np_dtype(t)
+
+
+class _Graph:
+    def __init__(self, onnx, opset: int):
+        self.onnx = onnx
+        self.h = onnx.helper
+        self.nodes: list = []
+        self.inits: list = []
+        self.outputs: list = []
+        self.opset = opset
+        self.n = 0
+
+    def uniq(self, base: str) -> str:
+        self.n += 1
+        return f"{base}__{self.n}"
+
+    def const(self, name: str, arr: np.ndarray, dtype=None) -> str:
+        name = self.uniq(name)
+        if dtype is not None and dtype in (self.onnx.TensorProto.INT4, self.onnx.TensorProto.UINT4):
+            t = self.h.make_tensor(name, dtype, list(arr.shape), arr.astype(np.int64).reshape(-1).tolist())
+        elif dtype is not None:
+            t = self.onnx.numpy_helper.from_array(np.asarray(arr).astype(_np_type(self.onnx, dtype)), name)
+        else:
+            t = self.onnx.numpy_helper.from_array(np.asarray(arr), name)
+        self.inits.append(t)
+        return name
+
+    def node(self, op: str, inputs: list[str], out: str | None = None, **attrs) -> str:
+        out = out or self.uniq(op.lower())
+        self.nodes.append(self.h.make_node(op, inputs, [out], name=self.uniq(op), **attrs))
+        return out
+
+    def zp(self, dtype, shape=()) -> str:
+        return self.const("zp", np.zeros(shape, dtype=np.int64), dtype)
+
+
+def to_onnx(model, path: str | os.PathLike, example_input: torch.Tensor | None = None, *, opset: int = OPSET,
+            codes_outputs: bool = False) -> Path:
+    """Write the QDQ ONNX graph to ``path`` (atomically) and return the path.
+
+    ``model`` is an :class:`IntegerModel`, or a fake-quantized model together with ``example_input`` (then its
+    integer model is built first).
+    """
+    onnx = _need_onnx()
+    if isinstance(model, IntegerModel):
+        imodel = model
+    else:
+        if example_input is None:
+            raise ConfigError("to_onnx needs example_input to export a fake-quantized model")
+        from .integer import integer_model
+
+        imodel = integer_model(model, example_input)
+    if opset < 13:
+        raise ConfigError(f"opset must be >= 13 (per-channel DequantizeLinear), got {opset}")
+    g = _Graph(onnx, opset)
+    TP = onnx.TensorProto
+    names: dict[str, str] = {}  # integer value name -> float ONNX tensor name (the dequantized value)
+    x_in = "input"
+
+    shapes = {op.name: ["N", *op.shape[1:]] for op in imodel.ops}
+    shapes[imodel.input_name] = ["N", *imodel.input_shape[1:]]
+
+    def quant(src: str, name: str, scale: float, qmin: int, qmax: int) -> str:
+        t, clip = _qtype(onnx, qmin, qmax, opset)
+        s = g.const(f"{name}.scale", np.array(scale, dtype=np.float32))
+        if clip:
+            lo = g.const(f"{name}.lo", np.array(qmin * scale, dtype=np.float32))
+            hi = g.const(f"{name}.hi", np.array(qmax * scale, dtype=np.float32))
+            src = g.node("Clip", [src, lo, hi])
+        q = g.node("QuantizeLinear", [src, s, g.zp(t)], f"{name}:q")
+        if codes_outputs:
+            c = g.node("Cast", [q], f"{name}:codes", to=TP.INT32)
+            g.outputs.append(g.h.make_tensor_value_info(c, TP.INT32, shapes[name]))
+        return g.node("DequantizeLinear", [q, s, g.zp(t)])
+
+    iq_lo, iq_hi = imodel.input_range
+    names[imodel.input_name] = quant(x_in, imodel.input_name, float(imodel.input_scale), iq_lo, iq_hi)
+    for op in imodel.ops:
+        p = op.params
+        ins = [names[i] for i in op.inputs]
+        k = op.kind
+        if k == "requant":
+            if p.get("divisor", 1) != 1:
+                pass  # the float graph already averaged (sumpool -> mean)
+            names[op.name] = quant(ins[0], op.name, p["out_scale"], p["qmin"], p["qmax"])
+        elif k in ("conv2d", "linear"):
+            w = p["weight"].numpy()
+            wt, _ = _qtype(onnx, int(w.min()) if w.size else 0, int(w.max()) if w.size else 0, opset)
+            if wt in (TP.UINT4, TP.UINT8, TP.UINT16):  # weights are signed codes
+                wt = {TP.UINT4: TP.INT4, TP.UINT8: TP.INT8, TP.UINT16: TP.INT16}[wt]
+                if opset < 21 and wt == TP.INT4:
+                    wt = TP.INT8
+            sw = p["w_scale"].numpy().astype(np.float32).reshape(-1)
+            axis_attr = {"axis": 0} if sw.size > 1 else {}
+            wq = g.const(f"{op.name}.weight", w, wt)
+            wdq = g.node("DequantizeLinear", [wq, g.const(f"{op.name}.w_scale", sw if sw.size > 1 else sw[0]),
+                                              g.zp(wt, (sw.size,) if sw.size > 1 else ())], **axis_attr)
+            inputs = [ins[0], wdq]
+            b = p.get("bias")
+            if b is not None:
+                s_acc = op.scale.numpy().astype(np.float32).reshape(-1)
+                bi = b.numpy()
+                if bi.min() >= -(2**31) and bi.max() < 2**31:
+                    bq = g.const(f"{op.name}.bias", bi.astype(np.int32))
+                    bdq = g.node("DequantizeLinear", [bq, g.const(f"{op.name}.b_scale", s_acc),
+                                                      g.zp(TP.INT32, (s_acc.size,))], axis=0)
+                else:
+                    bdq = g.const(f"{op.name}.bias_f", (bi.astype(np.float64) * s_acc).astype(np.float32))
+                inputs.append(bdq)
+            if k == "conv2d":
+                pads = list(p["padding"]) * 2
+                names[op.name] = g.node("Conv", inputs, strides=list(p["stride"]), pads=pads,
+                                        dilations=list(p["dilation"]), group=p["groups"])
+            else:
+                names[op.name] = g.node("Gemm", inputs, transB=1)
+        elif k == "relu":
+            names[op.name] = g.node("Relu", ins)
+        elif k == "add":
+            names[op.name] = g.node("Add", ins)
+        elif k == "sumpool":
+            if p.get("global"):
+                names[op.name] = g.node("GlobalAveragePool", ins)
+            else:
+                pads = list(p["padding"]) * 2
+                names[op.name] = g.node("AveragePool", ins, kernel_shape=list(p["kernel_size"]),
+                                        strides=list(p["stride"]), pads=pads, count_include_pad=1)
+        elif k == "maxpool":
+            pads = list(p["padding"]) * 2
+            names[op.name] = g.node("MaxPool", ins, kernel_shape=list(p["kernel_size"]), strides=list(p["stride"]),
+                                    pads=pads, dilations=list(p["dilation"]))
+        elif k == "flatten":
+            names[op.name] = g.node("Flatten", ins, axis=1)
+        elif k == "identity":
+            names[op.name] = ins[0]
+        else:
+            raise ConfigError(f"{op.name}: op {k!r} has no ONNX form")
+    out_name = g.node("Identity", [names[imodel.output_name]], "logits")
+    h = g.h
+    shape = ["N", *imodel.input_shape[1:]]
+    outputs = [h.make_tensor_value_info(out_name, TP.FLOAT, shapes[imodel.output_name]), *g.outputs]
+    graph = h.make_graph(g.nodes, "hwquant_qdq", [h.make_tensor_value_info(x_in, TP.FLOAT, shape)], outputs, g.inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", opset)], producer_name="hwquant")
+    model.ir_version = min(model.ir_version, 10)
+    onnx.checker.check_model(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    onnx.save(model, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def _has_int4(model) -> bool:
+    import onnx
+
+    int4 = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+    return any(t.data_type in int4 for t in model.graph.initializer)  # int4 zero points / weights
+
+
+def session(path: str | os.PathLike, optimize: str = "auto"):
+    """An onnxruntime CPU session for ``path`` and the optimization level used.
+
+    ``optimize="auto"``: every graph optimization (QDQ -> QLinearConv fusion) for int8 graphs; ``"basic"`` for
+    graphs with int4 codes, because onnxruntime 1.32's extended QDQ fusion turns a UINT4 QuantizeLinear feeding
+    a Conv into a QLinearConv that its own type checker rejects.  ``"all"`` / ``"basic"`` / ``"none"`` force it.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise HwquantError("checking ONNX needs onnxruntime: pip install 'hwquant[onnx]'") from None
+    onnx = _need_onnx()
+    if optimize == "auto":
+        optimize = "basic" if _has_int4(onnx.load(str(path))) else "all"
+    levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+    if optimize not in levels:
+        raise ConfigError(f"optimize must be auto, all, basic or none, got {optimize!r}")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = levels[optimize]
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]), optimize
+
+
+def fused_ops(path: str | os.PathLike, optimize: str = "auto") -> dict[str, int]:
+    """Op-type counts of the graph onnxruntime actually runs (after its optimizations)."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    onnx = _need_onnx()
+    sess_level = session(path, optimize)[1]
+    with tempfile.TemporaryDirectory() as d:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                                       "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                       "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[sess_level]
+        so.optimized_model_filepath = os.path.join(d, "opt.onnx")
+        so.log_severity_level = 3
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        counts: dict[str, int] = {}
+        for n in onnx.load(so.optimized_model_filepath).graph.node:
+            counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
+
+
+def check_onnx(path: str | os.PathLike, imodel: IntegerModel, batches, *, max_batches: int | None = None,
+               optimize: str = "auto") -> dict[str, Any]:
+    """Run the ONNX file in onnxruntime (CPU) next to ``imodel`` and compare.
+
+    The file must have been written with ``codes_outputs=True``.  Returns per-quantizer code differences
+    (count and largest, in LSB), the logits' largest difference in output LSB, and both top-1s.
+    """
+    sess, level = session(path, optimize)
+    outs = [o.name for o in sess.get_outputs()]
+    code_outs = [o for o in outs if o.endswith(":codes")]
+    s_out = imodel.output_scale.double()
+    stats = {"images": 0, "codes": 0, "codes_diff": 0, "max_code_lsb": 0, "max_logit_lsb": 0.0,
+             "top1_onnx": 0, "top1_integer": 0, "agree": 0}
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+        res = dict(zip(outs, sess.run(outs, {"input": x.float().contiguous().numpy()}), strict=True))
+        env = imodel.trace(imodel.quantize_input(x))
+        for o in code_outs:
+            name = o[: -len(":codes")]
+            ref = env[name] if name in env else imodel.quantize_input(x)
+            d = np.abs(res[o].astype(np.int64) - ref.numpy())
+            stats["codes"] += d.size
+            stats["codes_diff"] += int((d > 0).sum())
+            stats["max_code_lsb"] = max(stats["max_code_lsb"], int(d.max()) if d.size else 0)
+        v = env[imodel.output_name].double()
+        logits = torch.from_numpy(res["logits"]).double()
+        lsb = ((logits / s_out.reshape(1, -1)) - v).abs().max()
+        stats["max_logit_lsb"] = max(stats["max_logit_lsb"], float(lsb))
+        if y is not None:
+            po, pi = logits.argmax(1), v.mul(s_out.reshape(1, -1)).argmax(1)
+            stats["top1_onnx"] += int((po == y).sum())
+            stats["top1_integer"] += int((pi == y).sum())
+            stats["agree"] += int((po == pi).sum())
+            stats["images"] += y.numel()
+    n = max(stats["images"], 1)
+    for key in ("top1_onnx", "top1_integer", "agree"):
+        stats[key] = 100.0 * stats[key] / n
+    stats["nodes"] = len(_need_onnx().load(str(path)).graph.node)
+    stats["optimize"] = level
+    return stats

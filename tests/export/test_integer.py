@@ -1,0 +1,196 @@
+"""The integer reference model: integer helpers against exact arithmetic, bit-exactness against the
+fake-quant model (power-of-two scales), per-layer exactness for float scales, accumulator bounds, errors."""
+
+from fractions import Fraction
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hwquant.errors import ConfigError
+from hwquant.export import compare, integer_model, requant_params, rshift_rne
+from hwquant.export.integer import div_rne
+from hwquant.methods import CQATConfig, GGDPTQConfig, MinMaxPTQConfig, STEConfig, prepare_qat, ptq
+from hwquant.models import create_model
+from hwquant.nn import LayerQuant, QuantRecipe, fold_batchnorm, quant_layers, quantize_model
+from hwquant.spec import QuantSpec
+
+
+def _batches(n=3, shape=(16, 1, 12, 12), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(*shape, generator=g), torch.randint(0, 4, (shape[0],), generator=g)) for _ in range(n)]
+
+
+def _net(name="resnet20", seed=0):
+    torch.manual_seed(seed)
+    m = create_model(name, in_channels=1, num_classes=4, width=0.5)
+    m.train()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so folding changes the weights
+        for x, _ in _batches(4, seed=seed + 1):
+            m(x)
+    return m.eval()
+
+
+# ------------------------------------------------------------------------------------------- integer helpers
+def test_rshift_rne_matches_float_round_half_even():
+    g = torch.Generator().manual_seed(0)
+    p = torch.randint(-(2**40), 2**40, (20000,), generator=g)
+    n = torch.randint(0, 24, (20000,), generator=g)
+    ref = torch.round(p.double() / torch.pow(2.0, n.double()))  # exact: |p| < 2^53, power-of-two divisor
+    assert torch.equal(rshift_rne(p, n), ref.to(torch.int64))
+    # hand cases: ties go to even, for both signs
+    p = torch.tensor([5, 7, -5, -3, 6, -6, 3, 1])
+    n = torch.tensor([1, 1, 1, 1, 2, 2, 0, 1])
+    assert rshift_rne(p, n).tolist() == [2, 4, -2, -2, 2, -2, 3, 0]
+
+
+def test_div_rne_matches_fractions():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randint(-(10**9), 10**9, (3000,), generator=g)
+    b = torch.randint(1, 500, (3000,), generator=g)
+    a[:50] = b[:50] * 7 + b[:50] // 2 * (b[:50] % 2 == 0)  # exact ties for even b
+    got = div_rne(a, b).tolist()
+    ref = [round(Fraction(int(x), int(y))) for x, y in zip(a, b, strict=True)]  # Python rounds half to even
+    assert got == ref
+
+
+def test_requant_params_precision_and_shifts():
+    g = torch.Generator().manual_seed(2)
+    r = torch.exp(torch.randn(500, generator=g, dtype=torch.float64) * 6)
+    for bits in (12, 20, 31):
+        m, n = requant_params(r, bits)
+        approx = m.double() / torch.pow(2.0, n.double())
+        small = r < 2**bits  # beyond that M takes the whole value and n = 0
+        assert (n >= 0).all() and (m[small] <= 2**bits).all()
+        assert ((approx - r).abs() / r)[small].max() <= 2.0 ** -(bits - 1)
+    m, n = requant_params(torch.tensor([0.25, 2.0**-20, 8.0], dtype=torch.float64))
+    assert m.tolist() == [1, 1, 8] and n.tolist() == [2, 20, 0]
+    with pytest.raises(ConfigError):
+        requant_params(torch.tensor([0.0], dtype=torch.float64))
+
+
+# -------------------------------------------------------------------------------- bit-exact (power of two)
+@pytest.mark.parametrize("name", ["small_cnn", "resnet20"])
+@pytest.mark.parametrize("cfg", [CQATConfig(w_bits=5, a_bits=4, pow2=True), STEConfig(w_bits=4, a_bits=4, pow2=True),
+                                 STEConfig(w_bits=8, a_bits=8, first_last_bits=None, pow2=True)],
+                         ids=["cqat-w5a4", "ste-w4a4", "ste-w8a8"])
+def test_integer_model_is_bit_exact_with_pow2_fake_quant(name, cfg):
+    qm = prepare_qat(_net(name), cfg, _batches()).eval()
+    test = _batches(3, seed=7)
+    im = integer_model(qm, test[0][0][:1])
+    for x, _ in test:
+        with torch.no_grad():
+            fq = qm(x)
+        assert torch.equal(im.run(x), fq)
+    res = compare(qm, im, test)
+    assert res["codes_diff"] == 0 and res["out_diff"] == 0 and res["max_abs_diff"] == 0.0
+    assert res["codes"] > 0 and res["prediction_agree"] == 100.0
+    # every requantization of a power-of-two model is a pure shift (multiplier 1), except after the pool
+    for op in im.ops:
+        if op.kind == "requant" and op.params["divisor"] == 1:
+            assert (op.params["multiplier"] == 1).all(), op.name
+
+
+def test_ggd_ptq_fixed_point_model_is_bit_exact():
+    model = fold_batchnorm(_net("resnet20"))
+    qm, _ = ptq(model, GGDPTQConfig(w_bits=8, a_bits=8, bft=False), _batches())
+    test = _batches(2, seed=9)
+    im = integer_model(qm.eval(), test[0][0][:1])
+    res = compare(qm, im, test)
+    assert res["codes_diff"] == 0 and res["out_diff"] == 0
+
+
+# ------------------------------------------------------------------------- float scales: exact per layer
+def test_float_scales_every_layer_accumulator_exact_given_the_same_codes():
+    """With arbitrary float scales the only differences are requantization ties: fed the fake-quant
+    model's own layer-input codes, every integer conv/linear reproduces that layer's output bit for bit."""
+    qm, _ = ptq(_net("resnet20"), MinMaxPTQConfig(w_bits=8, a_bits=8), _batches())
+    qm.eval()
+    x = _batches(1, seed=5)[0][0]
+    im = integer_model(qm, x[:1])
+    mods = dict(qm.named_modules())
+    seen = {}
+
+    def hook(name):
+        def f(mod, inp, out):
+            x_hat = mod.input_quant(inp[0])
+            seen[name] = (torch.round(x_hat / mod.input_quant.scale).to(torch.int64), out)
+        return f
+
+    hooks = [mods[op.name].register_forward_hook(hook(op.name)) for op in im.ops if op.kind in ("conv2d", "linear")]
+    with torch.no_grad():
+        qm(x)
+    for h in hooks:
+        h.remove()
+    checked = 0
+    for op in im.ops:
+        if op.kind not in ("conv2d", "linear"):
+            continue
+        codes, out = seen[op.name]
+        acc = op.run(codes)
+        s = op.scale.reshape((1, -1) + (1,) * (acc.dim() - 2))
+        assert torch.equal((acc.double() * s).float(), out), op.name
+        checked += 1
+    assert checked == len(list(quant_layers(qm)))
+    res = compare(qm, im, [(x, torch.zeros(x.shape[0], dtype=torch.long))])
+    assert res["prediction_agree"] >= 90.0
+    rows = list(res["layers"].values())
+    assert rows[0]["codes_diff"] == 0  # the input codes: the same quantizer
+    assert rows[1]["codes_diff"] <= 1e-3 * rows[1]["codes"] and rows[1]["max_lsb"] <= 1  # only rounding ties
+
+
+def test_conv_op_matches_torch_conv_on_codes_and_bound_by_hand():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(3, 2))
+    spec_w = QuantSpec(bits=6, granularity="channel")
+    spec_a = QuantSpec(bits=7, signed=None)
+    qm = quantize_model(model, QuantRecipe(default=LayerQuant(weight=spec_w, act=QuantSpec(bits=7)),
+                                           overrides=(("4", LayerQuant(weight=spec_w, act=spec_a)),)))
+    from hwquant.nn import calibrate
+
+    calibrate(qm, _batches(2, shape=(4, 2, 9, 9)))
+    x = _batches(1, shape=(4, 2, 9, 9), seed=4)[0][0]
+    im = integer_model(qm.eval(), x[:1])
+    conv = qm[0]
+    qx = conv.input_quant.codes(x).to(torch.int64)
+    qw = conv.weight_quant.codes(conv.weight).to(torch.int64)
+    env = im.trace(im.quantize_input(x))
+    conv_op = next(op for op in im.ops if op.kind == "conv2d")
+    qb = conv.bias_codes(conv.accumulator_scale()).to(torch.int64)
+    ref = F.conv2d(qx.double(), qw.double(), qb.double(), stride=2, padding=1).to(torch.int64)
+    assert torch.equal(env[conv_op.name], ref)
+    # worst case: sum |w| * max|x code| (signed 7-bit input: 64) + |b|, per output channel
+    bound = (qw.abs().sum(dim=(1, 2, 3)) * 64 + qb.abs()).max()
+    layer = im.layers()[0]
+    assert layer["acc_bound"] == float(bound) and layer["acc_bits"] == int(bound).bit_length() + 1
+    assert layer["macs"] == 3 * 5 * 5 * 2 * 9
+
+
+# -------------------------------------------------------------------------------------------------- errors
+def test_errors_name_the_problem():
+    net = _net("small_cnn")
+    qm = quantize_model(net, QuantRecipe())  # BN not folded
+    from hwquant.nn import calibrate
+
+    calibrate(qm, _batches(1))
+    with pytest.raises(ConfigError, match="BatchNorm must be folded"):
+        integer_model(qm, _batches(1)[0][0][:1])
+    float_first = QuantRecipe(overrides=(("<first>", None),))
+    qm = quantize_model(fold_batchnorm(net), float_first)
+    calibrate(qm, _batches(1))
+    with pytest.raises(ConfigError, match="not quantized"):
+        integer_model(qm, _batches(1)[0][0][:1])
+    qm = prepare_qat(net, STEConfig(pow2=True), _batches(1)).eval()
+    im = integer_model(qm, _batches(1)[0][0][:1])
+    with pytest.raises(ConfigError, match="shape"):
+        im.quantize_input(torch.zeros(2, 3, 12, 12))
+    with pytest.raises(ConfigError, match="NaN"):
+        im.quantize_input(torch.full((1, 1, 12, 12), float("nan")))
+    with pytest.raises(ConfigError, match="outside"):
+        im(torch.full((1, 1, 12, 12), 1000, dtype=torch.int64))
+    with pytest.raises(ConfigError, match="pow2 steps are not supported"):
+        from hwquant.methods import LSQConfig
+
+        LSQConfig(pow2=True)
