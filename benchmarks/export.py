@@ -16,6 +16,8 @@ and the integer model's top-1, how many layer-input codes and outputs differ and
 onnxruntime, as ratios to FP32.
 
 MPQ has not landed (no issue yet), so it has no row.  ``--quick``: the small CNN on digits, two models.
+``HWQUANT_EXPORT_TIMING_ONLY=1``: only the timings (7 rounds), for models already built, written to
+``export_timing.{json,md}`` (for a re-measurement on a quiet machine without the 40-minute checks).
 """
 
 from __future__ import annotations
@@ -64,6 +66,46 @@ def _build(kind: str, opts: dict[str, Any], ck: Path, quick: bool, runs: Path) -
         run_qat(QATOptions(checkpoint=str(ck), out=str(out), lr=0.005, epochs=1 if quick else 2, resume=True,
                            progress=False, **opts))
     return out / "model.pt"
+
+
+def _timings(qmodel, imodel, float_model, x0, repeats: int) -> dict[str, Any]:
+    from hwquant.export import to_onnx
+    from hwquant.export.onnx import session
+
+    with tempfile.TemporaryDirectory() as d:
+        sess, level = session(to_onnx(imodel, Path(d) / "model.onnx"))
+        codes = imodel.quantize_input(x0)
+        xn = x0.contiguous().numpy()
+        with torch.no_grad():
+            t = time_interleaved({"fp32": lambda: float_model(x0), "fake-quant": lambda: qmodel(x0),
+                                  "integer": lambda: imodel(codes),
+                                  "onnxruntime": lambda: sess.run(["logits"], {"input": xn})},
+                                 repeats=repeats, warmup=1)
+    return {"time_s": {k: v["median_s"] for k, v in t.items()},
+            "x_fp32": {k: paired_ratio(v, t["fp32"]) for k, v in t.items() if k != "fp32"}, "onnx_optimize": level}
+
+
+def timing_only(quick: bool, out_dir=None) -> dict[str, Any]:
+    from hwquant.export import integer_model
+    from hwquant.pipelines import _loaders_for, load_model
+
+    ck = float_checkpoint(quick, "bench_export_digits")
+    runs = Path(os.environ.get("HWQUANT_BENCH_RUNS", "runs")) / ("bench_export_quick" if quick else "bench_export")
+    float_model, fck = load_model(ck)
+    x0 = next(iter(_loaders_for(fck, None, BATCH).test))[0]
+    rows = []
+    for name, kind, opts in _models(quick):
+        path = _build(kind, opts, ck, quick, runs)
+        qmodel, _ = load_model(path)
+        imodel = integer_model(qmodel, x0[:1])
+        t = _timings(qmodel, imodel, float_model, x0, 3 if quick else 7)
+        rows.append({"model": name, **{f"{k} ms": v * 1e3 for k, v in t["time_s"].items()},
+                     **{f"{k} x fp32": v for k, v in t["x_fp32"].items()}, "onnx_optimize": t["onnx_optimize"]})
+    cols = [(k, k) for k in rows[0]] if rows else []
+    md = markdown_table(rows, cols) + (f"\n\nBatch of {BATCH}, interleaved rounds, median of 7; `x fp32`: median "
+                                       "per-round ratio to the FP32 model in the same run.\n")
+    jp, mp = write_results("export_timing", {"rows": rows}, md, out_dir=out_dir)
+    return {"results": {"rows": rows}, "table": md, "json": str(jp), "md": str(mp)}
 
 
 def _row(name: str, path: Path, quick: bool, float_model) -> dict[str, Any]:
@@ -136,6 +178,8 @@ def table(results: dict[str, Any]) -> str:
 def main(quick: bool = False, out_dir: str | os.PathLike | Path | None = None) -> dict[str, Any]:
     from hwquant.pipelines import load_model
 
+    if os.environ.get("HWQUANT_EXPORT_TIMING_ONLY", "0") == "1":
+        return timing_only(quick, out_dir)
     ck = float_checkpoint(quick, "bench_export_digits")
     runs = Path(os.environ.get("HWQUANT_BENCH_RUNS", "runs")) / ("bench_export_quick" if quick else "bench_export")
     float_model, _ = load_model(ck)

@@ -27,6 +27,7 @@ REGISTRY: dict[str, str] = {
     "ggd_fit": "benchmarks.ggd_fit",
     "rtl": "benchmarks.rtl",
     "export": "benchmarks.export",
+    "arc": "benchmarks.arc",
 }
 
 

@@ -7,12 +7,14 @@ Layers run one way: ``numerics`` (pure math) <- ``observers`` / ``nn`` (quantize
 from . import export, numerics
 from .errors import CheckpointError, ConfigError, DataError, HwquantError
 from .methods import (
+    ARCConfig,
     CQATConfig,
     GGDPTQConfig,
     LSQConfig,
     MinMaxPTQConfig,
     PACTConfig,
     STEConfig,
+    prepare_arc,
     prepare_qat,
     ptq,
 )
@@ -22,6 +24,7 @@ from .spec import QuantParams, QuantSpec
 __version__ = "0.1.0"
 
 __all__ = [
+    "ARCConfig",
     "CQATConfig",
     "CheckpointError",
     "ConfigError",
@@ -41,6 +44,7 @@ __all__ = [
     "export",
     "fold_batchnorm",
     "numerics",
+    "prepare_arc",
     "prepare_qat",
     "ptq",
     "quantize_model",

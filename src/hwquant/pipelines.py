@@ -20,11 +20,13 @@ from .data import make_loaders, resolve_dataset
 from .errors import CheckpointError, ConfigError
 from .methods import (
     QAT_CONFIGS,
+    ARCConfig,
     CQATConfig,
     GGDPTQConfig,
     MinMaxPTQConfig,
     ObserverPTQConfig,
     build_qat_model,
+    prepare_arc,
     prepare_qat,
     ptq,
     qat_summary,
@@ -37,7 +39,8 @@ from .train.distributed import current, init_from_env
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "digits", "synthetic")
 PTQ_METHODS = ("minmax", "percentile", "mse", "kl", "aciq", "ggd")
 QAT_METHODS = ("cqat", "ste", "pact", "lsq", "fp32")
-EXPORT_FORMATS = ("int", "golden", "onnx", "rtl")
+EXPORT_FORMATS = ("int", "golden", "onnx", "qonnx", "rtl")
+QONNX_CHECK_IMAGES = 64  # qonnx's executor runs node by node: check a few images unless --images says more
 DEFAULT_CALIB = {"digits": 200}  # held-out calibration images when calib_size is not given
 
 
@@ -80,6 +83,12 @@ class TrainOptions:
     augment: bool = field(default=True, metadata=_h("train-time augmentation (crop, flip)"))
     calib_size: int | None = field(default=None, metadata=_h(
         "training images held out for calibration (none: 1000, or 200 for the small digits set)"))
+    grad_bits: int | None = field(default=None, metadata=_h(
+        "ARC: quantize every conv/linear error and weight gradient to this many bits (none: float gradients)"))
+    grad_rounding: str = field(default="zero", metadata=_h("ARC: gradient rounding", ("zero", "nearest", "stochastic")))
+    grad_quant_clip: str = field(default="zscore", metadata=_h("ARC: gradient clip policy", ("zscore", "max", "dsgc")))
+    grad_k: float = field(default=3.0, metadata=_h("ARC: z-score clip c = min(max|g|, |mu| + k sigma)"))
+    grad_skip_first_last: bool = field(default=True, metadata=_h("ARC: first conv / last FC gradients stay float"))
     seed: int = field(default=0, metadata=_h("seed for init, data order and augmentation"))
     channels_last: bool = field(default=True, metadata=_h("channels-last memory format (faster on CPU)"))
     threads: int | None = field(default=None, metadata=_h("torch CPU threads"))
@@ -95,6 +104,7 @@ class TrainOptions:
         if self.calib_size is not None and self.calib_size < 0:
             raise ConfigError(f"calib_size must be >= 0, got {self.calib_size}")
         self.train_config()  # validates epochs, lr, ...
+        arc_config(self)
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
@@ -179,6 +189,12 @@ class QATOptions:
     warmup_epochs: float = field(default=0.0, metadata=_h("linear warmup epochs"))
     augment: bool = field(default=True, metadata=_h("train-time augmentation (crop, flip)"))
     calib_batches: int | None = field(default=8, metadata=_h("calibration batches to initialise the steps"))
+    grad_bits: int | None = field(default=None, metadata=_h(
+        "ARC: quantize every conv/linear error and weight gradient to this many bits (none: float gradients)"))
+    grad_rounding: str = field(default="zero", metadata=_h("ARC: gradient rounding", ("zero", "nearest", "stochastic")))
+    grad_quant_clip: str = field(default="zscore", metadata=_h("ARC: gradient clip policy", ("zscore", "max", "dsgc")))
+    grad_k: float = field(default=3.0, metadata=_h("ARC: z-score clip c = min(max|g|, |mu| + k sigma)"))
+    grad_skip_first_last: bool = field(default=True, metadata=_h("ARC: first conv / last FC gradients stay float"))
     seed: int = field(default=0, metadata=_h("seed for data order and augmentation"))
     channels_last: bool = field(default=True, metadata=_h("channels-last memory format (faster on CPU)"))
     data_dir: str | None = field(default=None, metadata=_h("dataset directory (default: as in the checkpoint)"))
@@ -193,6 +209,7 @@ class QATOptions:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         self.method_config()
         self.train_config()
+        arc_config(self)
 
     def method_config(self):
         """The QAT config dataclass (``None`` for the fp32 control)."""
@@ -229,7 +246,8 @@ class ExportOptions:
         "quantized checkpoint from hwquant ptq/qat (not needed for --format rtl)"))
     format: str = field(default="int", metadata=_h(
         "int: integer model + bit-exactness check against the fake-quant model; golden: $readmemh vectors + "
-        "manifest, replayed with numpy; onnx: QDQ graph checked in onnxruntime; rtl: Amaranth rounding units",
+        "manifest, replayed with numpy; onnx: QDQ graph checked in onnxruntime; qonnx: Quant nodes at any width, "
+        "checked with the qonnx executor (64 images unless --images); rtl: Amaranth rounding units",
         EXPORT_FORMATS))
     out: str = field(default="runs/export", metadata=_h("output directory"))
     images: int | None = field(default=None, metadata=_h("test images for the checks (none: the whole test set)"))
@@ -303,6 +321,24 @@ class DemoOptions:
 
 
 # --------------------------------------------------------------------------- helpers
+def arc_config(opts) -> ARCConfig | None:
+    """The ARC gradient-quantization config of train/qat options (``None`` when ``grad_bits`` is unset)."""
+    cfg = ARCConfig(bits=8 if opts.grad_bits is None else opts.grad_bits, rounding=opts.grad_rounding,
+                    clip=opts.grad_quant_clip, k=opts.grad_k, skip_first_last=opts.grad_skip_first_last,
+                    seed=opts.seed)  # validates every grad_* field, also when ARC is off
+    return None if opts.grad_bits is None else cfg
+
+
+def _install_arc(model: nn.Module, opts):
+    acfg = arc_config(opts)
+    if acfg is None:
+        return None, None
+    handle = prepare_arc(model, acfg)
+    _say(f"ARC: {acfg.bits}-bit gradients ({acfg.rounding}, {acfg.clip} clip) in {len(handle.layers)} layers")
+    return handle, asdict(acfg)
+
+
+
 def _write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
 
@@ -385,13 +421,17 @@ def run_train(cfg: TrainOptions) -> dict[str, Any]:
         _save_config(out, cfg)
     _say(f"training {cfg.model} on {info.name} ({info.source}) for {cfg.epochs} epochs, "
          f"{len(loaders.train)} steps/epoch x {dist_info.world_size} process(es)")
+    handle, arc_meta = _install_arc(model, cfg)
     t0 = time.perf_counter()
     history = fit(model, loaders.train, cfg.train_config(), eval_loader=loaders.test, out_dir=out, resume=cfg.resume,
                   progress=cfg.progress, extra_state={"model_args": model.hwquant_args, "data": data_meta})
     seconds = time.perf_counter() - t0
+    if handle is not None:
+        handle.remove()
     final = evaluate(model, loaders.test)
     result = {"model": cfg.model, "dataset": info.name, "source": info.source, "test": final,
-              "train_seconds": seconds, "world_size": dist_info.world_size, "history": history["epochs"]}
+              "train_seconds": seconds, "world_size": dist_info.world_size, "history": history["epochs"],
+              "arc": arc_meta}
     if dist_info.is_main:
         save_checkpoint(out / "model.pt", {"model": model.state_dict(), "model_args": model.hwquant_args,
                                            "data": data_meta, "metrics": final, "history": history})
@@ -467,15 +507,19 @@ def run_qat(cfg: QATOptions) -> dict[str, Any]:
         _save_config(out, cfg)
     _say(f"{cfg.method} W{cfg.w_bits}A{cfg.a_bits}: fp32 {fp32['top1']:.2f}%, before fine-tuning "
          f"{start['top1']:.2f}%; fine-tuning {cfg.epochs} epochs at lr {cfg.lr:g}")
+    handle, arc_meta = _install_arc(qmodel, cfg)
     t0 = time.perf_counter()
     history = fit(qmodel, loaders.train, cfg.train_config(), eval_loader=loaders.test, out_dir=out,
                   resume=cfg.resume, progress=cfg.progress,
                   extra_state={"model_args": ck["model_args"], "data": d, "qat": meta})
     seconds = time.perf_counter() - t0
+    if handle is not None:
+        handle.remove()
     final = evaluate(qmodel, loaders.test)
     result = {"method": cfg.method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "config": meta["config"],
               "fp32": fp32, "start": start, "final": final, "train_seconds": seconds, "history": history["epochs"],
-              "step_loss": history["step_loss"], "layers": qat_summary(qmodel) if qcfg is not None else []}
+              "step_loss": history["step_loss"], "layers": qat_summary(qmodel) if qcfg is not None else [],
+              "arc": arc_meta}
     if dist_info.is_main:
         save_checkpoint(out / "model.pt", {"model": qmodel.state_dict(), "model_args": ck["model_args"],
                                            "data": d, "qat": meta, "metrics": final, "history": history})
@@ -566,6 +610,15 @@ def _export_model(cfg: ExportOptions, out: Path) -> dict[str, Any]:
         result["golden"] = {"manifest": str(manifest), **check}
         print(f"golden vectors: {check['ops']} ops, {check['values']} values, {xs.shape[0]} image(s) -> {manifest}; "
               f"numpy replay {'matches every file' if check['ok'] else 'MISMATCHES ' + ', '.join(check['mismatches'])}")
+    elif cfg.format == "qonnx":
+        from .export.qonnx import check_qonnx, to_qonnx
+
+        path = to_qonnx(imodel, out / "model.qonnx.onnx")
+        n = cfg.images or QONNX_CHECK_IMAGES
+        check = check_qonnx(path, imodel, _limited(loaders.test, n))
+        result["qonnx"] = {"path": str(path), **check}
+        print(f"QONNX -> {path}; {check['executor']} executor on {n} images: {check['codes_diff']} of "
+              f"{check['codes']} codes differ from the integer model (max {check['max_code_lsb']} LSB)")
     else:
         import tempfile
 

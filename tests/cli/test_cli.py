@@ -291,3 +291,24 @@ def test_export_bad_input(argv, needle, capsys, tmp_path):
 def test_export_refuses_a_float_checkpoint(trained, tmp_path, capsys):
     assert main(["export", "--checkpoint", str(trained / "model.pt"), "--out", str(tmp_path / "e")]) == 2
     _one_line_error(capsys, "not a quantized checkpoint")
+
+
+def test_train_with_arc_gradients_from_cli(tmp_path):
+    out = tmp_path / "arc"
+    assert main(["train", *SMALL, "--epochs", "2", "--grad-bits", "8", "--grad-rounding", "zero",
+                 "--grad-quant-clip", "zscore", "--out", str(out)]) == 0
+    res = json.loads((out / "metrics.json").read_text())
+    assert res["arc"]["bits"] == 8 and res["arc"]["rounding"] == "zero" and res["test"]["top1"] > 10.0
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "--grad-bits", "1"], "gradient bits must be an integer in 2..16"),
+    (["train", "--grad-rounding", "up"], "invalid choice"),
+    (["train", "--grad-k", "0"], "z-score k must be a positive number"),
+    (["qat", "--grad-bits", "40"], "gradient bits"),
+])
+def test_arc_bad_input(argv, needle, capsys, tmp_path):
+    out = tmp_path / "out"
+    assert main([*argv, "--out", str(out)]) == 2
+    _one_line_error(capsys, needle)
+    assert not out.exists()

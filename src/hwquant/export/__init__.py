@@ -8,6 +8,7 @@ is imported on demand.
 from .golden import GoldenError, replay, verify, write_golden
 from .integer import IntegerModel, IntOp, compare, integer_model, requant_params, rshift_rne
 from .onnx import check_onnx, to_onnx
+from .qonnx import check_qonnx, to_qonnx
 
 __all__ = ["GoldenError", "IntOp", "IntegerModel", "check_onnx", "compare", "integer_model", "replay",
-           "requant_params", "rshift_rne", "to_onnx", "verify", "write_golden"]
+           "requant_params", "rshift_rne", "to_onnx", "to_qonnx", "check_qonnx", "verify", "write_golden"]

@@ -148,9 +148,7 @@ def to_onnx(model, path: str | os.PathLike, example_input: torch.Tensor | None =
         p = op.params
         ins = [names[i] for i in op.inputs]
         k = op.kind
-        if k == "requant":
-            if p.get("divisor", 1) != 1:
-                pass  # the float graph already averaged (sumpool -> mean)
+        if k == "requant":  # after a sum pool the float graph has already averaged (GlobalAveragePool)
             names[op.name] = quant(ins[0], op.name, p["out_scale"], p["qmin"], p["qmax"])
         elif k in ("conv2d", "linear"):
             w = p["weight"].numpy()

@@ -1,11 +1,14 @@
 """Quantization methods.  Each has a frozen, validated config dataclass that selects its handler."""
 
+from .arc import ARCConfig, ARCHandle, prepare_arc
 from .base import PTQ_HANDLERS, ptq, register_ptq
 from .ggd_ptq import GGDPTQConfig, backward_forward_tuning
 from .minmax import MinMaxPTQConfig, ObserverPTQConfig, observer_ptq
 from .qat import QAT_CONFIGS, CQATConfig, LSQConfig, PACTConfig, STEConfig, build_qat_model, prepare_qat, qat_summary
 
 __all__ = [
+    "ARCConfig",
+    "ARCHandle",
     "CQATConfig",
     "LSQConfig",
     "PACTConfig",
@@ -20,6 +23,7 @@ __all__ = [
     "ObserverPTQConfig",
     "backward_forward_tuning",
     "observer_ptq",
+    "prepare_arc",
     "ptq",
     "register_ptq",
 ]

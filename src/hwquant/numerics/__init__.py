@@ -11,6 +11,15 @@ from .fixed_point import (
     fraction_length_errors,
 )
 from .ggd import GGD, expected_mse, ggd_fit, ggd_optimal_step, hui_neuhoff_step, power_of_two_step
+from .gradient import (
+    GRAD_CLIPS,
+    GRAD_ROUNDINGS,
+    dequantize_gradient,
+    fake_quantize_gradient,
+    gradient_clip,
+    gradient_stats,
+    quantize_gradient,
+)
 from .metrics import mse, sqnr_db
 from .rounding import ROUNDING_MODES, check_rounding, round_tensor
 from .uniform import (
@@ -28,6 +37,13 @@ from .uniform import (
 
 __all__ = [
     "GGD",
+    "GRAD_CLIPS",
+    "GRAD_ROUNDINGS",
+    "dequantize_gradient",
+    "fake_quantize_gradient",
+    "gradient_clip",
+    "gradient_stats",
+    "quantize_gradient",
     "MAX_BITS",
     "MIN_BITS",
     "ROUNDING_MODES",

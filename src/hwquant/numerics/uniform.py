@@ -271,6 +271,61 @@ double hwq_scale_bwd(const float *restrict g, const float *restrict x, const uin
   return acc;
 }
 
+/* ---- gradient quantization (hwquant.numerics.gradient) ---- */
+/* one pass: out[0] = sum x, out[1] = sum x^2 (double), out[2] = max |x| (NaN propagates to out[0]) */
+void hwq_stats(const float *restrict x, int64_t n, double *restrict out, int nt) {
+  double s = 0.0, ss = 0.0;
+  float mx = 0.0f;
+  _Pragma("omp parallel for simd schedule(static) num_threads(nt) if(n > 32768) reduction(+:s,ss) reduction(max:mx)")
+  for (int64_t i = 0; i < n; i++) {
+    float v = x[i];
+    double d = (double)v;
+    s += d; ss += d * d;
+    float a = fabsf(v);
+    mx = a > mx ? a : mx;
+  }
+  out[0] = s; out[1] = ss; out[2] = (double)mx;
+}
+
+/* counter-based uniform in [0, 1): splitmix64 of (seed, index), 24 bits; independent of thread count */
+static inline float u01(uint64_t seed, uint64_t i) {
+  uint64_t z = seed + (i + 1) * 0x9E3779B97F4A7C15ULL;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  z ^= z >> 31;
+  return (float)(z >> 40) * 0x1p-24f;
+}
+
+/* codes q = clamp(R(x * r), -qm, qm); R: 0 toward zero, 1 nearest even, 2 floor(v + u), 3 floor.
+   kind 0: int8 codes, 1: int16 codes, 2: float x_hat = q * s.  Toward zero is the float -> int conversion
+   itself (C truncates), so the integer kinds need no rounding instruction at all (T0 = identity). */
+#define GQ_LOOP(STORE) \
+  if (mode == 0) { PAR for (int64_t i = 0; i < n; i++) { STORE(T0(clampf(x[i] * r, -qm, qm))); } } \
+  else if (mode == 1) { PAR for (int64_t i = 0; i < n; i++) { STORE(clampf(rintf(x[i] * r), -qm, qm)); } } \
+  else if (mode == 2) { PAR for (int64_t i = 0; i < n; i++) { \
+      STORE(clampf(floorf(x[i] * r + u01(seed, (uint64_t)i)), -qm, qm)); } } \
+  else { PAR for (int64_t i = 0; i < n; i++) { STORE(clampf(floorf(x[i] * r), -qm, qm)); } }
+
+void hwq_gq(const float *restrict x, void *restrict out, int64_t n, float r, float s, float qm, int mode, int kind,
+            uint64_t seed, int nt) {
+#define T0(v) (v)
+  if (kind == 0) {
+    int8_t *restrict q = (int8_t *)out;
+#define ST8(v) q[i] = (int8_t)(int32_t)(v)
+    GQ_LOOP(ST8)
+  } else if (kind == 1) {
+    int16_t *restrict q = (int16_t *)out;
+#define ST16(v) q[i] = (int16_t)(int32_t)(v)
+    GQ_LOOP(ST16)
+  } else {
+    float *restrict y = (float *)out;
+#undef T0
+#define T0(v) truncf(v)
+#define STF(v) y[i] = (v) * s
+    GQ_LOOP(STF)
+  }
+}
+
 """
 
 _NATIVE_LOCK = threading.Lock()
@@ -344,6 +399,10 @@ def _load_native():
     lib.hwq_mask_bwd.restype = None
     lib.hwq_scale_bwd.argtypes = [P, P, P, P, I64, F, F, F, F, I, I]
     lib.hwq_scale_bwd.restype = D
+    lib.hwq_stats.argtypes = [P, I64, P, I]
+    lib.hwq_stats.restype = None
+    lib.hwq_gq.argtypes = [P, P, I64, F, F, F, I, I, ctypes.c_uint64, I]
+    lib.hwq_gq.restype = None
     return lib, path
 
 

@@ -1,0 +1,142 @@
+"""ARC: low-bit gradient training (Choi & Kim, ISCAS 2024; seed ``000``): round-toward-zero and z-score
+clipping for the error and weight gradients of every convolution and linear layer.
+
+``handle = prepare_arc(model, ARCConfig(bits=8, rounding="zero", clip="zscore", k=3.0))`` installs the
+quantizers; train as usual; ``handle.remove()`` takes them out.  Exact semantics, per conv/linear layer ``l``
+with output ``y_l = op(x_l, W_l) + b_l`` (first conv and last linear excluded when ``skip_first_last``):
+
+1. **error gradient**: the gradient arriving at the layer's output, ``e_l = dL/dy_l``, is replaced by its
+   quantized value ``Q(e_l) = codes * scale`` of :func:`~hwquant.numerics.gradient.quantize_gradient` (one
+   scale per tensor, i.e. per layer and step) *before* the layer's backward runs, so both
+   ``dL/dx_l = op^T(Q(e_l), W_l)`` (the error sent to the previous layer) and ``dL/dW_l = op_W(x_l, Q(e_l))``
+   are computed from the quantized error (the integer GEMMs of a low-bit training datapath); the bias
+   gradient ``sum Q(e_l)`` is left as it comes out;
+2. **weight gradient**: ``dL/dW_l`` is then quantized the same way, ``Q(dL/dW_l)``, which is what the optimizer
+   sees (``weight_grad=True``).
+
+``Q`` uses ``bits`` (symmetric narrow codes ``[-(2^(b-1)-1), 2^(b-1)-1]``), ``rounding`` (``zero`` [paper],
+``nearest``, ``stochastic``) and ``clip`` (``zscore`` [paper]: ``c = min(max|g|, |mu| + k sigma)``, ``max``,
+``dsgc``); see :mod:`hwquant.numerics.gradient`.  Stochastic rounding draws from one ``torch.Generator`` seeded
+with ``seed``.  Forward weight/activation quantization composes: apply it to a fake-quantized model
+(:func:`~hwquant.methods.prepare_qat`) for e.g. W8A8 + G8.  With ``record=True`` the handle keeps every clip
+value (``handle.clips[layer] = [(step, kind, c, max|g|), ...]``) for the clip-over-training plot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..numerics.gradient import GRAD_CLIPS, GRAD_ROUNDINGS, fake_quantize_gradient, gradient_stats
+
+__all__ = ["ARCConfig", "ARCHandle", "prepare_arc"]
+
+
+@dataclass(frozen=True)
+class ARCConfig:
+    """Gradient quantization for training (see the module docstring).
+
+    Attributes:
+        bits: gradient code width (2..16).
+        rounding: ``zero`` (RTZ, the paper's), ``nearest`` or ``stochastic``.
+        clip: ``zscore`` (the paper's), ``max`` or ``dsgc``.
+        k: the z-score multiplier ``k`` in ``|mu| + k sigma``.
+        skip_first_last: keep the first conv's and last linear's gradients in float.
+        error_grad: quantize each layer's output gradient (the error).
+        weight_grad: quantize each layer's weight gradient.
+        seed: seed of the stochastic-rounding generator.
+        record: keep every clip value in ``handle.clips``.
+    """
+
+    bits: int = 8
+    rounding: str = "zero"
+    clip: str = "zscore"
+    k: float = 3.0
+    skip_first_last: bool = True
+    error_grad: bool = True
+    weight_grad: bool = True
+    seed: int = 0
+    record: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
+            raise ConfigError(f"gradient bits must be an integer in 2..16, got {self.bits!r}")
+        if self.rounding not in GRAD_ROUNDINGS:
+            raise ConfigError(f"gradient rounding must be one of {', '.join(GRAD_ROUNDINGS)}, got {self.rounding!r}")
+        if self.clip not in GRAD_CLIPS:
+            raise ConfigError(f"gradient clip must be one of {', '.join(GRAD_CLIPS)}, got {self.clip!r}")
+        if isinstance(self.k, bool) or not isinstance(self.k, (int, float)) or not self.k > 0:
+            raise ConfigError(f"z-score k must be a positive number, got {self.k!r}")
+        if not (self.error_grad or self.weight_grad):
+            raise ConfigError("ARC needs error_grad or weight_grad (or both)")
+
+
+@dataclass
+class ARCHandle:
+    """What :func:`prepare_arc` installed: ``layers`` (names), ``clips`` (when recording), ``remove()``."""
+
+    config: ARCConfig
+    layers: list[str]
+    clips: dict[str, list[tuple[int, str, float, float]]] = field(default_factory=dict)
+    step: int = 0
+    _handles: list[Any] = field(default_factory=list, repr=False)
+    generator: torch.Generator | None = None
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _q(self, name: str, kind: str, g: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        gh, c = fake_quantize_gradient(g, cfg.bits, cfg.rounding, cfg.clip, cfg.k, self.generator)
+        if cfg.record:
+            mx = gradient_stats(g)[2]
+            self.clips.setdefault(name, []).append((self.step, kind, float(c), float(mx)))
+        return gh
+
+
+def _targets(model: nn.Module, skip_first_last: bool) -> list[tuple[str, nn.Module]]:
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if skip_first_last:
+        first = getattr(model, "first_layer_name", None)
+        last = getattr(model, "last_layer_name", None)
+        names = [n for n, _ in layers]
+        first = first if first in names else (names[0] if names else None)
+        last = last if last in names else (names[-1] if names else None)
+        layers = [(n, m) for n, m in layers if n not in (first, last)]
+    return layers
+
+
+def prepare_arc(model: nn.Module, config: ARCConfig) -> ARCHandle:
+    """Install ARC's gradient quantizers on ``model`` in place and return the handle (see the module
+    docstring).  Raises :class:`~hwquant.errors.ConfigError` if the model has no layer to quantize."""
+    if not isinstance(config, ARCConfig):
+        raise ConfigError(f"prepare_arc needs an ARCConfig, got {type(config).__name__}")
+    targets = _targets(model, config.skip_first_last)
+    if not targets:
+        raise ConfigError("the model has no conv/linear layer whose gradients ARC would quantize")
+    gen = torch.Generator().manual_seed(config.seed) if config.rounding == "stochastic" else None
+    handle = ARCHandle(config, [n for n, _ in targets], generator=gen)
+    for name, m in targets:
+        if config.error_grad:
+            def pre(module, grad_output, _name=name):
+                g = grad_output[0]
+                if g is None:
+                    return None
+                return (handle._q(_name, "error", g),) + tuple(grad_output[1:])
+
+            handle._handles.append(m.register_full_backward_pre_hook(pre))
+        if config.weight_grad:
+            handle._handles.append(m.weight.register_hook(lambda g, _name=name: handle._q(_name, "weight", g)))
+
+    def count(module, args):
+        if module.training and torch.is_grad_enabled():
+            handle.step += 1
+
+    handle._handles.append(model.register_forward_pre_hook(count))
+    return handle

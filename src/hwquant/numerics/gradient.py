@@ -1,0 +1,220 @@
+"""Gradient quantization (ARC, Choi & Kim, ISCAS 2024; seed ``000``): per-tensor codes for error and weight
+gradients, with a clip chosen from the tensor's own statistics.
+
+For a gradient tensor ``g`` and ``b`` bits (``Q = 2^(b-1) - 1``, symmetric narrow codes ``[-Q, Q]``)::
+
+    c = clip(g)                         the clip value (policy below)
+    s = fl32(c / Q)                     the step
+    r = fl32(Q / c)                     the multiplier (one ulp larger if needed so that fl32(c * r) >= Q:
+                                        the clip value itself gets the top code, also when truncating)
+    q = clamp(R(g * r), -Q, Q)          the codes, R the rounding
+
+Clip policies:
+
+``zscore`` [paper, rec]  ``c = min(max|g|, |mu| + k * sigma)`` with ``mu, sigma`` the mean and (population)
+    standard deviation of ``g``: values beyond ``k`` standard deviations are outliers and saturate.
+``max``  ``c = max|g|`` (no clipping: the usual baseline).
+``dsgc`` (direction-sensitive gradient clipping, Zhu et al., CVPR 2020)  ``c`` maximises the cosine similarity
+    between ``g`` and its quantized version, searched over ``c = max|g| * 2^(-j/4)``, ``j = 0..39``, on a
+    strided subsample of at most 65536 elements (an error-minimising search: it tracks the bulk of the
+    distribution, which the paper argues is the wrong target after convergence).
+
+Roundings: ``zero`` (toward zero, truncation: what an int cast does; no random numbers, no tie logic),
+``nearest`` (half to even), ``stochastic`` (``floor(v + u)``, ``u ~ U[0, 1)``, unbiased).  Stochastic
+rounding draws from a ``torch.Generator`` on the torch path; the fused kernel uses a counter-based generator
+(splitmix64 of seed and element index, 24-bit uniforms) seeded from the generator, so results do not depend
+on the thread count.
+
+**Speed.**  :func:`quantize_gradient` makes two passes over memory on CPU float32: one for the statistics
+(sum, sum of squares, max: one OpenMP reduction in the fused C kernel of :mod:`hwquant.numerics.uniform`), one
+that reads ``g`` and writes 1-byte codes (or the dequantized float gradient, :func:`fake_quantize_gradient`).
+The torch path (other dtypes / devices, ``HWQUANT_NATIVE=0``) computes the same codes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import ConfigError, DataError
+from .rounding import round_
+from .uniform import MAX_BITS, _dense, _native
+
+__all__ = [
+    "GRAD_CLIPS",
+    "GRAD_ROUNDINGS",
+    "dequantize_gradient",
+    "fake_quantize_gradient",
+    "gradient_clip",
+    "gradient_stats",
+    "quantize_gradient",
+]
+
+GRAD_CLIPS = ("zscore", "max", "dsgc")
+GRAD_ROUNDINGS = ("zero", "nearest", "stochastic")
+_MODE = {"zero": 0, "nearest": 1, "stochastic": 2, "floor": 3}
+_DSGC_SAMPLES = 65536
+_DSGC_GRID = 40
+
+
+def _check(bits: int, rounding: str, clip: str, k: float) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= MAX_BITS:
+        raise ConfigError(f"gradient bits must be an integer in 2..{MAX_BITS}, got {bits!r}")
+    if rounding not in GRAD_ROUNDINGS:
+        raise ConfigError(f"gradient rounding must be one of {', '.join(GRAD_ROUNDINGS)}, got {rounding!r}")
+    if clip not in GRAD_CLIPS:
+        raise ConfigError(f"gradient clip must be one of {', '.join(GRAD_CLIPS)}, got {clip!r}")
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not k > 0 or not math.isfinite(k):
+        raise ConfigError(f"z-score k must be a positive number, got {k!r}")
+
+
+def _fast(g: torch.Tensor) -> bool:
+    """The kernels are elementwise with one scale, so any dense layout (contiguous, channels-last) works."""
+    return g.dtype == torch.float32 and g.device.type == "cpu" and g.numel() > 0 and _dense(g)
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def gradient_stats(g: torch.Tensor) -> tuple[float, float, float]:
+    """``(mean, population std, max|g|)`` of ``g`` in double precision, in one pass on CPU float32.
+
+    Raises :class:`~hwquant.errors.DataError` if ``g`` holds NaN or infinity.
+    """
+    if g.numel() == 0:
+        return 0.0, 0.0, 0.0
+    lib = _native() if _fast(g) else None
+    if lib is not None:
+        out = torch.empty(3, dtype=torch.float64)
+        lib.hwq_stats(g.data_ptr(), g.numel(), out.data_ptr(), _threads())
+        s, ss, mx = out.tolist()
+    else:
+        d = g.detach().double()
+        s, ss, mx = float(d.sum()), float((d * d).sum()), float(d.abs().max())
+    n = g.numel()
+    if not (math.isfinite(s) and math.isfinite(ss) and math.isfinite(mx)):
+        raise DataError("gradient holds NaN or infinite values (the training diverged)")
+    mean = s / n
+    var = max(ss / n - mean * mean, 0.0)
+    return mean, math.sqrt(var), mx
+
+
+def _codes_torch(g: torch.Tensor, r: float, q: int, rounding: str, generator) -> torch.Tensor:
+    t = g.detach().float() * torch.tensor(r, dtype=torch.float32)
+    if rounding == "zero":
+        return t.clamp_(-q, q).trunc_()
+    return round_(t, rounding, generator).clamp_(-q, q)
+
+
+def _dsgc_clip(g: torch.Tensor, bits: int, mx: float, rounding: str) -> float:
+    """Clip maximising cos(g, g_hat) on a strided subsample (see the module docstring)."""
+    flat = g.detach().reshape(-1).float()
+    if flat.numel() > _DSGC_SAMPLES:
+        flat = flat[:: flat.numel() // _DSGC_SAMPLES][:_DSGC_SAMPLES]
+    q = 2 ** (bits - 1) - 1
+    norm = float(flat.norm())
+    if norm == 0.0:
+        return mx
+    best, best_c = -2.0, mx
+    metric_rounding = "nearest" if rounding == "stochastic" else rounding  # a deterministic metric
+    for j in range(_DSGC_GRID):
+        c = mx * 2.0 ** (-j / 4)
+        s = float(torch.tensor(c / q, dtype=torch.float32))
+        if s <= 0:
+            break
+        r = _multiplier(c, q)
+        gh = _codes_torch(flat, r, q, metric_rounding, None).mul_(s)
+        nh = float(gh.norm())
+        cos = float(flat @ gh) / (norm * nh) if nh > 0 else -1.0
+        if cos > best:
+            best, best_c = cos, c
+    return best_c
+
+
+def gradient_clip(g: torch.Tensor, bits: int = 8, clip: str = "zscore", k: float = 3.0,
+                  rounding: str = "zero") -> float:
+    """The clip value ``c`` of ``g`` under ``clip`` (see the module docstring)."""
+    _check(bits, rounding, clip, k)
+    mean, std, mx = gradient_stats(g)
+    if clip == "max":
+        return mx
+    if clip == "zscore":
+        return min(mx, abs(mean) + k * std)
+    return _dsgc_clip(g, bits, mx, rounding)
+
+
+def _multiplier(c: float, q: int) -> float:
+    """``fl32(q / c)``, raised by one ulp when ``fl32(c * r) < q`` (see the module docstring)."""
+    r = torch.tensor(q / c, dtype=torch.float32)
+    cf = torch.tensor(c, dtype=torch.float32)
+    if float(cf * r) < q:
+        r = torch.nextafter(r, torch.tensor(float("inf")))
+    return float(r)
+
+
+def _seed_from(generator: torch.Generator | None) -> int:
+    return int(torch.randint(0, 2**62, (1,), generator=generator))
+
+
+def _quantize(g, bits, rounding, clip, k, generator, kind, c=None, out=None):
+    _check(bits, rounding, clip, k)
+    if c is None:
+        c = gradient_clip(g, bits, clip, k, rounding)
+    q = 2 ** (bits - 1) - 1
+    if c <= 0:  # an all-zero gradient: codes 0 with the smallest normal step
+        c = torch.finfo(torch.float32).tiny * q
+    s = torch.tensor(c / q, dtype=torch.float32)
+    r = _multiplier(c, q)
+    sf = float(s)
+    lib = _native() if _fast(g) else None
+    if lib is not None:
+        seed = _seed_from(generator) if rounding == "stochastic" else 0
+        want = g.dtype if kind == "float" else (torch.int8 if bits <= 8 else torch.int16)
+        if out is None:
+            out = torch.empty_like(g, dtype=want)  # same memory layout: the kernel maps element i to i
+        elif out.dtype != want or out.shape != g.shape or out.stride() != g.stride():
+            raise ConfigError(f"out must be a {want} tensor of g's shape and strides {tuple(g.shape)}")
+        code = 2 if kind == "float" else (0 if bits <= 8 else 1)
+        lib.hwq_gq(g.data_ptr(), out.data_ptr(), g.numel(), r, sf, float(q), _MODE[rounding], code, seed,
+                   _threads())
+        return out, s
+    t = _codes_torch(g, r, q, rounding, generator)
+    t = t.mul_(sf).to(g.dtype) if kind == "float" else t.to(torch.int8 if bits <= 8 else torch.int16)
+    if out is not None:
+        out.copy_(t)
+        return out, s
+    return t, s
+
+
+def quantize_gradient(g: torch.Tensor, bits: int = 8, rounding: str = "zero", clip: str = "zscore",
+                      k: float = 3.0, generator: torch.Generator | None = None, *,
+                      out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor gradient codes and step: ``(codes, scale)``, ``codes`` int8 (``bits <= 8``) or int16 in
+    ``[-(2^(b-1)-1), 2^(b-1)-1]``, ``scale`` a 0-d float32 tensor; ``g ~ codes * scale``.  ``out``: a
+    buffer for the codes (reused across steps it saves the page faults of a fresh tensor).
+
+    >>> codes, s = quantize_gradient(torch.tensor([0.5, -0.26, 0.1, 1.0]), bits=4, clip="max")
+    >>> codes.tolist(), float(s)
+    ([3, -1, 0, 7], 0.1428571492433548)
+    """
+    return _quantize(g, bits, rounding, clip, k, generator, "codes", out=out)
+
+
+def dequantize_gradient(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``codes * scale`` as float32."""
+    return codes.to(torch.float32) * scale.to(torch.float32)
+
+
+def fake_quantize_gradient(g: torch.Tensor, bits: int = 8, rounding: str = "zero", clip: str = "zscore",
+                           k: float = 3.0, generator: torch.Generator | None = None,
+                           clip_value: float | None = None) -> tuple[torch.Tensor, float]:
+    """``(codes * scale, c)`` in ``g``'s dtype, in one pass after the statistics (what training uses).
+
+    ``clip_value`` skips the statistics and uses that ``c``.
+    """
+    if clip_value is None:
+        clip_value = gradient_clip(g, bits, clip, k, rounding)
+    out, _ = _quantize(g, bits, rounding, clip, k, generator, "float", c=clip_value)
+    return out, clip_value

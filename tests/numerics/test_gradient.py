@@ -1,0 +1,130 @@
+"""Gradient quantization (ARC): codes against torch-op oracles, the z-score clip by hand, SR unbiasedness,
+DSGC's search, error handling."""
+
+import math
+
+import pytest
+import torch
+
+from hwquant.errors import ConfigError, DataError
+from hwquant.numerics.gradient import (
+    _multiplier,
+    dequantize_gradient,
+    fake_quantize_gradient,
+    gradient_clip,
+    gradient_stats,
+    quantize_gradient,
+)
+
+
+def _g(n=100_000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * 1e-3
+    x[:20] *= 40  # outliers
+    return x
+
+
+@pytest.mark.parametrize("bits", [4, 8, 12])
+def test_rtz_is_torch_trunc_and_codes_in_range(bits):
+    g = _g()
+    q = 2 ** (bits - 1) - 1
+    for clip in ("zscore", "max", "dsgc"):
+        codes, s = quantize_gradient(g, bits=bits, rounding="zero", clip=clip)
+        c = gradient_clip(g, bits, clip, 3.0, "zero")
+        r = torch.tensor(_multiplier(c, q), dtype=torch.float32)
+        ref = torch.clamp(torch.trunc(g * r), -q, q)  # the oracle: torch ops
+        assert torch.equal(codes.to(torch.float32), ref), clip
+        assert codes.dtype == (torch.int8 if bits <= 8 else torch.int16)
+        assert int(codes.abs().max()) <= q
+        assert float(s) == pytest.approx(c / q, rel=1e-6)
+        # truncation never rounds away from zero
+        assert ((codes.float() * s).abs() <= g.abs() + 1e-12).all()
+
+
+def test_nearest_matches_torch_round_and_layouts_agree():
+    g = _g(4 * 8 * 16 * 16).reshape(4, 8, 16, 16)
+    gl = g.contiguous(memory_format=torch.channels_last)
+    codes, s = quantize_gradient(g, rounding="nearest", clip="max")
+    codes_l, s_l = quantize_gradient(gl, rounding="nearest", clip="max")
+    r = torch.tensor(_multiplier(float(g.abs().max()), 127), dtype=torch.float32)
+    assert torch.equal(codes.float(), torch.clamp(torch.round(g * r), -127, 127))
+    assert torch.equal(codes_l, codes) and float(s_l) == float(s)
+    assert codes_l.is_contiguous(memory_format=torch.channels_last)
+    # float64 goes through the torch path: same codes
+    codes64, _ = quantize_gradient(g.double(), rounding="nearest", clip="max")
+    assert torch.equal(codes64, codes)
+
+
+def test_zscore_clip_by_hand():
+    g = torch.tensor([1.0, 2.0, 3.0, 4.0, 100.0])
+    # mean 22, E[g^2] = 2006, population variance 1522
+    assert gradient_stats(g)[:2] == pytest.approx((22.0, math.sqrt(1522.0)))
+    assert gradient_clip(g, clip="zscore", k=1.0) == pytest.approx(22.0 + math.sqrt(1522.0))
+    assert gradient_clip(g, clip="zscore", k=3.0) == 100.0  # |mu| + 3 sigma > max|g|: no clip
+    codes, s = quantize_gradient(g, bits=8, clip="zscore", k=1.0)
+    assert codes.tolist()[-1] == 127 and float(s) == pytest.approx((22.0 + math.sqrt(1522.0)) / 127, rel=1e-6)
+    # the clip value itself reaches the top code even with truncation
+    codes, _ = quantize_gradient(torch.tensor([0.5, -0.26, 0.1, 1.0]), bits=4, clip="max")
+    assert codes.tolist() == [3, -1, 0, 7]
+
+
+def test_stochastic_rounding_is_unbiased_and_seeded():
+    s_target = 0.01
+    vals = torch.tensor([0.3, -0.7, 2.25, -3.9]) * s_target
+    g = vals.repeat(50_000)
+    g = torch.cat([g, torch.tensor([127 * s_target])])  # fixes max|g| so the step is s_target
+    gen = torch.Generator().manual_seed(0)
+    codes, s = quantize_gradient(g, rounding="stochastic", clip="max", generator=gen)
+    assert float(s) == pytest.approx(s_target, rel=1e-6)
+    means = codes[:-1].float().reshape(-1, 4).mean(dim=0)
+    torch.testing.assert_close(means, torch.tensor([0.3, -0.7, 2.25, -3.9]), atol=0.01, rtol=0)
+    again, _ = quantize_gradient(g, rounding="stochastic", clip="max", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(codes, again)
+    other, _ = quantize_gradient(g, rounding="stochastic", clip="max", generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(codes, other)
+    # every code is one of the two neighbours
+    lo = torch.floor(g[:-1] / s)
+    assert ((codes[:-1].float() == lo) | (codes[:-1].float() == lo + 1)).all()
+
+
+def test_dsgc_picks_the_best_cosine_on_its_grid():
+    g = _g(50_000, seed=3)
+    c = gradient_clip(g, bits=4, clip="dsgc", rounding="zero")
+    mx = float(g.abs().max())
+    assert c < mx  # heavy outliers: the error-based clip cuts them
+
+    def cos(cv):
+        q = 7
+        s = float(torch.tensor(cv / q, dtype=torch.float32))
+        r = torch.tensor(_multiplier(cv, q), dtype=torch.float32)
+        gh = torch.clamp(torch.trunc(g * r), -q, q) * s
+        return float(torch.nn.functional.cosine_similarity(g.double(), gh.double(), dim=0))
+
+    best = cos(c)
+    for j in range(40):
+        assert best >= cos(mx * 2.0 ** (-j / 4)) - 1e-9
+
+
+def test_fake_quantize_gradient_and_dequantize():
+    g = _g()
+    gh, c = fake_quantize_gradient(g)
+    codes, s = quantize_gradient(g)
+    assert torch.equal(gh, dequantize_gradient(codes, s)) and c == pytest.approx(float(s) * 127, rel=1e-6)
+    out = torch.empty(g.shape, dtype=torch.int8)
+    codes2, _ = quantize_gradient(g, out=out)
+    assert codes2.data_ptr() == out.data_ptr() and torch.equal(codes2, codes)
+
+
+def test_bad_input():
+    with pytest.raises(DataError, match="NaN"):
+        quantize_gradient(torch.tensor([1.0, float("nan")]))
+    with pytest.raises(ConfigError, match="bits"):
+        quantize_gradient(torch.ones(3), bits=1)
+    with pytest.raises(ConfigError, match="rounding"):
+        quantize_gradient(torch.ones(3), rounding="up")
+    with pytest.raises(ConfigError, match="clip"):
+        quantize_gradient(torch.ones(3), clip="median")
+    with pytest.raises(ConfigError, match="out must be"):
+        quantize_gradient(torch.ones(3), out=torch.empty(3, dtype=torch.int16))
+    codes, s = quantize_gradient(torch.zeros(10))
+    assert codes.abs().sum() == 0 and float(s) > 0
