@@ -136,7 +136,44 @@ def accuracy(quick: bool) -> dict[str, Any] | None:
     fp32 = rows[0]["top1"]
     for r in rows:
         r["drop_vs_fp32"] = fp32 - r["top1"]
-    return {"epochs": epochs, "rows": rows}
+    plot = _clip_plot(runs_dir, Path(os.environ.get("HWQUANT_BENCH_RESULTS", Path(__file__).parent / "results")))
+    return {"epochs": epochs, "rows": rows, "clip_plot": plot}
+
+
+def _clip_plot(runs_dir: Path, out_dir: Path) -> str | None:
+    """Clip value over training per layer (error gradients), z-score vs DSGC at 8 bits -> arc_clip.png."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("g8 rtz+zscore", "z-score (k = 3)"), ("g8 rtz+dsgc", "DSGC (error-based)")]
+    data = {}
+    for run, _ in panels:
+        f = runs_dir / run.replace(" ", "_").replace("+", "-") / "arc_clips.json"
+        if f.exists():
+            data[run] = json.loads(f.read_text())
+    if not data:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(11, 4), sharey=True)
+    for ax, (run, title) in zip(axes, panels, strict=True):
+        for layer, kinds in sorted(data.get(run, {}).items()):
+            rows = kinds.get("error", [])
+            if rows:
+                ax.plot([r[0] for r in rows], [r[1] / r[2] for r in rows], lw=0.6, label=layer)
+        ax.set_title(f"{title}: clip / max|g|, error gradients")
+        ax.set_xlabel("training step")
+    axes[0].set_ylabel("c / max|g|")
+    axes[0].set_yscale("log")
+    axes[-1].legend(fontsize=5, ncol=2)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "arc_clip.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
 
 
 def table(results: dict[str, Any]) -> str:

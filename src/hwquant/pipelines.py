@@ -333,9 +333,21 @@ def _install_arc(model: nn.Module, opts):
     acfg = arc_config(opts)
     if acfg is None:
         return None, None
+    from dataclasses import replace
+
+    acfg = replace(acfg, record=True)  # the clip values go to OUT/arc_clips.json
     handle = prepare_arc(model, acfg)
     _say(f"ARC: {acfg.bits}-bit gradients ({acfg.rounding}, {acfg.clip} clip) in {len(handle.layers)} layers")
     return handle, asdict(acfg)
+
+
+def _save_arc_clips(out: Path, handle) -> None:
+    """Per layer, the clip value and max|g| of every quantized gradient: ``{layer: {kind: [[step, c, max]]}}``."""
+    clips: dict[str, dict[str, list]] = {}
+    for layer, rows in handle.clips.items():
+        for step, kind, c, mx in rows:
+            clips.setdefault(layer, {}).setdefault(kind, []).append([step, c, mx])
+    _write_json(out / "arc_clips.json", clips)
 
 
 
@@ -428,6 +440,8 @@ def run_train(cfg: TrainOptions) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     if handle is not None:
         handle.remove()
+        if dist_info.is_main:
+            _save_arc_clips(out, handle)
     final = evaluate(model, loaders.test)
     result = {"model": cfg.model, "dataset": info.name, "source": info.source, "test": final,
               "train_seconds": seconds, "world_size": dist_info.world_size, "history": history["epochs"],
@@ -515,6 +529,8 @@ def run_qat(cfg: QATOptions) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     if handle is not None:
         handle.remove()
+        if dist_info.is_main:
+            _save_arc_clips(out, handle)
     final = evaluate(qmodel, loaders.test)
     result = {"method": cfg.method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "config": meta["config"],
               "fp32": fp32, "start": start, "final": final, "train_seconds": seconds, "history": history["epochs"],

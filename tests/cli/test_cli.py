@@ -299,6 +299,9 @@ def test_train_with_arc_gradients_from_cli(tmp_path):
                  "--grad-quant-clip", "zscore", "--out", str(out)]) == 0
     res = json.loads((out / "metrics.json").read_text())
     assert res["arc"]["bits"] == 8 and res["arc"]["rounding"] == "zero" and res["test"]["top1"] > 10.0
+    clips = json.loads((out / "arc_clips.json").read_text())
+    rows = clips["conv2"]["error"]
+    assert len(rows) == len(clips["conv2"]["weight"]) > 0 and all(0 < c <= mx for _, c, mx in rows)
 
 
 @pytest.mark.parametrize("argv,needle", [
