@@ -225,9 +225,10 @@ def accuracy(quick: bool) -> dict[str, Any]:
             rows.append({**row, "note": f"diverged: {e}"})
             print(f"  {name}: {e}", flush=True)
             continue
+        reused = res["train_seconds"] < 1.0  # resume found a finished run: nothing was trained now
         rows.append({**row, "start_top1": res["start"]["top1"], "top1": res["final"]["top1"],
                      "top5": res["final"]["top5"], "checkpoint_top1": res["fp32"]["top1"],
-                     "train_s": res["train_seconds"], "note": ""})
+                     "train_s": res["train_seconds"], "note": "reused finished checkpoint" if reused else ""})
         curves[name] = res["step_loss"]
         print(f"  {name}: start {res['start']['top1']:.2f}% -> {res['final']['top1']:.2f}%", flush=True)
     control = rows[0].get("top1")
