@@ -110,7 +110,6 @@ def timing_only(quick: bool, out_dir=None) -> dict[str, Any]:
 
 def _row(name: str, path: Path, quick: bool, float_model) -> dict[str, Any]:
     from hwquant.export import check_onnx, compare, integer_model, to_onnx, verify, write_golden
-    from hwquant.export.onnx import session
     from hwquant.pipelines import _loaders_for, load_model
 
     qmodel, ck = load_model(path)
@@ -123,16 +122,9 @@ def _row(name: str, path: Path, quick: bool, float_model) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as d:
         probe = to_onnx(imodel, Path(d) / "probe.onnx", codes_outputs=True)
         ort = check_onnx(probe, imodel, loaders.test)
-        plain = to_onnx(imodel, Path(d) / "model.onnx")
-        sess, level = session(plain)
         gold = verify(write_golden(imodel, x0[:1], Path(d) / "golden").parent)
-        codes = imodel.quantize_input(x0)
-        xn = x0.contiguous().numpy()
-        with torch.no_grad():
-            t = time_interleaved({"fp32": lambda: float_model(x0), "fake-quant": lambda: qmodel(x0),
-                                  "integer": lambda: imodel(codes),
-                                  "onnxruntime": lambda: sess.run(["logits"], {"input": xn})},
-                                 repeats=3 if quick else 5, warmup=1)
+    t = _timings(qmodel, imodel, float_model, x0, 3 if quick else 5)
+    level = t["onnx_optimize"]
     layers = imodel.layers()
     return {
         "model": name, "checkpoint": str(path), "images": cmp["images"],
@@ -145,8 +137,7 @@ def _row(name: str, path: Path, quick: bool, float_model) -> dict[str, Any]:
         "golden_ok": gold["ok"], "golden_values": gold["values"],
         "acc_bits_max": max(r["acc_bits"] for r in layers), "convert_s": convert_s,
         "per_layer_codes_diff": {k: v["codes_diff"] for k, v in cmp["layers"].items()},
-        "time_s": {k: v["median_s"] for k, v in t.items()},
-        "x_fp32": {k: paired_ratio(v, t["fp32"]) for k, v in t.items() if k != "fp32"},
+        "time_s": t["time_s"], "x_fp32": t["x_fp32"],
     }
 
 
