@@ -65,7 +65,19 @@ def _set_threads(threads: int | None) -> None:
 
 # --------------------------------------------------------------------------- configs
 @dataclass(frozen=True)
-class TrainOptions:
+class GradQuantOptions:
+    """The ARC gradient-quantization options shared by ``hwquant train`` and ``hwquant qat``."""
+
+    grad_bits: int | None = field(default=None, metadata=_h(
+        "ARC: quantize every conv/linear error and weight gradient to this many bits (none: float gradients)"))
+    grad_rounding: str = field(default="zero", metadata=_h("ARC: gradient rounding", ("zero", "nearest", "stochastic")))
+    grad_quant_clip: str = field(default="zscore", metadata=_h("ARC: gradient clip policy", ("zscore", "max", "dsgc")))
+    grad_k: float = field(default=3.0, metadata=_h("ARC: z-score clip c = min(max|g|, |mu| + k sigma)"))
+    grad_skip_first_last: bool = field(default=True, metadata=_h("ARC: first conv / last FC gradients stay float"))
+
+
+@dataclass(frozen=True)
+class TrainOptions(GradQuantOptions):
     """``hwquant train``: train a float model and save ``model.pt``."""
 
     model: str = field(default="resnet20", metadata=_h("model name"))
@@ -83,12 +95,6 @@ class TrainOptions:
     augment: bool = field(default=True, metadata=_h("train-time augmentation (crop, flip)"))
     calib_size: int | None = field(default=None, metadata=_h(
         "training images held out for calibration (none: 1000, or 200 for the small digits set)"))
-    grad_bits: int | None = field(default=None, metadata=_h(
-        "ARC: quantize every conv/linear error and weight gradient to this many bits (none: float gradients)"))
-    grad_rounding: str = field(default="zero", metadata=_h("ARC: gradient rounding", ("zero", "nearest", "stochastic")))
-    grad_quant_clip: str = field(default="zscore", metadata=_h("ARC: gradient clip policy", ("zscore", "max", "dsgc")))
-    grad_k: float = field(default=3.0, metadata=_h("ARC: z-score clip c = min(max|g|, |mu| + k sigma)"))
-    grad_skip_first_last: bool = field(default=True, metadata=_h("ARC: first conv / last FC gradients stay float"))
     seed: int = field(default=0, metadata=_h("seed for init, data order and augmentation"))
     channels_last: bool = field(default=True, metadata=_h("channels-last memory format (faster on CPU)"))
     threads: int | None = field(default=None, metadata=_h("torch CPU threads"))
@@ -160,7 +166,7 @@ class PTQOptions:
 
 
 @dataclass(frozen=True)
-class QATOptions:
+class QATOptions(GradQuantOptions):
     """``hwquant qat``: quantization-aware fine-tuning of a trained float checkpoint (CQAT or a baseline)."""
 
     checkpoint: str = field(default="runs/train/model.pt", metadata=_h("float checkpoint from hwquant train"))
@@ -189,12 +195,6 @@ class QATOptions:
     warmup_epochs: float = field(default=0.0, metadata=_h("linear warmup epochs"))
     augment: bool = field(default=True, metadata=_h("train-time augmentation (crop, flip)"))
     calib_batches: int | None = field(default=8, metadata=_h("calibration batches to initialise the steps"))
-    grad_bits: int | None = field(default=None, metadata=_h(
-        "ARC: quantize every conv/linear error and weight gradient to this many bits (none: float gradients)"))
-    grad_rounding: str = field(default="zero", metadata=_h("ARC: gradient rounding", ("zero", "nearest", "stochastic")))
-    grad_quant_clip: str = field(default="zscore", metadata=_h("ARC: gradient clip policy", ("zscore", "max", "dsgc")))
-    grad_k: float = field(default=3.0, metadata=_h("ARC: z-score clip c = min(max|g|, |mu| + k sigma)"))
-    grad_skip_first_last: bool = field(default=True, metadata=_h("ARC: first conv / last FC gradients stay float"))
     seed: int = field(default=0, metadata=_h("seed for data order and augmentation"))
     channels_last: bool = field(default=True, metadata=_h("channels-last memory format (faster on CPU)"))
     data_dir: str | None = field(default=None, metadata=_h("dataset directory (default: as in the checkpoint)"))

@@ -45,11 +45,11 @@ def onnx_available() -> bool:
     return True
 
 
-def _need_onnx():
+def _need_onnx(what: str = "ONNX export"):
     try:
         import onnx
     except ImportError:
-        raise HwquantError("ONNX export needs the onnx package: pip install 'hwquant[onnx]'") from None
+        raise HwquantError(f"{what} needs the onnx package: pip install 'hwquant[onnx]'") from None
     return onnx
 
 

@@ -67,6 +67,7 @@ import torch
 from ..errors import ConfigError, HwquantError
 from .integer import IntegerModel
 from .onnx import _Graph
+from .onnx import _need_onnx as _need_onnx_for
 
 __all__ = ["QONNX_DOMAIN", "check_qonnx", "qonnx_available", "run_numpy", "to_qonnx"]
 
@@ -81,14 +82,6 @@ def qonnx_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def _need_onnx():
-    try:
-        import onnx
-    except ImportError:
-        raise HwquantError("QONNX export needs the onnx package: pip install 'hwquant[onnx]'") from None
-    return onnx
 
 
 def _int_range(bits: int, signed: bool, narrow: bool) -> tuple[int, int]:
@@ -110,7 +103,7 @@ def _narrow(where: str, bits: int, signed: bool, qmin: int, qmax: int) -> bool:
 def to_qonnx(imodel: IntegerModel, path: str | os.PathLike, *, codes_outputs: bool = False,
              opset: int = OPSET) -> Path:
     """Write the QONNX graph of ``imodel`` to ``path`` (atomically) and return the path."""
-    onnx = _need_onnx()
+    onnx = _need_onnx_for("QONNX export")
     if not isinstance(imodel, IntegerModel):
         raise ConfigError("to_qonnx needs an IntegerModel (hwquant.export.integer_model)")
     if opset < 11:
@@ -267,7 +260,7 @@ def run_numpy(path_or_model, x: np.ndarray) -> dict[str, np.ndarray]:
     Standard ops: ``Conv`` / ``Gemm`` / pools sum in float64 and round once to float32; ``Add`` / ``Relu`` in
     float32.  ``Quant`` as qonnx (see :func:`_quant`).
     """
-    onnx = _need_onnx()
+    onnx = _need_onnx_for("QONNX export")
     model = path_or_model if isinstance(path_or_model, onnx.ModelProto) else onnx.load(str(path_or_model))
     from onnx import numpy_helper
 
@@ -366,7 +359,7 @@ def check_qonnx(path: str | os.PathLike, imodel: IntegerModel, batches, *, max_b
     Raises:
         HwquantError: onnx is not installed, or ``executor="qonnx"`` without qonnx.
     """
-    onnx = _need_onnx()
+    onnx = _need_onnx_for("QONNX export")
     if executor not in ("auto", "qonnx", "numpy"):
         raise ConfigError(f"executor must be auto, qonnx or numpy, got {executor!r}")
     if executor == "auto":
