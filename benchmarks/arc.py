@@ -114,6 +114,12 @@ RUNS = [("fp32", None)] + [
                      ("sr+max", {"grad_rounding": "stochastic", "grad_quant_clip": "max"}),
                      ("nearest+max", {"grad_rounding": "nearest", "grad_quant_clip": "max"}),
                      ("rtz+dsgc", {"grad_rounding": "zero", "grad_quant_clip": "dsgc"}))
+] + [  # where the z-score rule loses accuracy: the clip (k) vs the rounding, and error vs weight gradients
+    ("g8 nearest+zscore", {"grad_bits": 8, "grad_rounding": "nearest", "grad_quant_clip": "zscore"}),
+    ("g8 rtz+zscore k=6", {"grad_bits": 8, "grad_rounding": "zero", "grad_quant_clip": "zscore", "grad_k": 6.0}),
+    ("g8 rtz+zscore k=10", {"grad_bits": 8, "grad_rounding": "zero", "grad_quant_clip": "zscore", "grad_k": 10.0}),
+    ("g8 rtz+zscore weight grads only", {"grad_bits": 8, "grad_rounding": "zero", "grad_quant_clip": "zscore",
+                                         "grad_error": False}),
 ]
 
 
@@ -131,13 +137,62 @@ def accuracy(quick: bool) -> dict[str, Any] | None:
                             progress=False, **(kw or {}))
         res = run_train(opts)
         rows.append({"run": name, "bits": kw["grad_bits"] if kw else 32, "top1": res["test"]["top1"],
-                     "top5": res["test"]["top5"], "train_s": res["train_seconds"]})
+                     "top5": res["test"]["top5"],  # epoch times from the history: right also for resumed runs
+                     "train_s": sum(e["seconds"] for e in res["history"])})
         print(f"  {name}: {res['test']['top1']:.2f}%", flush=True)
     fp32 = rows[0]["top1"]
     for r in rows:
         r["drop_vs_fp32"] = fp32 - r["top1"]
     plot = _clip_plot(runs_dir, Path(os.environ.get("HWQUANT_BENCH_RESULTS", Path(__file__).parent / "results")))
     return {"epochs": epochs, "rows": rows, "clip_plot": plot}
+
+
+def _arc_kw(kw: dict[str, Any]) -> ARCConfig:
+    return ARCConfig(bits=kw["grad_bits"], rounding=kw["grad_rounding"], clip=kw["grad_quant_clip"],
+                     k=kw.get("grad_k", 3.0), error_grad=kw.get("grad_error", True))
+
+
+def fidelity(quick: bool, runs_dir: Path) -> dict[str, Any] | None:
+    """How far each 8-bit run's weight gradients are from the float ones, by depth, on one real batch.
+
+    For the FP32 model after training (``runs_dir/fp32``, when the accuracy runs have made it) and at
+    initialisation: per quantized layer, ``cos(dW, dW_q)`` and the projection ``<dW, dW_q> / |dW|^2`` (1 =
+    unbiased magnitude).  The error gradient of a layer is quantized before its backward, so what is lost there
+    is lost for every earlier layer too: the first block shows the compounded effect.
+    """
+    if quick:
+        return None
+    from hwquant.data import make_loaders
+    from hwquant.pipelines import load_model
+
+    loaders = make_loaders("fashion_mnist", batch_size=128, augment=False, seed=0, fallback=False)
+    x, y = next(iter(loaders.train))
+    states = {"init": create_model("resnet20", in_channels=1, num_classes=10)}
+    ck = runs_dir / "fp32" / "model.pt"
+    if ck.exists():
+        states["trained (FP32, 2 epochs)"] = load_model(ck)[0]
+    rows = []
+    for state, m0 in states.items():
+        def grads(cfg, m0=m0):
+            m = copy.deepcopy(m0).train()
+            handle = prepare_arc(m, cfg) if cfg else None
+            F.cross_entropy(m(x), y).backward()
+            names = handle.layers if handle else None
+            return {n: p.grad for n, p in m.named_parameters() if p.dim() > 1}, names
+
+        ref, _ = grads(None)
+        for name, kw in RUNS:
+            if not kw or kw["grad_bits"] != 8:
+                continue
+            got, layers = grads(_arc_kw(kw))
+            picks = {"first block": layers[0], "middle": layers[len(layers) // 2], "last quantized": layers[-1]}
+            row = {"state": state, "run": name}
+            for where, layer in picks.items():
+                a, b = ref[layer + ".weight"].flatten(), got[layer + ".weight"].flatten()
+                row[f"{where} cos"] = float(F.cosine_similarity(a, b, dim=0))
+                row[f"{where} proj"] = float(a @ b / (a @ a))
+            rows.append(row)
+    return {"rows": rows}
 
 
 def _clip_plot(runs_dir: Path, out_dir: Path) -> str | None:
@@ -188,12 +243,18 @@ def table(results: dict[str, Any]) -> str:
         a = markdown_table(acc["rows"], [("run", "run"), ("bits", "G bits"), ("top1", "top-1"), ("top5", "top-5"),
                                          ("drop_vs_fp32", "drop vs FP32 (pt)"), ("train_s", "train s")])
         md += f"\n## Accuracy from scratch ({acc['epochs']} epochs, same seed)\n\n{a}\n"
+    fid = results.get("fidelity")
+    if fid:
+        cols = [(k, k) for k in fid["rows"][0]]
+        md += ("\n## Weight-gradient fidelity, 8 bits (one training batch; cos and projection onto the float "
+               f"gradient)\n\n{markdown_table(fid['rows'], cols, digits=3)}\n")
     return md
 
 
 def main(quick: bool = False, out_dir: str | os.PathLike | Path | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"quantizer": quantizer(quick), "train_step": train_step(quick)}
     results["accuracy"] = accuracy(quick)
+    results["fidelity"] = fidelity(quick, Path(os.environ.get("HWQUANT_BENCH_RUNS", "runs")) / "bench_arc")
     md = table(results)
     jp, mp = write_results(NAME, results, md, out_dir=out_dir)
     return {"results": results, "table": md, "json": str(jp), "md": str(mp)}

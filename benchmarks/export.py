@@ -15,7 +15,8 @@ and the integer model's top-1, how many layer-input codes and outputs differ and
 5) of the FP32 model, the fake-quant model (eval: integer accumulators in float), the integer model and
 onnxruntime, as ratios to FP32.
 
-MPQ has not landed (no issue yet), so it has no row.  ``--quick``: the small CNN on digits, two models.
+MPQ has no row yet (its bit-exact export is a test, ``tests/methods/test_mpq.py``).  ``--quick``: the small
+CNN on digits, two models.
 ``HWQUANT_EXPORT_TIMING_ONLY=1``: only the timings (7 rounds), for models already built, written to
 ``export_timing.{json,md}`` (for a re-measurement on a quiet machine without the 40-minute checks).
 """

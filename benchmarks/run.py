@@ -28,6 +28,8 @@ REGISTRY: dict[str, str] = {
     "rtl": "benchmarks.rtl",
     "export": "benchmarks.export",
     "arc": "benchmarks.arc",
+    "cost": "benchmarks.cost",
+    "mpq": "benchmarks.mpq",
 }
 
 

@@ -4,7 +4,7 @@ Layers run one way: ``numerics`` (pure math) <- ``observers`` / ``nn`` (quantize
 <- ``pipelines`` / ``cli``.
 """
 
-from . import export, numerics
+from . import export, hw, numerics
 from .errors import CheckpointError, ConfigError, DataError, HwquantError
 from .methods import (
     ARCConfig,
@@ -12,6 +12,7 @@ from .methods import (
     GGDPTQConfig,
     LSQConfig,
     MinMaxPTQConfig,
+    MPQConfig,
     PACTConfig,
     STEConfig,
     prepare_arc,
@@ -33,6 +34,7 @@ __all__ = [
     "HwquantError",
     "LSQConfig",
     "LayerQuant",
+    "MPQConfig",
     "MinMaxPTQConfig",
     "PACTConfig",
     "QuantParams",
@@ -43,6 +45,7 @@ __all__ = [
     "calibrate",
     "export",
     "fold_batchnorm",
+    "hw",
     "numerics",
     "prepare_arc",
     "prepare_qat",

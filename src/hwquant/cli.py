@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "qat": ("QATOptions", "run_qat"),
     "eval": ("EvalOptions", "run_eval"),
     "export": ("ExportOptions", "run_export"),
+    "cost": ("CostOptions", "run_cost"),
 }
 
 HELP = {
@@ -31,6 +32,7 @@ HELP = {
     "qat": "quantization-aware fine-tuning of a trained checkpoint (CQAT, STE, PACT, LSQ)",
     "eval": "evaluate a float or quantized checkpoint",
     "export": "integer model, golden vectors, ONNX or RTL rounding units (each checked bit for bit)",
+    "cost": "bits stored, compression ratio, BOPs, cycles and energy on a reconfigurable PE array",
 }
 
 

@@ -24,12 +24,15 @@ from .methods import (
     CQATConfig,
     GGDPTQConfig,
     MinMaxPTQConfig,
+    MPQConfig,
     ObserverPTQConfig,
     build_qat_model,
+    mpq_summary,
     prepare_arc,
     prepare_qat,
     ptq,
     qat_summary,
+    schedule_mpq,
 )
 from .models import create_model, create_model_from_args, list_models
 from .nn import fold_batchnorm, quantize_model
@@ -38,7 +41,7 @@ from .train.distributed import current, init_from_env
 
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "digits", "synthetic")
 PTQ_METHODS = ("minmax", "percentile", "mse", "kl", "aciq", "ggd")
-QAT_METHODS = ("cqat", "ste", "pact", "lsq", "fp32")
+QAT_METHODS = ("cqat", "ste", "pact", "lsq", "mpq", "fp32")
 EXPORT_FORMATS = ("int", "golden", "onnx", "qonnx", "rtl")
 QONNX_CHECK_IMAGES = 64  # qonnx's executor runs node by node: check a few images unless --images says more
 DEFAULT_CALIB = {"digits": 200}  # held-out calibration images when calib_size is not given
@@ -74,6 +77,9 @@ class GradQuantOptions:
     grad_quant_clip: str = field(default="zscore", metadata=_h("ARC: gradient clip policy", ("zscore", "max", "dsgc")))
     grad_k: float = field(default=3.0, metadata=_h("ARC: z-score clip c = min(max|g|, |mu| + k sigma)"))
     grad_skip_first_last: bool = field(default=True, metadata=_h("ARC: first conv / last FC gradients stay float"))
+    grad_error: bool = field(default=True, metadata=_h(
+        "ARC: quantize each layer's error gradient (before its backward: the input and weight gradients use it)"))
+    grad_weight: bool = field(default=True, metadata=_h("ARC: quantize each layer's weight gradient"))
 
 
 @dataclass(frozen=True)
@@ -171,8 +177,9 @@ class QATOptions(GradQuantOptions):
 
     checkpoint: str = field(default="runs/train/model.pt", metadata=_h("float checkpoint from hwquant train"))
     method: str = field(default="cqat", metadata=_h(
-        "cqat (clipped 8-bit step), ste (min-max), pact (learned clip), lsq (learned step), or fp32 (the BN-folded "
-        "float model fine-tuned with the same schedule: the control)", QAT_METHODS))
+        "cqat (clipped 8-bit step), ste (min-max), pact (learned clip), lsq (learned step), mpq (mixed precision: "
+        "an extra weight bit for flipping weights), or fp32 (the BN-folded float model fine-tuned with the same "
+        "schedule: the control)", QAT_METHODS))
     w_bits: int = field(default=5, metadata=_h("stored weight bits (2..16)"))
     a_bits: int = field(default=4, metadata=_h("stored activation bits (2..16)"))
     base_bits: int = field(default=8, metadata=_h("cqat: bits the step is sized for"))
@@ -180,6 +187,13 @@ class QATOptions(GradQuantOptions):
                                                   "(literal peak / (2^base_bits - 1))", ("mse", "max")))
     act_range: str = field(default="ema", metadata=_h("cqat: activation step follows an EMA of the peak, or "
                                                        "stays static", ("ema", "static")))
+    mpq_flag_at: float = field(default=0.5, metadata=_h("mpq: fraction of training at which extra bits are given"))
+    mpq_window: float = field(default=0.25, metadata=_h("mpq: fraction of training before that, counting flips"))
+    mpq_min_flips: int = field(default=2, metadata=_h("mpq: flips a weight needs for the extra bit"))
+    mpq_max_extra: float = field(default=0.1, metadata=_h("mpq: at most this fraction of a layer's weights get it "
+                                                          "(0: uniform w_bits)"))
+    mpq_eps: float = field(default=0.1, metadata=_h("mpq: 'near a rounding threshold' distance, in steps"))
+    mpq_gamma: float = field(default=0.1, metadata=_h("mpq: learning-rate factor near a threshold (1: off)"))
     first_last_bits: int | None = field(default=8, metadata=_h("bits of the first conv and last FC (none: same)"))
     per_channel: bool = field(default=True, metadata=_h("per-output-channel weight steps"))
     pow2: bool = field(default=False, metadata=_h(
@@ -219,6 +233,9 @@ class QATOptions(GradQuantOptions):
                   "per_channel": self.per_channel, "calib_batches": self.calib_batches, "pow2": self.pow2}
         if self.method == "cqat":
             return CQATConfig(**common, base_bits=self.base_bits, step=self.step, act_range=self.act_range)
+        if self.method == "mpq":
+            return MPQConfig(**common, flag_at=self.mpq_flag_at, window=self.mpq_window, min_flips=self.mpq_min_flips,
+                             max_extra=self.mpq_max_extra, eps=self.mpq_eps, gamma=self.mpq_gamma)
         return QAT_CONFIGS[self.method](**common)
 
     def train_config(self) -> TrainConfig:
@@ -236,6 +253,38 @@ class EvalOptions:
     threads: int | None = field(default=None, metadata=_h("torch CPU threads"))
     out: str | None = field(default=None, metadata=_h("write eval.json here (default: print only)"))
     progress: bool = field(default=True, metadata=_h("show progress bars"))
+
+
+@dataclass(frozen=True)
+class CostOptions:
+    """``hwquant cost``: bits stored, compression ratio, BOPs, cycles and energy of a float or quantized
+    checkpoint on a bit-width-reconfigurable PE array (45 nm energy table), next to the same network in FP32."""
+
+    checkpoint: str = field(default="runs/ptq/model.pt", metadata=_h("checkpoint (float or quantized)"))
+    out: str | None = field(default=None, metadata=_h("write cost.json and cost.md here (default: print only)"))
+    pe_rows: int = field(default=16, metadata=_h("PE array rows (output channels in parallel)"))
+    pe_cols: int = field(default=16, metadata=_h("PE array columns (output pixels in parallel)"))
+    brick_bits: int = field(default=2, metadata=_h("width of the fused multiplier bricks"))
+    bricks_per_pe: int = field(default=4, metadata=_h("bricks per PE (4: one 4x4-bit MAC per cycle)"))
+    clock_mhz: float = field(default=500.0, metadata=_h("clock for the latency figure"))
+    buffer_kib: float = field(default=128.0, metadata=_h(
+        "on-chip activation buffer: a layer whose input + output do not fit goes through DRAM"))
+    data_dir: str | None = field(default=None, metadata=_h("dataset directory (for the input shape)"))
+
+    def __post_init__(self) -> None:
+        for name in ("pe_rows", "pe_cols", "brick_bits", "bricks_per_pe"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.clock_mhz > 0:
+            raise ConfigError(f"clock_mhz must be > 0, got {self.clock_mhz}")
+        if not self.buffer_kib >= 0:
+            raise ConfigError(f"buffer_kib must be >= 0, got {self.buffer_kib}")
+
+    def pe(self):
+        from .hw import PEArray
+
+        return PEArray(rows=self.pe_rows, cols=self.pe_cols, brick_bits=self.brick_bits,
+                       bricks_per_pe=self.bricks_per_pe, clock_mhz=self.clock_mhz, buffer_kib=self.buffer_kib)
 
 
 @dataclass(frozen=True)
@@ -325,24 +374,48 @@ def arc_config(opts) -> ARCConfig | None:
     """The ARC gradient-quantization config of train/qat options (``None`` when ``grad_bits`` is unset)."""
     cfg = ARCConfig(bits=8 if opts.grad_bits is None else opts.grad_bits, rounding=opts.grad_rounding,
                     clip=opts.grad_quant_clip, k=opts.grad_k, skip_first_last=opts.grad_skip_first_last,
+                    error_grad=opts.grad_error, weight_grad=opts.grad_weight,
                     seed=opts.seed)  # validates every grad_* field, also when ARC is off
     return None if opts.grad_bits is None else cfg
 
 
-def _install_arc(model: nn.Module, opts):
+def _install_arc(model: nn.Module, opts, out: Path, extra_state: dict[str, Any]):
+    """ARC's hooks on ``model`` (``None`` when ``grad_bits`` is unset) and the fit step hook that keeps the
+    ARC state (clip record, step, stochastic-rounding generator) in ``extra_state`` for every checkpoint; on
+    ``--resume`` that state comes back from ``OUT/last.pt``, so a resumed run records and rounds as an
+    uninterrupted one."""
     acfg = arc_config(opts)
     if acfg is None:
-        return None, None
+        return None, None, None
     from dataclasses import replace
 
     acfg = replace(acfg, record=True)  # the clip values go to OUT/arc_clips.json
     handle = prepare_arc(model, acfg)
-    _say(f"ARC: {acfg.bits}-bit gradients ({acfg.rounding}, {acfg.clip} clip) in {len(handle.layers)} layers")
-    return handle, asdict(acfg)
+    what = " and ".join(w for w, on in (("error", acfg.error_grad), ("weight", acfg.weight_grad)) if on)
+    _say(f"ARC: {acfg.bits}-bit {what} gradients ({acfg.rounding}, {acfg.clip} clip"
+         f"{f', k = {acfg.k:g}' if acfg.clip == 'zscore' else ''}) in {len(handle.layers)} layers")
+    last = out / "last.pt"
+    if opts.resume and last.exists():
+        saved = load_checkpoint(last).get("arc") or {}
+        handle.clips = {k: [tuple(r) for r in v] for k, v in saved.get("clips", {}).items()}
+        handle.step = int(saved.get("step", 0))
+        if handle.generator is not None and "rng" in saved:
+            handle.generator.set_state(saved["rng"])
+
+    def keep_state(_model, _step) -> None:
+        state = {"clips": handle.clips, "step": handle.step}
+        if handle.generator is not None:
+            state["rng"] = handle.generator.get_state()
+        extra_state["arc"] = state
+
+    return handle, asdict(acfg), keep_state
 
 
 def _save_arc_clips(out: Path, handle) -> None:
-    """Per layer, the clip value and max|g| of every quantized gradient: ``{layer: {kind: [[step, c, max]]}}``."""
+    """Per layer, the clip value and max|g| of every quantized gradient: ``{layer: {kind: [[step, c, max]]}}``.
+    Nothing is written when nothing was recorded and a record exists (a finished run, resumed)."""
+    if not handle.clips and (out / "arc_clips.json").exists():
+        return
     clips: dict[str, dict[str, list]] = {}
     for layer, rows in handle.clips.items():
         for step, kind, c, mx in rows:
@@ -433,10 +506,11 @@ def run_train(cfg: TrainOptions) -> dict[str, Any]:
         _save_config(out, cfg)
     _say(f"training {cfg.model} on {info.name} ({info.source}) for {cfg.epochs} epochs, "
          f"{len(loaders.train)} steps/epoch x {dist_info.world_size} process(es)")
-    handle, arc_meta = _install_arc(model, cfg)
+    extra = {"model_args": model.hwquant_args, "data": data_meta}
+    handle, arc_meta, arc_hook = _install_arc(model, cfg, out, extra)
     t0 = time.perf_counter()
     history = fit(model, loaders.train, cfg.train_config(), eval_loader=loaders.test, out_dir=out, resume=cfg.resume,
-                  progress=cfg.progress, extra_state={"model_args": model.hwquant_args, "data": data_meta})
+                  progress=cfg.progress, extra_state=extra, step_hook=arc_hook)
     seconds = time.perf_counter() - t0
     if handle is not None:
         handle.remove()
@@ -521,11 +595,15 @@ def run_qat(cfg: QATOptions) -> dict[str, Any]:
         _save_config(out, cfg)
     _say(f"{cfg.method} W{cfg.w_bits}A{cfg.a_bits}: fp32 {fp32['top1']:.2f}%, before fine-tuning "
          f"{start['top1']:.2f}%; fine-tuning {cfg.epochs} epochs at lr {cfg.lr:g}")
-    handle, arc_meta = _install_arc(qmodel, cfg)
+    if isinstance(qcfg, MPQConfig):
+        total = len(loaders.train) * cfg.epochs
+        first, flag = schedule_mpq(qmodel, total, qcfg)
+        _say(f"mpq: flips counted from step {first}, extra bits assigned at step {flag} of {total}")
+    extra = {"model_args": ck["model_args"], "data": d, "qat": meta}
+    handle, arc_meta, arc_hook = _install_arc(qmodel, cfg, out, extra)
     t0 = time.perf_counter()
     history = fit(qmodel, loaders.train, cfg.train_config(), eval_loader=loaders.test, out_dir=out,
-                  resume=cfg.resume, progress=cfg.progress,
-                  extra_state={"model_args": ck["model_args"], "data": d, "qat": meta})
+                  resume=cfg.resume, progress=cfg.progress, extra_state=extra, step_hook=arc_hook)
     seconds = time.perf_counter() - t0
     if handle is not None:
         handle.remove()
@@ -535,7 +613,7 @@ def run_qat(cfg: QATOptions) -> dict[str, Any]:
     result = {"method": cfg.method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "config": meta["config"],
               "fp32": fp32, "start": start, "final": final, "train_seconds": seconds, "history": history["epochs"],
               "step_loss": history["step_loss"], "layers": qat_summary(qmodel) if qcfg is not None else [],
-              "arc": arc_meta}
+              "arc": arc_meta, "mpq": mpq_summary(qmodel) if isinstance(qcfg, MPQConfig) else None}
     if dist_info.is_main:
         save_checkpoint(out / "model.pt", {"model": qmodel.state_dict(), "model_args": ck["model_args"],
                                            "data": d, "qat": meta, "metrics": final, "history": history})
@@ -559,6 +637,38 @@ def run_eval(cfg: EvalOptions) -> dict[str, Any]:
         _save_config(out, cfg)
     print(json.dumps(res))
     return res
+
+
+def run_cost(cfg: CostOptions) -> dict[str, Any]:
+    """Hardware cost of a checkpoint and of the same network in FP32 (per image); OUT/cost.{json,md}."""
+    from .hw import cost_report
+    from .report.markdown import markdown_table
+
+    model, ck = load_model(cfg.checkpoint)
+    example = next(iter(_loaders_for(ck, cfg.data_dir, 1).test))[0][:1]
+    pe = cfg.pe()
+    rep = cost_report(model, example, pe)
+    fp32 = cost_report(create_model_from_args(ck["model_args"]).eval(), example, pe)["total"]
+    t = rep["total"]
+    t["x_fp32_energy"] = t["e_total_pj"] / fp32["e_total_pj"]
+    rep.update(checkpoint=str(cfg.checkpoint), fp32_total=fp32)
+    cols = [("layer", "layer"), ("macs", "MACs"), ("w_bits", "W bits"), ("a_bits", "A bits"),
+            ("acc_bits", "acc bits"), ("stored_bits", "stored bits"), ("cycles", "cycles"),
+            ("e_compute_pj", "compute pJ"), ("e_sram_pj", "SRAM pJ"), ("e_dram_pj", "DRAM pJ")]
+    summary = (f"{cfg.checkpoint}: {t['macs'] / 1e6:.2f} M MACs/image, {t['stored_bits'] / 8192:.1f} KiB stored "
+               f"(compression {t['compression_ratio']:.2f}x vs FP32), {t['cycles']} cycles "
+               f"({t['latency_us']:.1f} us at {pe.clock_mhz:g} MHz), "
+               f"{t['energy_uj']:.2f} uJ/image ({t['x_fp32_energy']:.3f}x FP32: compute "
+               f"{t['e_compute_pj'] / 1e6:.2f}, SRAM {t['e_sram_pj'] / 1e6:.2f}, DRAM {t['e_dram_pj'] / 1e6:.2f} uJ)")
+    md = f"# Hardware cost\n\n{summary}\n\n{markdown_table(rep['layers'], cols, digits=1)}\n"
+    if cfg.out:
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "cost.json", rep)
+        atomic_write_text(out / "cost.md", md)
+        _save_config(out, cfg)
+    print(summary)
+    return rep
 
 
 def _limited(loader, images: int | None):
@@ -702,15 +812,25 @@ def run_demo(cfg: DemoOptions) -> dict[str, Any]:
     rows = []
     t0 = time.perf_counter()
     fp32 = evaluate(model, loaders.test, progress=cfg.progress, desc="eval fp32")
+    from .hw import cost_report
+
+    example = next(iter(loaders.test))[0][:1]
+
+    def hw_cost(m: nn.Module) -> dict[str, float]:  # per image on the default PE array (counts, no timing)
+        t = cost_report(m, example)["total"]
+        return {"stored_kib": t["stored_bits"] / 8192, "compression": t["compression_ratio"],
+                "energy_uj": t["energy_uj"]}
+
     rows.append({"precision": "FP32", "w_bits": 32, "a_bits": 32, "top1": fp32["top1"], "top5": fp32["top5"],
-                 "sqnr_db": None, "seconds": time.perf_counter() - t0})
+                 "sqnr_db": None, "seconds": time.perf_counter() - t0, **hw_cost(model)})
     layer_tables = {}
     for b in cfg.bit_list():
         t0 = time.perf_counter()
         qmodel, report = ptq(model, MinMaxPTQConfig(w_bits=b, a_bits=b), loaders.calib)
         ev = evaluate(qmodel, loaders.test, progress=cfg.progress, desc=f"eval int{b}")
         rows.append({"precision": f"INT{b} (W{b}A{b} min-max PTQ)", "w_bits": b, "a_bits": b, "top1": ev["top1"],
-                     "top5": ev["top5"], "sqnr_db": report["sqnr_db"], "seconds": time.perf_counter() - t0})
+                     "top5": ev["top5"], "sqnr_db": report["sqnr_db"], "seconds": time.perf_counter() - t0,
+                     **hw_cost(qmodel)})
         layer_tables[b] = report["layers"]
         print(f"INT{b}: top-1 {ev['top1']:.2f}% (FP32 {fp32['top1']:.2f}%), logit SQNR {report['sqnr_db']:.1f} dB",
               flush=True)

@@ -182,6 +182,8 @@ def test_qat_from_cli_and_reload(trained, tmp_path, method, capsys):
     (["qat", "--checkpoint", "/nonexistent/model.pt"], "checkpoint not found"),
     (["qat", "--grad-clip", "0"], "grad_clip must be a positive number"),
     (["qat", "--step", "median"], "invalid choice"),
+    (["qat", "--method", "mpq", "--mpq-gamma", "0"], "gamma must be in (0, 1]"),
+    (["qat", "--method", "mpq", "--mpq-window", "0.9"], "window must be in"),
     (["ptq", "--method", "ggd", "--bft-samples", "0"], "bft_samples must be a positive integer"),
 ])
 def test_qat_bad_input(argv, needle, capsys, tmp_path):
@@ -222,8 +224,10 @@ def test_qat_resume_continues_from_last_checkpoint(trained, tmp_path, monkeypatc
     full = json.loads((tmp_path / "full" / "qat.json").read_text())
     real_fit = pl.fit
 
-    def killed_in_epoch_2(model, loader, cfg, **kw):  # like a kill right after epoch 1's checkpoint
+    def killed_in_epoch_2(model, loader, cfg, step_hook=None, **kw):  # like a kill right after epoch 1's checkpoint
         def hook(m, step):
+            if step_hook is not None:
+                step_hook(m, step)
             if step == len(loader) + 1:
                 raise KeyboardInterrupt
         return real_fit(model, loader, cfg, step_hook=hook, **kw)
@@ -315,3 +319,107 @@ def test_arc_bad_input(argv, needle, capsys, tmp_path):
     assert main([*argv, "--out", str(out)]) == 2
     _one_line_error(capsys, needle)
     assert not out.exists()
+
+
+def test_train_with_weight_gradients_only(tmp_path):
+    out = tmp_path / "arcw"
+    assert main(["train", *SMALL, "--epochs", "1", "--grad-bits", "8", "--no-grad-error", "--out", str(out)]) == 0
+    res = json.loads((out / "metrics.json").read_text())
+    assert res["arc"]["error_grad"] is False and res["arc"]["weight_grad"] is True
+    clips = json.loads((out / "arc_clips.json").read_text())
+    assert set(clips["conv2"]) == {"weight"}
+
+
+def test_cost_float_and_quantized_from_cli(trained, tmp_path, capsys):
+    ptq_out = tmp_path / "w4"
+    assert main(["ptq", "--checkpoint", str(trained / "model.pt"), "--method", "minmax", "--w-bits", "4",
+                 "--a-bits", "4", "--out", str(ptq_out), "--no-progress"]) == 0
+    out = tmp_path / "cost"
+    assert main(["cost", "--checkpoint", str(ptq_out / "model.pt"), "--out", str(out)]) == 0
+    rep = json.loads((out / "cost.json").read_text())
+    assert "compression" in capsys.readouterr().out and (out / "cost.md").is_file()
+    fp = rep["fp32_total"]
+    t = rep["total"]
+    assert t["macs"] == fp["macs"] > 0 and t["stored_bits"] < fp["stored_bits"]
+    assert t["x_fp32_energy"] == pytest.approx(t["e_total_pj"] / fp["e_total_pj"]) and t["x_fp32_energy"] < 0.5
+    assert main(["cost", "--checkpoint", str(trained / "model.pt")]) == 0
+    assert "compression 1.00x" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["cost", "--checkpoint", "/nonexistent/model.pt"], "checkpoint not found"),
+    (["cost", "--pe-rows", "0"], "pe_rows must be >= 1"),
+    (["cost", "--buffer-kib", "-1"], "buffer_kib must be >= 0"),
+    (["train", "--no-grad-error", "--no-grad-weight"], "ARC needs error_grad or weight_grad"),
+])
+def test_cost_bad_input(argv, needle, capsys, tmp_path):
+    out = tmp_path / "out"
+    assert main([*argv, "--out", str(out)]) == 2
+    _one_line_error(capsys, needle)
+    assert not out.exists()
+
+
+def test_mpq_from_cli_reload_and_cost(trained, tmp_path, capsys):
+    out = tmp_path / "mpq"
+    assert main(["qat", "--checkpoint", str(trained / "model.pt"), "--method", "mpq", "--w-bits", "3", "--a-bits",
+                 "4", "--epochs", "2", "--mpq-min-flips", "1", "--mpq-max-extra", "0.2", "--batch-size", "64",
+                 "--out", str(out), "--no-progress", "--no-channels-last"]) == 0
+    res = json.loads((out / "qat.json").read_text())
+    assert res["method"] == "mpq" and res["config"]["w_bits"] == 3 and res["final"]["top1"] > 30.0
+    rows = res["mpq"]
+    assert rows and all(0 <= r["extra_fraction"] <= 0.2 and r["w_bits_mean"] == 3 + r["extra_fraction"]
+                        for r in rows)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out / "model.pt"), "--no-progress"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["top1"] == pytest.approx(res["final"]["top1"])  # the extra-bit masks come back
+    assert main(["cost", "--checkpoint", str(out / "model.pt"), "--out", str(tmp_path / "c")]) == 0
+    cost = json.loads((tmp_path / "c" / "cost.json").read_text())
+    mixed = {r["layer"]: r for r in cost["layers"]}
+    for r in rows:
+        assert mixed[r["layer"]]["w_bits"] == pytest.approx(r["w_bits_mean"])
+
+
+def test_demo_small_reports_accuracy_and_hardware_cost(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", "small_cnn", "--dataset", "digits", "--epochs", "3", "--bits", "8,4",
+                 "--cache", str(tmp_path / "cache"), "--out", str(out), "--no-progress"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    fp, i8, i4 = res["rows"]
+    assert fp["compression"] == pytest.approx(1.0) and 3.0 < i8["compression"] < 4.0 < i4["compression"]
+    assert fp["energy_uj"] > i8["energy_uj"] > i4["energy_uj"] > 0
+    report = (out / "report.md").read_text()
+    assert "energy uJ/image" in report and (out / "accuracy.png").is_file()
+
+
+def test_arc_resume_is_exact_for_stochastic_rounding_and_the_clip_record(tmp_path, monkeypatch):
+    import hwquant.pipelines as pl
+
+    def run(out, *extra):
+        return main(["train", *SMALL, "--epochs", "2", "--grad-bits", "6", "--grad-rounding", "stochastic",
+                     "--grad-quant-clip", "max", "--out", str(out), *extra])
+
+    assert run(tmp_path / "full") == 0
+    real_fit = pl.fit
+
+    def killed_in_epoch_2(model, loader, cfg, step_hook=None, **kw):
+        def hook(m, step):
+            if step_hook is not None:
+                step_hook(m, step)
+            if step == len(loader) + 1:
+                raise KeyboardInterrupt
+        return real_fit(model, loader, cfg, step_hook=hook, **kw)
+
+    monkeypatch.setattr(pl, "fit", killed_in_epoch_2)
+    assert run(tmp_path / "cut") == 130
+    monkeypatch.setattr(pl, "fit", real_fit)
+    assert run(tmp_path / "cut", "--resume") == 0
+    a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the SR generator state came back with the checkpoint
+    full = json.loads((tmp_path / "full" / "arc_clips.json").read_text())
+    cut = json.loads((tmp_path / "cut" / "arc_clips.json").read_text())
+    steps = [r[0] for r in cut["conv2"]["error"]]
+    assert cut == full and steps == list(range(1, len(steps) + 1))  # one record per step, numbered on resume
+    assert run(tmp_path / "cut", "--resume") == 0  # a finished run, resumed: the record stays
+    assert json.loads((tmp_path / "cut" / "arc_clips.json").read_text()) == full

@@ -381,7 +381,8 @@ class _Builder:
         bound = float(per_out.max())
         if bound >= _EXACT:
             raise ConfigError(f"{name}: accumulator bound 2^{math.log2(bound):.1f} exceeds the exact float64 range")
-        params: dict[str, Any] = {"weight": qw, "bias": qb, "w_bits": m.weight_quant.spec.bits,
+        w_bits = getattr(m.weight_quant, "code_bits", m.weight_quant.spec.bits)  # MPQ: w_bits + 1 on its grid
+        params: dict[str, Any] = {"weight": qw, "bias": qb, "w_bits": w_bits,
                                   "x_bits": m.input_quant.spec.bits, "w_scale": s_w.double().reshape(-1),
                                   "x_scale": float(xq.codes[0]), "in_codes": (xq.codes[1], xq.codes[2])}
         if isinstance(m, QuantConv2d):

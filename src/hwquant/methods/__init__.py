@@ -4,6 +4,7 @@ from .arc import ARCConfig, ARCHandle, prepare_arc
 from .base import PTQ_HANDLERS, ptq, register_ptq
 from .ggd_ptq import GGDPTQConfig, backward_forward_tuning
 from .minmax import MinMaxPTQConfig, ObserverPTQConfig, observer_ptq
+from .mpq import MixedWeightQuantizer, MPQConfig, mpq_summary, schedule_mpq
 from .qat import QAT_CONFIGS, CQATConfig, LSQConfig, PACTConfig, STEConfig, build_qat_model, prepare_qat, qat_summary
 
 __all__ = [
@@ -11,6 +12,8 @@ __all__ = [
     "ARCHandle",
     "CQATConfig",
     "LSQConfig",
+    "MPQConfig",
+    "MixedWeightQuantizer",
     "PACTConfig",
     "PTQ_HANDLERS",
     "QAT_CONFIGS",
@@ -18,6 +21,8 @@ __all__ = [
     "build_qat_model",
     "prepare_qat",
     "qat_summary",
+    "mpq_summary",
+    "schedule_mpq",
     "GGDPTQConfig",
     "MinMaxPTQConfig",
     "ObserverPTQConfig",

@@ -114,6 +114,10 @@ class _QATCommon(abc.ABC):
             overrides = (("<first>", fl), ("<last>", fl))
         return QuantRecipe(default=LayerQuant(weight=w, act=a), overrides=overrides)
 
+    def finish(self, qmodel: nn.Module) -> nn.Module:
+        """Last step of building the QAT model, after the layer swap (a method may replace quantizers)."""
+        return qmodel
+
     def _pow2(self, w: QuantSpec, a: QuantSpec) -> tuple[QuantSpec, QuantSpec]:
         return (w.with_(pow2=True), a.with_(pow2=True)) if self.pow2 else (w, a)
 
@@ -208,7 +212,7 @@ def build_qat_model(model: nn.Module, config: _QATCommon) -> nn.Module:
         names = ", ".join(c.__name__ for c in QAT_CONFIGS.values())
         raise ConfigError(f"prepare_qat needs a QAT config ({names}), got {type(config).__name__}")
     base = fold_batchnorm(model) if config.fold_bn else model
-    return quantize_model(base, config.recipe())
+    return config.finish(quantize_model(base, config.recipe()))
 
 
 def prepare_qat(
