@@ -21,6 +21,18 @@ def trained(tmp_path_factory):
     return out
 
 
+def _killed_in_epoch_2(real_fit):
+    """``fit`` that stops like a kill right after epoch 1's checkpoint (the pipeline's step hook still runs)."""
+    def fit(model, loader, cfg, step_hook=None, **kw):
+        def hook(m, step):
+            if step_hook is not None:
+                step_hook(m, step)
+            if step == len(loader) + 1:
+                raise KeyboardInterrupt
+        return real_fit(model, loader, cfg, step_hook=hook, **kw)
+    return fit
+
+
 def _one_line_error(capsys, needle):
     err = capsys.readouterr().err.strip()
     assert err.startswith("hwquant"), err
@@ -223,16 +235,7 @@ def test_qat_resume_continues_from_last_checkpoint(trained, tmp_path, monkeypatc
     assert run(tmp_path / "full") == 0
     full = json.loads((tmp_path / "full" / "qat.json").read_text())
     real_fit = pl.fit
-
-    def killed_in_epoch_2(model, loader, cfg, step_hook=None, **kw):  # like a kill right after epoch 1's checkpoint
-        def hook(m, step):
-            if step_hook is not None:
-                step_hook(m, step)
-            if step == len(loader) + 1:
-                raise KeyboardInterrupt
-        return real_fit(model, loader, cfg, step_hook=hook, **kw)
-
-    monkeypatch.setattr(pl, "fit", killed_in_epoch_2)
+    monkeypatch.setattr(pl, "fit", _killed_in_epoch_2(real_fit))
     assert run(tmp_path / "cut") == 130
     assert (tmp_path / "cut" / "last.pt").exists() and not (tmp_path / "cut" / "model.pt").exists()
     monkeypatch.setattr(pl, "fit", real_fit)
@@ -401,16 +404,7 @@ def test_arc_resume_is_exact_for_stochastic_rounding_and_the_clip_record(tmp_pat
 
     assert run(tmp_path / "full") == 0
     real_fit = pl.fit
-
-    def killed_in_epoch_2(model, loader, cfg, step_hook=None, **kw):
-        def hook(m, step):
-            if step_hook is not None:
-                step_hook(m, step)
-            if step == len(loader) + 1:
-                raise KeyboardInterrupt
-        return real_fit(model, loader, cfg, step_hook=hook, **kw)
-
-    monkeypatch.setattr(pl, "fit", killed_in_epoch_2)
+    monkeypatch.setattr(pl, "fit", _killed_in_epoch_2(real_fit))
     assert run(tmp_path / "cut") == 130
     monkeypatch.setattr(pl, "fit", real_fit)
     assert run(tmp_path / "cut", "--resume") == 0
