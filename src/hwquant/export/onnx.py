@@ -102,6 +102,33 @@ class _Graph:
     def zp(self, dtype, shape=()) -> str:
         return self.const("zp", np.zeros(shape, dtype=np.int64), dtype)
 
+    def float_op(self, op, ins: list[str], fmt: str = "ONNX") -> str:
+        """The float ONNX node of an integer-model op that is not a quantizer (conv / linear take ``ins`` =
+        ``[x, w, (b)]``, already dequantized); returns the output name (``identity``: its input)."""
+        k, p = op.kind, op.params
+        if k == "conv2d":
+            return self.node("Conv", ins, strides=list(p["stride"]), pads=list(p["padding"]) * 2,
+                             dilations=list(p["dilation"]), group=p["groups"])
+        if k == "linear":
+            return self.node("Gemm", ins, transB=1)
+        if k == "relu":
+            return self.node("Relu", ins)
+        if k == "add":
+            return self.node("Add", ins)
+        if k == "sumpool" and p.get("global"):
+            return self.node("GlobalAveragePool", ins)
+        if k == "sumpool":
+            return self.node("AveragePool", ins, kernel_shape=list(p["kernel_size"]), strides=list(p["stride"]),
+                             pads=list(p["padding"]) * 2, count_include_pad=1)
+        if k == "maxpool":
+            return self.node("MaxPool", ins, kernel_shape=list(p["kernel_size"]), strides=list(p["stride"]),
+                             pads=list(p["padding"]) * 2, dilations=list(p["dilation"]))
+        if k == "flatten":
+            return self.node("Flatten", ins, axis=1)
+        if k == "identity":
+            return ins[0]
+        raise ConfigError(f"{op.name}: op {k!r} has no {fmt} form")
+
 
 def to_onnx(model, path: str | os.PathLike, example_input: torch.Tensor | None = None, *, opset: int = OPSET,
             codes_outputs: bool = False) -> Path:
@@ -174,33 +201,9 @@ def to_onnx(model, path: str | os.PathLike, example_input: torch.Tensor | None =
                 else:
                     bdq = g.const(f"{op.name}.bias_f", (bi.astype(np.float64) * s_acc).astype(np.float32))
                 inputs.append(bdq)
-            if k == "conv2d":
-                pads = list(p["padding"]) * 2
-                names[op.name] = g.node("Conv", inputs, strides=list(p["stride"]), pads=pads,
-                                        dilations=list(p["dilation"]), group=p["groups"])
-            else:
-                names[op.name] = g.node("Gemm", inputs, transB=1)
-        elif k == "relu":
-            names[op.name] = g.node("Relu", ins)
-        elif k == "add":
-            names[op.name] = g.node("Add", ins)
-        elif k == "sumpool":
-            if p.get("global"):
-                names[op.name] = g.node("GlobalAveragePool", ins)
-            else:
-                pads = list(p["padding"]) * 2
-                names[op.name] = g.node("AveragePool", ins, kernel_shape=list(p["kernel_size"]),
-                                        strides=list(p["stride"]), pads=pads, count_include_pad=1)
-        elif k == "maxpool":
-            pads = list(p["padding"]) * 2
-            names[op.name] = g.node("MaxPool", ins, kernel_shape=list(p["kernel_size"]), strides=list(p["stride"]),
-                                    pads=pads, dilations=list(p["dilation"]))
-        elif k == "flatten":
-            names[op.name] = g.node("Flatten", ins, axis=1)
-        elif k == "identity":
-            names[op.name] = ins[0]
+            names[op.name] = g.float_op(op, inputs)
         else:
-            raise ConfigError(f"{op.name}: op {k!r} has no ONNX form")
+            names[op.name] = g.float_op(op, ins)
     out_name = g.node("Identity", [names[imodel.output_name]], "logits")
     h = g.h
     shape = ["N", *imodel.input_shape[1:]]

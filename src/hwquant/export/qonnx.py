@@ -156,30 +156,9 @@ def to_qonnx(imodel: IntegerModel, path: str | os.PathLike, *, codes_outputs: bo
             if b is not None:
                 s_acc = op.scale.numpy().astype(np.float32).astype(np.float64).reshape(-1)
                 inputs.append(g.const(f"{op.name}.bias", (b.numpy().astype(np.float64) * s_acc).astype(np.float32)))
-            if k == "conv2d":
-                names[op.name] = g.node("Conv", inputs, strides=list(p["stride"]), pads=list(p["padding"]) * 2,
-                                        dilations=list(p["dilation"]), group=p["groups"])
-            else:
-                names[op.name] = g.node("Gemm", inputs, transB=1)
-        elif k == "relu":
-            names[op.name] = g.node("Relu", ins)
-        elif k == "add":
-            names[op.name] = g.node("Add", ins)
-        elif k == "sumpool":
-            if p.get("global"):
-                names[op.name] = g.node("GlobalAveragePool", ins)
-            else:
-                names[op.name] = g.node("AveragePool", ins, kernel_shape=list(p["kernel_size"]),
-                                        strides=list(p["stride"]), pads=list(p["padding"]) * 2, count_include_pad=1)
-        elif k == "maxpool":
-            names[op.name] = g.node("MaxPool", ins, kernel_shape=list(p["kernel_size"]), strides=list(p["stride"]),
-                                    pads=list(p["padding"]) * 2, dilations=list(p["dilation"]))
-        elif k == "flatten":
-            names[op.name] = g.node("Flatten", ins, axis=1)
-        elif k == "identity":
-            names[op.name] = ins[0]
+            names[op.name] = g.float_op(op, inputs, "QONNX")
         else:
-            raise ConfigError(f"{op.name}: op {k!r} has no QONNX form")
+            names[op.name] = g.float_op(op, ins, "QONNX")
     out_name = g.node("Identity", [names[imodel.output_name]], "logits")
     h = g.h
     outputs = [h.make_tensor_value_info(out_name, TP.FLOAT, shapes[imodel.output_name]), *g.outputs]
