@@ -1,7 +1,8 @@
 """``hwquant`` command line: parse -> validated config -> library call.
 
 Every option can come from a YAML file (``--config configs/demo.yaml``); flags given on the command
-line override it.  User errors print one line and exit with status 2.
+line override it.  Every command takes ``--device auto|cpu|cuda``.  User errors print one line and exit with
+status 2.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 HELP = {
     "demo": "train (or reuse) ResNet-20 on Fashion-MNIST, compare FP32 / INT8 / INT4 PTQ, write a report",
-    "train": "train a float model (resumable, torchrun-aware)",
-    "ptq": "post-training quantization of a trained checkpoint",
+    "train": "train a float model, built in or your own (--model FILE.py:Class), resumable, torchrun-aware",
+    "ptq": "post-training quantization of a trained checkpoint, or of your own model (--model, --weights)",
     "qat": "quantization-aware fine-tuning of a trained checkpoint (CQAT, STE, PACT, LSQ)",
     "eval": "evaluate a float or quantized checkpoint",
     "export": "integer model, golden vectors, ONNX or RTL rounding units (each checked bit for bit)",

@@ -7,8 +7,9 @@ resolved ``config.yaml`` beside them), and returns a JSON-serialisable result di
 from __future__ import annotations
 
 import json
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,8 @@ import torch
 from torch import nn
 
 from . import config as cfgmod
-from .data import make_loaders, resolve_dataset
+from .data import make_loaders, parse_image_size, resolve_dataset
+from .device import DEVICES, on_device, resolve_device
 from .errors import CheckpointError, ConfigError
 from .methods import (
     QAT_CONFIGS,
@@ -34,17 +36,26 @@ from .methods import (
     qat_summary,
     schedule_mpq,
 )
-from .models import create_model, create_model_from_args, list_models
+from .models import create_model_from_args, list_models
+from .models.registry import build_model
+from .models.user import check_user_spec, is_user_spec, load_weights
 from .nn import fold_batchnorm, quantize_model
 from .train import TrainConfig, atomic_write_text, evaluate, fit, load_checkpoint, save_checkpoint
-from .train.distributed import current, init_from_env
+from .train.distributed import current, init_from_env, rank_device
 
-DATASETS = ("fashion_mnist", "cifar10", "cifar100", "digits", "synthetic")
+DATASETS = ("fashion_mnist", "cifar10", "cifar100", "digits", "synthetic", "folder")
 PTQ_METHODS = ("minmax", "percentile", "mse", "kl", "aciq", "ggd")
 QAT_METHODS = ("cqat", "ste", "pact", "lsq", "mpq", "fp32")
 EXPORT_FORMATS = ("int", "golden", "onnx", "qonnx", "rtl")
 QONNX_CHECK_IMAGES = 64  # qonnx's executor runs node by node: check a few images unless --images says more
 DEFAULT_CALIB = {"digits": 200}  # held-out calibration images when calib_size is not given
+DEFAULT_CALIB_FRACTION = {"folder": 0.1}  # ... and at most this fraction of the training split (size unknown)
+DEVICE_HELP = "device: auto (cuda if available, else cpu), cpu or cuda"
+MODEL_HELP = ("model: a registered name ({names}) or a user's model, path/to/file.py:ClassName, "
+              "path/to/file.py:factory or package.module:factory (called with in_channels, num_classes and "
+              "image_size where it names them)")
+IMAGE_SIZE_HELP = ("folder dataset: resize every image to N x N or HxW pixels (none: the most common size "
+                   "among the images)")
 
 
 def _h(text: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
@@ -57,6 +68,26 @@ def _h(text: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
 def _check_choice(name: str, value: str, allowed) -> None:
     if value not in allowed:
         raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _check_model(name: str) -> None:
+    """A registered model name, or the syntax of a user's ``file.py:Name`` / ``module:Name`` (loaded later)."""
+    if is_user_spec(name):
+        check_user_spec(name)
+    elif name not in list_models():
+        raise ConfigError(f"model must be one of {', '.join(list_models())} or path/to/file.py:Name or "
+                          f"package.module:Name, got {name!r}")
+
+
+def _check_device(name: str) -> None:
+    _check_choice("device", name, DEVICES)
+
+
+def _check_image_size(image_size: str | None, dataset: str | None) -> None:
+    if image_size is not None:
+        parse_image_size(image_size)
+        if dataset != "folder":
+            raise ConfigError(f"image_size applies to the folder dataset only, not {dataset}")
 
 
 def _set_threads(threads: int | None) -> None:
@@ -86,9 +117,11 @@ class GradQuantOptions:
 class TrainOptions(GradQuantOptions):
     """``hwquant train``: train a float model and save ``model.pt``."""
 
-    model: str = field(default="resnet20", metadata=_h("model name"))
-    dataset: str = field(default="fashion_mnist", metadata=_h("dataset", DATASETS))
+    model: str = field(default="resnet20", metadata=_h(MODEL_HELP.format(names=", ".join(list_models()))))
+    dataset: str = field(default="fashion_mnist", metadata=_h(
+        "dataset (folder: --data-dir holds one subfolder of images per class)", DATASETS))
     data_dir: str | None = field(default=None, metadata=_h("dataset directory (default: the standard location)"))
+    image_size: str | None = field(default=None, metadata=_h(IMAGE_SIZE_HELP))
     fallback: bool = field(default=True, metadata=_h("fall back to sklearn digits if Fashion-MNIST is missing"))
     width: float = field(default=1.0, metadata=_h("channel width multiplier"))
     epochs: int = field(default=4, metadata=_h("training epochs"))
@@ -100,17 +133,21 @@ class TrainOptions(GradQuantOptions):
     label_smoothing: float = field(default=0.0, metadata=_h("label smoothing"))
     augment: bool = field(default=True, metadata=_h("train-time augmentation (crop, flip)"))
     calib_size: int | None = field(default=None, metadata=_h(
-        "training images held out for calibration (none: 1000, or 200 for the small digits set)"))
+        "training images held out for calibration (none: 1000, or 200 for the small digits set; for folder at "
+        "most a tenth of the training split)"))
     seed: int = field(default=0, metadata=_h("seed for init, data order and augmentation"))
     channels_last: bool = field(default=True, metadata=_h("channels-last memory format (faster on CPU)"))
+    device: str = field(default="auto", metadata=_h(DEVICE_HELP, DEVICES))
     threads: int | None = field(default=None, metadata=_h("torch CPU threads"))
     out: str = field(default="runs/train", metadata=_h("output directory"))
     resume: bool = field(default=False, metadata=_h("resume from OUT/last.pt"))
     progress: bool = field(default=True, metadata=_h("show progress bars"))
 
     def __post_init__(self) -> None:
-        _check_choice("model", self.model, list_models())
+        _check_model(self.model)
         _check_choice("dataset", self.dataset, DATASETS)
+        _check_device(self.device)
+        _check_image_size(self.image_size, self.dataset)
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.calib_size is not None and self.calib_size < 0:
@@ -125,9 +162,26 @@ class TrainOptions(GradQuantOptions):
 
 @dataclass(frozen=True)
 class PTQOptions:
-    """``hwquant ptq``: post-training quantization of a trained checkpoint."""
+    """``hwquant ptq``: post-training quantization of a trained checkpoint, or of a model given as --model (a
+    registered name or your own path/to/file.py:ClassName) with --weights (a state dict), --dataset and
+    --data-dir."""
 
-    checkpoint: str = field(default="runs/train/model.pt", metadata=_h("float checkpoint from hwquant train"))
+    checkpoint: str | None = field(default=None, metadata=_h(
+        "float checkpoint from hwquant train (none: runs/train/model.pt, unless --model is given)"))
+    model: str | None = field(default=None, metadata=_h(
+        "quantize this model instead of a checkpoint: a registered name or path/to/file.py:ClassName, "
+        "path/to/file.py:factory, package.module:factory (needs --dataset; weights from --weights)"))
+    weights: str | None = field(default=None, metadata=_h(
+        "--model: its trained weights, a state dict saved by torch.save(model.state_dict(), PATH) "
+        "(none: the untrained model, with a warning)"))
+    dataset: str | None = field(default=None, metadata=_h(
+        "--model: the dataset to calibrate and evaluate on (a checkpoint records its own)", DATASETS))
+    image_size: str | None = field(default=None, metadata=_h("--model: " + IMAGE_SIZE_HELP))
+    calib_size: int | None = field(default=None, metadata=_h(
+        "--model: training images to calibrate on (none: as hwquant train holds out: 1000, 200 for digits, "
+        "for folder at most a tenth of the training split)"))
+    seed: int | None = field(default=None, metadata=_h(
+        "--model: seed of the calibration split and of an untrained model's weights (none: 0)"))
     method: str = field(default="minmax", metadata=_h(
         "PTQ method: an activation observer (minmax, percentile, mse, kl, aciq) or the full GGD PTQ (ggd)",
         PTQ_METHODS))
@@ -147,12 +201,35 @@ class PTQOptions:
     calib_batches: int | None = field(default=None, metadata=_h("max calibration batches (none: all)"))
     data_dir: str | None = field(default=None, metadata=_h("dataset directory (default: as in the checkpoint)"))
     batch_size: int = field(default=256, metadata=_h("calibration / evaluation batch size"))
+    device: str = field(default="auto", metadata=_h(DEVICE_HELP, DEVICES))
     threads: int | None = field(default=None, metadata=_h("torch CPU threads"))
     out: str = field(default="runs/ptq", metadata=_h("output directory"))
     progress: bool = field(default=True, metadata=_h("show progress bars"))
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, PTQ_METHODS)
+        _check_device(self.device)
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.model is None:
+            only_model = [n for n in ("weights", "dataset", "image_size", "calib_size", "seed")
+                          if getattr(self, n) is not None]
+            if only_model:
+                raise ConfigError(f"{only_model[0]} only applies with model (a checkpoint records its model and data)")
+            if self.checkpoint is None:
+                object.__setattr__(self, "checkpoint", "runs/train/model.pt")
+        else:
+            if self.checkpoint is not None:
+                raise ConfigError("give either checkpoint (an hwquant checkpoint) or model (with weights), not both")
+            _check_model(self.model)
+            if self.dataset is None:
+                raise ConfigError("model needs dataset (and data_dir for the folder dataset)")
+            _check_choice("dataset", self.dataset, DATASETS)
+            _check_image_size(self.image_size, self.dataset)
+            if self.calib_size is not None and self.calib_size < 1:
+                raise ConfigError(f"calib_size must be >= 1, got {self.calib_size}")
+            if self.seed is not None and self.seed < 0:
+                raise ConfigError(f"seed must be >= 0, got {self.seed}")
         self.method_config()
 
     def method_config(self) -> ObserverPTQConfig | GGDPTQConfig:
@@ -212,6 +289,7 @@ class QATOptions(GradQuantOptions):
     seed: int = field(default=0, metadata=_h("seed for data order and augmentation"))
     channels_last: bool = field(default=True, metadata=_h("channels-last memory format (faster on CPU)"))
     data_dir: str | None = field(default=None, metadata=_h("dataset directory (default: as in the checkpoint)"))
+    device: str = field(default="auto", metadata=_h(DEVICE_HELP, DEVICES))
     threads: int | None = field(default=None, metadata=_h("torch CPU threads"))
     out: str = field(default="runs/qat", metadata=_h("output directory"))
     resume: bool = field(default=False, metadata=_h("resume from OUT/last.pt"))
@@ -219,6 +297,7 @@ class QATOptions(GradQuantOptions):
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, QAT_METHODS)
+        _check_device(self.device)
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         self.method_config()
@@ -250,9 +329,13 @@ class EvalOptions:
     checkpoint: str = field(default="runs/train/model.pt", metadata=_h("checkpoint (float or quantized)"))
     data_dir: str | None = field(default=None, metadata=_h("dataset directory (default: as in the checkpoint)"))
     batch_size: int = field(default=512, metadata=_h("evaluation batch size"))
+    device: str = field(default="auto", metadata=_h(DEVICE_HELP, DEVICES))
     threads: int | None = field(default=None, metadata=_h("torch CPU threads"))
     out: str | None = field(default=None, metadata=_h("write eval.json here (default: print only)"))
     progress: bool = field(default=True, metadata=_h("show progress bars"))
+
+    def __post_init__(self) -> None:
+        _check_device(self.device)
 
 
 @dataclass(frozen=True)
@@ -270,8 +353,11 @@ class CostOptions:
     buffer_kib: float = field(default=128.0, metadata=_h(
         "on-chip activation buffer: a layer whose input + output do not fit goes through DRAM"))
     data_dir: str | None = field(default=None, metadata=_h("dataset directory (for the input shape)"))
+    device: str = field(default="auto", metadata=_h(
+        DEVICE_HELP + "; checked, but the cost model counts on the CPU whatever it says", DEVICES))
 
     def __post_init__(self) -> None:
+        _check_device(self.device)
         for name in ("pe_rows", "pe_cols", "brick_bits", "bricks_per_pe"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -309,11 +395,15 @@ class ExportOptions:
     synth: bool = field(default=False, metadata=_h("rtl: synthesize with yosys and report cell counts"))
     batch_size: int = field(default=256, metadata=_h("batch size of the checks"))
     data_dir: str | None = field(default=None, metadata=_h("dataset directory (default: as in the checkpoint)"))
+    device: str = field(default="auto", metadata=_h(
+        DEVICE_HELP + "; checked, but the integer model (int64 arithmetic) and its checks run on the CPU whatever "
+        "it says", DEVICES))
     threads: int | None = field(default=None, metadata=_h("torch CPU threads"))
     progress: bool = field(default=True, metadata=_h("show progress bars"))
 
     def __post_init__(self) -> None:
         _check_choice("format", self.format, EXPORT_FORMATS)
+        _check_device(self.device)
         if self.images is not None and self.images < 1:
             raise ConfigError(f"images must be >= 1 or null, got {self.images}")
         if self.golden_images < 1:
@@ -350,12 +440,14 @@ class DemoOptions:
     threads: int | None = field(default=None, metadata=_h("torch CPU threads"))
     out: str = field(default="runs/demo", metadata=_h("output directory (report.md, results.json)"))
     cache: str = field(default="runs/cache", metadata=_h("where trained float checkpoints are cached"))
+    device: str = field(default="auto", metadata=_h(DEVICE_HELP, DEVICES))
     progress: bool = field(default=True, metadata=_h("show progress bars"))
 
     def __post_init__(self) -> None:
         self.bit_list()
+        _check_choice("model", self.model, list_models())  # a user's model: hwquant train, then ptq
         TrainOptions(model=self.model, dataset=self.dataset, epochs=self.epochs, batch_size=self.batch_size,
-                     lr=self.lr, seed=self.seed)
+                     lr=self.lr, seed=self.seed, device=self.device)
 
     def bit_list(self) -> list[int]:
         try:
@@ -438,12 +530,23 @@ def _say(msg: str) -> None:
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a float or quantized model from a checkpoint written by train/ptq; returns (model, ckpt)."""
+    """Rebuild a float or quantized model from a checkpoint written by train/ptq; returns (model, ckpt).
+
+    The model is on the CPU.  A checkpoint of a user's model names its ``.py`` file, which is imported (run)
+    again here: load such checkpoints only from sources you trust, as you would run their code.
+    """
     ck = load_checkpoint(path)
     if "model_args" not in ck or "model" not in ck:
         raise CheckpointError(f"{path} has no model (is it a training 'last.pt'? use model.pt)")
+    model = None
+    if isinstance(ck["model_args"], dict) and ck["model_args"].get("source") == "user":
+        try:
+            model = create_model_from_args(ck["model_args"])
+        except ConfigError as e:
+            raise CheckpointError(f"{path}: cannot rebuild its model {ck['model_args'].get('name')!r}: {e}") from None
     try:
-        model = create_model_from_args(ck["model_args"])
+        if model is None:
+            model = create_model_from_args(ck["model_args"])
         if "ptq" in ck:
             model = rebuild_quantized(model, ck["ptq"])
         elif "qat" in ck:
@@ -473,53 +576,76 @@ def rebuild_quantized(model: nn.Module, ptq_meta: dict[str, Any]) -> nn.Module:
 
 
 def _loaders_for(ck: dict[str, Any], data_dir: str | None, batch_size: int):
+    """The calibration and test loaders of a checkpoint's data split (its train loader is not for training)."""
     d = ck["data"]
     return make_loaders(d["dataset"], data_dir=data_dir or d.get("data_dir"), batch_size=batch_size,
                         eval_batch_size=batch_size, calib_size=d["calib_size"], seed=d["seed"],
-                        augment=False, fallback=False)
+                        augment=False, fallback=False, drop_last=False, image_size=d.get("image_size"))
+
+
+def _warn(msg: str) -> None:
+    print(f"hwquant: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _data_meta(info, data_dir: str | None, calib_size: int, seed: int) -> dict[str, Any]:
+    """The ``data`` entry of a checkpoint: what rebuilds the same splits (folder: absolute path, image size)."""
+    meta = {"dataset": info.name, "data_dir": data_dir, "calib_size": calib_size, "seed": seed,
+            "source": info.source}
+    if info.name == "folder":
+        meta.update(data_dir=info.source, image_size=list(info.image_size))
+    return meta
+
+
+def _calib_default(dataset: str, calib_size: int | None) -> tuple[int, float | None]:
+    """``(calib_size, max_calib_fraction)`` for make_loaders: the given size, or the dataset's default."""
+    if calib_size is not None:
+        return calib_size, None
+    return DEFAULT_CALIB.get(dataset, 1000), DEFAULT_CALIB_FRACTION.get(dataset)
 
 
 # --------------------------------------------------------------------------- commands
 def run_train(cfg: TrainOptions) -> dict[str, Any]:
     """Train a float model; writes OUT/model.pt, OUT/last.pt, OUT/metrics.json, OUT/config.yaml."""
     _set_threads(cfg.threads)
-    dist_info = init_from_env()
+    device = resolve_device(cfg.device)
+    dist_info = init_from_env(device=device)
+    device = rank_device(device)
     out = Path(cfg.out)
     dataset, message = resolve_dataset(cfg.dataset, cfg.data_dir, fallback=cfg.fallback)
     if message:
         _say(message)
     data_dir = cfg.data_dir if dataset == cfg.dataset else None
-    calib_size = cfg.calib_size if cfg.calib_size is not None else DEFAULT_CALIB.get(dataset, 1000)
+    calib_size, calib_fraction = _calib_default(dataset, cfg.calib_size)
     loaders = make_loaders(dataset, data_dir=data_dir, batch_size=cfg.batch_size, calib_size=calib_size,
                            seed=cfg.seed, augment=cfg.augment, fallback=False, rank=dist_info.rank,
-                           world_size=dist_info.world_size, channels_last=cfg.channels_last)
+                           world_size=dist_info.world_size, channels_last=cfg.channels_last,
+                           image_size=cfg.image_size, max_calib_fraction=calib_fraction)
     info = loaders.info
     torch.manual_seed(cfg.seed)
-    kw = {"image_size": list(info.image_size)} if cfg.model == "vgg9" else {}
-    model = create_model(cfg.model, in_channels=info.in_channels, num_classes=info.num_classes, width=cfg.width, **kw)
+    model = build_model(cfg.model, in_channels=info.in_channels, num_classes=info.num_classes, width=cfg.width,
+                        image_size=info.image_size)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    data_meta = {"dataset": info.name, "data_dir": data_dir, "calib_size": calib_size, "seed": cfg.seed,
-                 "source": info.source}
+    data_meta = _data_meta(info, data_dir, loaders.calib_size, cfg.seed)
     if dist_info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         _save_config(out, cfg)
     _say(f"training {cfg.model} on {info.name} ({info.source}) for {cfg.epochs} epochs, "
-         f"{len(loaders.train)} steps/epoch x {dist_info.world_size} process(es)")
+         f"{len(loaders.train)} steps/epoch x {dist_info.world_size} process(es) on {device}")
     extra = {"model_args": model.hwquant_args, "data": data_meta}
     handle, arc_meta, arc_hook = _install_arc(model, cfg, out, extra)
     t0 = time.perf_counter()
     history = fit(model, loaders.train, cfg.train_config(), eval_loader=loaders.test, out_dir=out, resume=cfg.resume,
-                  progress=cfg.progress, extra_state=extra, step_hook=arc_hook)
+                  progress=cfg.progress, extra_state=extra, step_hook=arc_hook, device=device)
     seconds = time.perf_counter() - t0
     if handle is not None:
         handle.remove()
         if dist_info.is_main:
             _save_arc_clips(out, handle)
-    final = evaluate(model, loaders.test)
+    final = evaluate(model, loaders.test, device=device)
     result = {"model": cfg.model, "dataset": info.name, "source": info.source, "test": final,
               "train_seconds": seconds, "world_size": dist_info.world_size, "history": history["epochs"],
-              "arc": arc_meta}
+              "arc": arc_meta, "device": str(device)}
     if dist_info.is_main:
         save_checkpoint(out / "model.pt", {"model": model.state_dict(), "model_args": model.hwquant_args,
                                            "data": data_meta, "metrics": final, "history": history})
@@ -533,22 +659,52 @@ def quantize_checkpoint(model: nn.Module, ck: dict[str, Any], cfg: PTQOptions, l
     return qmodel, report
 
 
+def _model_for_ptq(cfg: PTQOptions):
+    """``(model, ck, loaders)`` of ``ptq --model``: the model built from its name or file, its ``--weights``, and a
+    checkpoint-like dict (``model_args``, ``data``) whose data split eval/export rebuild later."""
+    dataset, _ = resolve_dataset(cfg.dataset, cfg.data_dir, fallback=False)
+    seed = 0 if cfg.seed is None else cfg.seed
+    calib_size, calib_fraction = _calib_default(dataset, cfg.calib_size)
+    loaders = make_loaders(dataset, data_dir=cfg.data_dir, batch_size=cfg.batch_size, eval_batch_size=cfg.batch_size,
+                           calib_size=calib_size, seed=seed, augment=False, fallback=False, drop_last=False,
+                           image_size=cfg.image_size, max_calib_fraction=calib_fraction)
+    info = loaders.info
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, in_channels=info.in_channels, num_classes=info.num_classes,
+                        image_size=info.image_size)
+    if cfg.weights is not None:
+        load_weights(model, cfg.weights)
+    else:
+        _warn(f"no --weights given: quantizing {cfg.model} with its untrained (random) weights")
+    model.eval()
+    ck = {"model_args": model.hwquant_args, "data": _data_meta(info, cfg.data_dir, loaders.calib_size, seed)}
+    return model, ck, loaders
+
+
 def run_ptq(cfg: PTQOptions) -> dict[str, Any]:
-    """PTQ a float checkpoint; writes OUT/model.pt (quantized), OUT/ptq.json, OUT/config.yaml."""
+    """PTQ a float checkpoint (or ``--model`` with ``--weights``); writes OUT/model.pt (quantized), OUT/ptq.json,
+    OUT/config.yaml."""
     _set_threads(cfg.threads)
-    model, ck = load_model(cfg.checkpoint)
-    if "ptq" in ck:
-        raise CheckpointError(f"{cfg.checkpoint} is already quantized; give the float checkpoint")
-    loaders = _loaders_for(ck, cfg.data_dir, cfg.batch_size)
+    device = resolve_device(cfg.device)
+    if cfg.model is not None:
+        model, ck, loaders = _model_for_ptq(cfg)
+        source = cfg.model
+    else:
+        model, ck = load_model(cfg.checkpoint)
+        if "ptq" in ck:
+            raise CheckpointError(f"{cfg.checkpoint} is already quantized; give the float checkpoint")
+        loaders = _loaders_for(ck, cfg.data_dir, cfg.batch_size)
+        source = cfg.checkpoint
     if loaders.calib is None or len(loaders.calib) == 0:
         raise ConfigError("the checkpoint's data split has no calibration images (trained with calib_size=0)")
-    float_eval = evaluate(model, loaders.test, progress=cfg.progress, desc="eval fp32")
-    qmodel, report = quantize_checkpoint(model, ck, cfg, loaders)
-    q_eval = evaluate(qmodel, loaders.test, progress=cfg.progress, desc="eval quant")
+    model.to(device)
+    float_eval = evaluate(model, loaders.test, progress=cfg.progress, desc="eval fp32", device=device)
+    qmodel, report = quantize_checkpoint(model, ck, cfg, replace(loaders, calib=on_device(loaders.calib, device)))
+    q_eval = evaluate(qmodel, loaders.test, progress=cfg.progress, desc="eval quant", device=device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"method": cfg.method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "fp32": float_eval,
-              "quant": q_eval, "report": report}
+    result = {"method": cfg.method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "source": str(source),
+              "weights": cfg.weights, "device": str(device), "fp32": float_eval, "quant": q_eval, "report": report}
     save_checkpoint(out / "model.pt", {"model": qmodel.state_dict(), "model_args": ck["model_args"],
                                        "data": ck["data"], "ptq": {"method": cfg.method,
                                                                    "config": asdict(cfg.method_config())},
@@ -571,24 +727,28 @@ def run_qat(cfg: QATOptions) -> dict[str, Any]:
     starting point) and after fine-tuning, and the loss curve.
     """
     _set_threads(cfg.threads)
-    dist_info = init_from_env()
+    device = resolve_device(cfg.device)
+    dist_info = init_from_env(device=device)
+    device = rank_device(device)
     model, ck = load_model(cfg.checkpoint)
     if "ptq" in ck or "qat" in ck:
         raise CheckpointError(f"{cfg.checkpoint} is already quantized; give the float checkpoint")
     d = ck["data"]
     loaders = make_loaders(d["dataset"], data_dir=cfg.data_dir or d.get("data_dir"), batch_size=cfg.batch_size,
                            calib_size=d["calib_size"], seed=cfg.seed, augment=cfg.augment, fallback=False,
-                           rank=dist_info.rank, world_size=dist_info.world_size, channels_last=cfg.channels_last)
+                           rank=dist_info.rank, world_size=dist_info.world_size, channels_last=cfg.channels_last,
+                           image_size=d.get("image_size"))
     if loaders.calib is None or len(loaders.calib) == 0:
         raise ConfigError("the checkpoint's data split has no calibration images (trained with calib_size=0)")
     out = Path(cfg.out)
-    fp32 = evaluate(model, loaders.test, progress=cfg.progress, desc="eval fp32")
+    model.to(device)
+    fp32 = evaluate(model, loaders.test, progress=cfg.progress, desc="eval fp32", device=device)
     qcfg = cfg.method_config()
     # the fp32 control trains the same BN-folded network the QAT methods train
-    qmodel = fold_batchnorm(model) if qcfg is None else prepare_qat(model, qcfg, loaders.calib)
+    qmodel = fold_batchnorm(model) if qcfg is None else prepare_qat(model, qcfg, on_device(loaders.calib, device))
     if cfg.channels_last:
         qmodel = qmodel.to(memory_format=torch.channels_last)
-    start = evaluate(qmodel, loaders.test, progress=cfg.progress, desc="eval start")
+    start = evaluate(qmodel, loaders.test, progress=cfg.progress, desc="eval start", device=device)
     meta = {"method": cfg.method, "config": asdict(qcfg) if qcfg is not None else {}}
     if dist_info.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -603,13 +763,13 @@ def run_qat(cfg: QATOptions) -> dict[str, Any]:
     handle, arc_meta, arc_hook = _install_arc(qmodel, cfg, out, extra)
     t0 = time.perf_counter()
     history = fit(qmodel, loaders.train, cfg.train_config(), eval_loader=loaders.test, out_dir=out,
-                  resume=cfg.resume, progress=cfg.progress, extra_state=extra, step_hook=arc_hook)
+                  resume=cfg.resume, progress=cfg.progress, extra_state=extra, step_hook=arc_hook, device=device)
     seconds = time.perf_counter() - t0
     if handle is not None:
         handle.remove()
         if dist_info.is_main:
             _save_arc_clips(out, handle)
-    final = evaluate(qmodel, loaders.test)
+    final = evaluate(qmodel, loaders.test, device=device)
     result = {"method": cfg.method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "config": meta["config"],
               "fp32": fp32, "start": start, "final": final, "train_seconds": seconds, "history": history["epochs"],
               "step_loss": history["step_loss"], "layers": qat_summary(qmodel) if qcfg is not None else [],
@@ -626,9 +786,10 @@ def run_qat(cfg: QATOptions) -> dict[str, Any]:
 def run_eval(cfg: EvalOptions) -> dict[str, Any]:
     """Evaluate a float or quantized checkpoint on its dataset's test split."""
     _set_threads(cfg.threads)
+    device = resolve_device(cfg.device)
     model, ck = load_model(cfg.checkpoint)
     loaders = _loaders_for(ck, cfg.data_dir, cfg.batch_size)
-    res = evaluate(model, loaders.test, progress=cfg.progress)
+    res = evaluate(model, loaders.test, progress=cfg.progress, device=device)
     res = {"checkpoint": str(cfg.checkpoint), "dataset": ck["data"]["dataset"], **res}
     if cfg.out:
         out = Path(cfg.out)
@@ -644,6 +805,7 @@ def run_cost(cfg: CostOptions) -> dict[str, Any]:
     from .hw import cost_report
     from .report.markdown import markdown_table
 
+    resolve_device(cfg.device)  # checked only: the cost model counts on the CPU
     model, ck = load_model(cfg.checkpoint)
     example = next(iter(_loaders_for(ck, cfg.data_dir, 1).test))[0][:1]
     pe = cfg.pe()
@@ -687,6 +849,7 @@ def _limited(loader, images: int | None):
 def run_export(cfg: ExportOptions) -> dict[str, Any]:
     """Export a quantized checkpoint (or RTL rounding units) and check the export; writes OUT/export.json."""
     _set_threads(cfg.threads)
+    resolve_device(cfg.device)  # checked only: the integer model runs on the CPU
     out = Path(cfg.out)
     if cfg.format == "rtl":
         result = _export_rtl(cfg, out)
@@ -793,6 +956,7 @@ def run_demo(cfg: DemoOptions) -> dict[str, Any]:
     from .report import write_demo_report
 
     _set_threads(cfg.threads)
+    device = resolve_device(cfg.device)
     dataset, message = resolve_dataset(cfg.dataset, cfg.data_dir, fallback=True)
     if message:
         print(message, flush=True)
@@ -805,16 +969,16 @@ def run_demo(cfg: DemoOptions) -> dict[str, Any]:
     else:
         topt = TrainOptions(model=cfg.model, dataset=dataset, data_dir=cfg.data_dir if dataset == cfg.dataset else None,
                             epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, out=str(train_dir),
-                            resume=True, progress=cfg.progress, threads=cfg.threads)
+                            resume=True, progress=cfg.progress, threads=cfg.threads, device=cfg.device)
         train_result = run_train(topt)
     model, ck = load_model(ckpt)
     loaders = _loaders_for(ck, None, 512)
     rows = []
     t0 = time.perf_counter()
-    fp32 = evaluate(model, loaders.test, progress=cfg.progress, desc="eval fp32")
+    fp32 = evaluate(model, loaders.test, progress=cfg.progress, desc="eval fp32", device=device)
     from .hw import cost_report
 
-    example = next(iter(loaders.test))[0][:1]
+    example = next(iter(loaders.test))[0][:1].to(device)
 
     def hw_cost(m: nn.Module) -> dict[str, float]:  # per image on the default PE array (counts, no timing)
         t = cost_report(m, example)["total"]
@@ -826,8 +990,8 @@ def run_demo(cfg: DemoOptions) -> dict[str, Any]:
     layer_tables = {}
     for b in cfg.bit_list():
         t0 = time.perf_counter()
-        qmodel, report = ptq(model, MinMaxPTQConfig(w_bits=b, a_bits=b), loaders.calib)
-        ev = evaluate(qmodel, loaders.test, progress=cfg.progress, desc=f"eval int{b}")
+        qmodel, report = ptq(model, MinMaxPTQConfig(w_bits=b, a_bits=b), on_device(loaders.calib, device))
+        ev = evaluate(qmodel, loaders.test, progress=cfg.progress, desc=f"eval int{b}", device=device)
         rows.append({"precision": f"INT{b} (W{b}A{b} min-max PTQ)", "w_bits": b, "a_bits": b, "top1": ev["top1"],
                      "top5": ev["top5"], "sqnr_db": report["sqnr_db"], "seconds": time.perf_counter() - t0,
                      **hw_cost(qmodel)})

@@ -12,13 +12,15 @@ Datasets live in memory as uint8 image tensors (``N x C x H x W``) and int64 lab
             ...
 
 Readers: :func:`read_idx_images`, :func:`read_idx_labels`, :func:`read_fashion_mnist`, :func:`read_cifar`,
-:func:`read_digits`, :func:`make_synthetic`.  Downloads (network, never called implicitly):
+:func:`read_digits`, :func:`make_synthetic`, :func:`read_image_folder` (a user's image folder, one subfolder
+per class: ``make_loaders("folder", data_dir=DIR)``).  Downloads (network, never called implicitly):
 :func:`download_fashion_mnist`, :func:`download_cifar`.
 """
 
 from hwquant.data.cifar import DEFAULT_DATA_ROOT, download_cifar, find_cifar_dir, read_cifar
 from hwquant.data.core import AugmentSpec, DatasetInfo, TensorData, channel_stats, check_labels, derive_seed
 from hwquant.data.digits import read_digits
+from hwquant.data.folder import IMAGE_SUFFIXES, FolderLayout, find_image_folder, parse_image_size, read_image_folder
 from hwquant.data.idx import (
     DEFAULT_FASHION_MNIST_DIR,
     download_fashion_mnist,
@@ -47,9 +49,11 @@ __all__ = [
     "DEFAULT_AUGMENT",
     "DEFAULT_DATA_ROOT",
     "DEFAULT_FASHION_MNIST_DIR",
+    "IMAGE_SUFFIXES",
     "AugmentSpec",
     "BatchLoader",
     "DatasetInfo",
+    "FolderLayout",
     "Loaders",
     "SyntheticConfig",
     "TensorData",
@@ -63,16 +67,19 @@ __all__ = [
     "download_fashion_mnist",
     "find_cifar_dir",
     "find_fashion_mnist_dir",
+    "find_image_folder",
     "hflip_where",
     "load_dataset",
     "make_loaders",
     "make_synthetic",
     "normalize",
+    "parse_image_size",
     "random_crop",
     "random_hflip",
     "read_cifar",
     "read_digits",
     "read_fashion_mnist",
+    "read_image_folder",
     "read_idx_images",
     "read_idx_labels",
     "resolve_dataset",

@@ -1,5 +1,7 @@
 """Dataset names, loading, the Fashion-MNIST -> digits fallback, and train/calib/test loaders.
 
+``folder`` is a user's image-folder dataset (one subfolder per class, see :mod:`hwquant.data.folder`).
+
 Normalization constants (:attr:`DatasetInfo.mean` / ``std``) are computed exactly from the *whole*
 training split (before the calibration hold-out) at load time, see
 :func:`hwquant.data.core.channel_stats`; this takes well under a second even for CIFAR.
@@ -15,6 +17,7 @@ import torch
 from hwquant.data.cifar import CIFAR_LAYOUT, find_cifar_dir, read_cifar
 from hwquant.data.core import AugmentSpec, DatasetInfo, TensorData, channel_stats, check_labels, derive_seed
 from hwquant.data.digits import read_digits
+from hwquant.data.folder import find_image_folder, parse_image_size, read_image_folder
 from hwquant.data.idx import DEFAULT_FASHION_MNIST_DIR, find_fashion_mnist_dir, read_fashion_mnist
 from hwquant.data.loader import BatchLoader
 from hwquant.data.synthetic import SyntheticConfig, make_synthetic
@@ -33,7 +36,7 @@ __all__ = [
 ]
 
 #: Valid dataset names, in the order shown in error messages.
-DATASET_NAMES: tuple[str, ...] = ("fashion_mnist", "cifar10", "cifar100", "digits", "synthetic")
+DATASET_NAMES: tuple[str, ...] = ("fashion_mnist", "cifar10", "cifar100", "digits", "synthetic", "folder")
 
 #: Default training augmentation per dataset (digits are not mirror-symmetric, so no flip).
 DEFAULT_AUGMENT: dict[str, AugmentSpec] = {
@@ -42,6 +45,8 @@ DEFAULT_AUGMENT: dict[str, AugmentSpec] = {
     "cifar100": AugmentSpec(padding=4, hflip=True),
     "digits": AugmentSpec(padding=1, hflip=False),
     "synthetic": AugmentSpec(),
+    # folder: see default_augment (the padding scales with the image size; no flip, which would be wrong
+    # for text, digits and other mirror-asymmetric images)
 }
 
 _NUM_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "cifar100": 100, "digits": 10}
@@ -60,9 +65,17 @@ def canonical_name(name: str) -> str:
     return key
 
 
-def default_augment(name: str) -> AugmentSpec:
-    """The default training augmentation of dataset ``name`` (see :data:`DEFAULT_AUGMENT`)."""
-    return DEFAULT_AUGMENT[canonical_name(name)]
+def default_augment(name: str, image_size: tuple[int, int] | None = None) -> AugmentSpec:
+    """The default training augmentation of dataset ``name`` (see :data:`DEFAULT_AUGMENT`).
+
+    ``folder``: pad ``max(1, min(H, W) // 8)`` pixels + random crop (4 at 32 x 32), no flip; ``image_size``
+    ``(H, W)`` defaults to 32 x 32.
+    """
+    key = canonical_name(name)
+    if key == "folder":
+        h, w = image_size if image_size is not None else (32, 32)
+        return AugmentSpec(padding=max(1, min(h, w) // 8), hflip=False)
+    return DEFAULT_AUGMENT[key]
 
 
 def resolve_dataset(
@@ -72,8 +85,9 @@ def resolve_dataset(
 
     For ``fashion_mnist`` whose files are missing: with ``fallback`` return ``('digits', message)``, else
     raise.  Only *missing* files trigger the fallback; corrupt files raise later in :func:`load_dataset`.
-    CIFAR has no fallback: missing files raise :class:`DataError` here already.  ``digits`` and
-    ``synthetic`` need no files.
+    CIFAR and ``folder`` have no fallback: a missing or invalid directory raises :class:`DataError` here
+    already (for ``folder``: no class subfolders, a class without images, ...; the images are decoded later,
+    by :func:`load_dataset`).  ``digits`` and ``synthetic`` need no files.
 
     Returns:
         ``(name_used, message)``: the canonical name to load and a one-line explanation of the
@@ -94,6 +108,8 @@ def resolve_dataset(
             return "digits", f"Fashion-MNIST not found under {where}; falling back to scikit-learn digits"
     elif key in CIFAR_LAYOUT:
         find_cifar_dir(key, data_dir)  # type: ignore[arg-type]
+    elif key == "folder":
+        find_image_folder(data_dir)
     return key, None
 
 
@@ -103,6 +119,7 @@ def load_dataset(
     *,
     seed: int = 0,
     synthetic: SyntheticConfig | None = None,
+    image_size: tuple[int, int] | str | int | None = None,
 ) -> tuple[TensorData, TensorData, DatasetInfo]:
     """Load the train and test splits of a dataset into memory.
 
@@ -110,10 +127,13 @@ def load_dataset(
         name: one of :data:`DATASET_NAMES` (case-insensitive, ``-`` or ``_``).
         data_dir: ``fashion_mnist``: directory of the IDX files (default
             ``/usr/share/datasets/fashion-mnist``); ``cifar10``/``cifar100``: the extracted directory or
-            its parent (default ``./data``); ignored for ``digits`` and ``synthetic``.
+            its parent (default ``./data``); ``folder``: the image folder (required); ignored for ``digits``
+            and ``synthetic``.
         seed: seed of the ``synthetic`` data (ignored by the file-based datasets and ``digits``, whose
-            test split is fixed).
+            test split is fixed; the ``folder`` split has its own fixed seed).
         synthetic: shape/difficulty of the ``synthetic`` set (default :class:`SyntheticConfig()`).
+        image_size: ``folder`` only: resize every image to this ``(H, W)`` (or ``N`` / ``"HxW"``); default
+            the most common size among the images.
 
     Returns:
         ``(train, test, info)``.  No fallback happens here; see :func:`resolve_dataset`.
@@ -124,6 +144,9 @@ def load_dataset(
             of different shapes.
     """
     key = canonical_name(name)
+    size = parse_image_size(image_size)
+    if size is not None and key != "folder":
+        raise ConfigError(f"image_size applies to the folder dataset only, not {key}")
     if key == "fashion_mnist":
         directory = find_fashion_mnist_dir(data_dir)
         train = read_fashion_mnist(directory, "train")
@@ -136,6 +159,11 @@ def load_dataset(
         test = read_cifar(key, directory, "test")  # type: ignore[arg-type]
         source = str(directory)
         num_classes = _NUM_CLASSES[key]
+    elif key == "folder":
+        layout = find_image_folder(data_dir)
+        train, test, size = read_image_folder(layout, size)
+        source = str(layout.root)
+        num_classes = len(layout.classes)
     elif key == "digits":
         train = read_digits("train")
         test = read_digits("test")
@@ -167,7 +195,7 @@ def load_dataset(
         mean=mean,
         std=std,
         source=source,
-        augment=DEFAULT_AUGMENT[key].describe(),
+        augment=default_augment(key, (h, w)).describe(),
     )
     return train_data, test_data, info
 
@@ -207,6 +235,7 @@ class Loaders:
     test: BatchLoader
     info: DatasetInfo
     message: str | None
+    calib_size: int = 0  #: calibration samples actually held out (see ``max_calib_fraction``)
 
 
 def make_loaders(
@@ -224,6 +253,8 @@ def make_loaders(
     channels_last: bool = False,
     drop_last: bool = True,
     synthetic: SyntheticConfig | None = None,
+    image_size: tuple[int, int] | str | int | None = None,
+    max_calib_fraction: float | None = None,
 ) -> Loaders:
     """Load a dataset and build its train / calibration / test loaders.
 
@@ -232,7 +263,9 @@ def make_loaders(
     ``seed`` and applies :func:`default_augment` when ``augment``; it drops the last incomplete batch when
     ``drop_last`` (default, avoids a tiny last batch upsetting BatchNorm).  Only the train loader is sharded
     by ``rank`` / ``world_size``; calibration and test loaders are complete on every rank.  All loaders
-    normalize with ``info.mean`` / ``info.std``.
+    normalize with ``info.mean`` / ``info.std``.  ``image_size`` is passed to :func:`load_dataset` (``folder``
+    only).  With ``max_calib_fraction``, at most ``max(1, floor(fraction * N))`` samples are held out (for a
+    small dataset whose size is not known in advance); ``Loaders.calib_size`` says how many were.
 
     Raises:
         ConfigError: bad arguments (``batch_size < 1``, ``calib_size`` negative or leaving fewer training
@@ -254,9 +287,13 @@ def make_loaders(
     used, message = resolve_dataset(name, data_dir, fallback)
     fell_back = used != canonical_name(name)
     train_full, test, info = load_dataset(
-        used, None if fell_back else data_dir, seed=seed, synthetic=synthetic
+        used, None if fell_back else data_dir, seed=seed, synthetic=synthetic, image_size=image_size
     )
     n = len(train_full)
+    if max_calib_fraction is not None:
+        if not 0.0 < max_calib_fraction < 1.0:
+            raise ConfigError(f"max_calib_fraction must be in (0, 1), got {max_calib_fraction}")
+        calib_size = min(int(calib_size), max(1, int(max_calib_fraction * n)))
     if calib_size >= n:
         raise ConfigError(
             f"calib_size {calib_size} is too large for {info.name}: its training split has only {n} samples"
@@ -269,7 +306,7 @@ def make_loaders(
         batch_size,
         shuffle=True,
         seed=seed,
-        augment=DEFAULT_AUGMENT[info.name] if augment else None,
+        augment=default_augment(info.name, info.image_size) if augment else None,
         drop_last=drop_last,
         rank=rank,
         world_size=world_size,
@@ -288,4 +325,5 @@ def make_loaders(
         else None
     )
     test_loader = BatchLoader(test, eval_batch_size, channels_last=channels_last, **stats)
-    return Loaders(train=train, calib=calib, test=test_loader, info=info, message=message)
+    return Loaders(train=train, calib=calib, test=test_loader, info=info, message=message,
+                   calib_size=int(calib_size))

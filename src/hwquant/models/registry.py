@@ -14,6 +14,10 @@ it (``name``, ``in_channels``, ``num_classes``, ``width`` and the options passed
 
 Weights are initialised from torch's global RNG: seed it with ``torch.manual_seed`` before building a model
 to make the initial weights reproducible.
+
+A user's own model (``path/to/file.py:Name`` or ``package.module:Name``, see :mod:`hwquant.models.user`) is
+built by :func:`build_model` and rebuilt by :func:`create_model_from_args` (``hwquant_args["source"] ==
+"user"``) without being registered.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from torch import nn
 from ..errors import ConfigError
 from ._layers import check_model_args
 
-__all__ = ["create_model", "create_model_from_args", "is_model", "list_models", "register_model"]
+__all__ = ["build_model", "create_model", "create_model_from_args", "is_model", "list_models", "model_options",
+           "register_model"]
 
 #: The names a model constructor always receives; everything else is a model-specific option.
 _COMMON_ARGS = ("in_channels", "num_classes", "width")
@@ -115,6 +120,39 @@ def is_model(name: str) -> bool:
     return name in _REGISTRY
 
 
+def model_options(name: str) -> list[str]:
+    """The keyword options the registered model ``name`` names besides ``in_channels``, ``num_classes`` and
+    ``width`` (e.g. ``['image_size', 'dropout']`` for ``vgg9``)."""
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ConfigError(f"unknown model {name!r}; valid names: {', '.join(list_models())}")
+    fn = getattr(_REGISTRY[name], "__wrapped__", _REGISTRY[name])
+    return _options_of(fn)[0]
+
+
+def build_model(
+    name: str,
+    *,
+    in_channels: int,
+    num_classes: int,
+    width: float = 1.0,
+    image_size: tuple[int, int] | list[int] | None = None,
+) -> nn.Module:
+    """A registered model by name, or a user's model (``file.py:Name`` / ``package.module:Name``).
+
+    ``image_size`` (``H, W``) is passed to a constructor that names an ``image_size`` option (``vgg9``, or a
+    user's model), and dropped for the others.
+    """
+    from .user import is_user_spec, load_user_model
+
+    if is_user_spec(name):
+        return load_user_model(name, in_channels=in_channels, num_classes=num_classes, image_size=image_size,
+                               width=width)
+    kw: dict[str, Any] = {}
+    if image_size is not None and "image_size" in model_options(name):
+        kw["image_size"] = [int(v) for v in image_size]
+    return create_model(name, in_channels=in_channels, num_classes=num_classes, width=width, **kw)
+
+
 def create_model(
     name: str, in_channels: int = 3, num_classes: int = 10, width: float = 1.0, **kw: Any
 ) -> nn.Module:
@@ -142,8 +180,9 @@ def create_model(
 def create_model_from_args(args: Mapping[str, Any]) -> nn.Module:
     """Rebuild a model from its ``hwquant_args`` dict (e.g. one stored in a checkpoint).
 
-    ``args`` must hold ``name``; every other entry is passed to :func:`create_model`.  Weights are freshly
-    initialised; load the checkpoint's ``state_dict`` afterwards.
+    ``args`` must hold ``name``; every other entry is passed to :func:`create_model`.  A user's model
+    (``source == "user"``) is loaded again from its file or module.  Weights are freshly initialised; load the
+    checkpoint's ``state_dict`` afterwards.
 
     Raises:
         ConfigError: ``args`` is not a mapping, lacks ``name``, or holds invalid arguments.
@@ -152,6 +191,10 @@ def create_model_from_args(args: Mapping[str, Any]) -> nn.Module:
         raise ConfigError(f"model args must be a mapping, got {type(args).__name__}")
     if "name" not in args:
         raise ConfigError("model args lack the 'name' entry")
+    if args.get("source") == "user":
+        from .user import user_model_from_args
+
+        return user_model_from_args(args)
     kw = dict(args)
     name = kw.pop("name")
     return create_model(name, **kw)

@@ -1,12 +1,15 @@
 """Checkpoints: written atomically, read with ``weights_only=True``.
 
 A checkpoint is a plain dict of tensors and primitives (no pickled classes), so ``torch.load(...,
-weights_only=True)`` can read it safely.  It is written to a temporary file in the target directory and
-``os.replace``-d into place, so a crash never leaves a half-written checkpoint under the real name.
+weights_only=True)`` can read it safely.  Tensors are saved from the CPU (a model trained on CUDA gives the
+same file as one trained on the CPU), so any machine can load them.  It is written to a temporary file in the
+target directory and ``os.replace``-d into place, so a crash never leaves a half-written checkpoint under the
+real name.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from pathlib import Path
@@ -45,9 +48,34 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, write)
 
 
+def _cpu(obj: Any) -> Any:
+    """``obj`` with every tensor (in nested dicts, lists, tuples) on the CPU; ``obj`` itself if all already were.
+
+    Dicts are shallow-copied, so a state dict keeps its ``_metadata``.
+    """
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.device.type == "cpu" else obj.detach().cpu()
+    if isinstance(obj, dict):
+        items = {k: _cpu(v) for k, v in obj.items()}
+        if all(items[k] is v for k, v in obj.items()):
+            return obj
+        new = copy.copy(obj)
+        new.update(items)
+        return new
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        items = [_cpu(v) for v in obj]
+        if all(a is b for a, b in zip(items, obj, strict=True)):
+            return obj
+        return type(obj)(items)
+    return obj
+
+
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
-    """Save ``payload`` (tensors, dicts, lists, numbers, strings) atomically with a format tag."""
-    data = {"format": FORMAT, **payload}
+    """Save ``payload`` (tensors, dicts, lists, numbers, strings) atomically with a format tag.
+
+    Tensors on another device (CUDA) are saved from a CPU copy.
+    """
+    data = _cpu({"format": FORMAT, **payload})
     return atomic_write(path, lambda tmp: torch.save(data, tmp))
 
 

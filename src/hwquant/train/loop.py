@@ -4,13 +4,16 @@
 ``fit(..., resume=True)`` continues from it.  Epoch ``e``'s batches and augmentation are a function of
 ``(seed, e)`` (the loader's ``set_epoch``), so an interrupted and resumed run sees the same data as an
 uninterrupted one.
+
+Both take any iterable of ``(x, y)`` batches (an hwquant ``BatchLoader``, a ``torch.utils.data.DataLoader``,
+a list) and a ``device``: the model and every batch are moved there (see :mod:`hwquant.device`).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..device import model_device, resolve_device, to_device
 from ..errors import CheckpointError, ConfigError, DataError
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import all_reduce_sum, current
@@ -63,23 +67,61 @@ class TrainConfig:
             raise ConfigError(f"grad_clip must be a positive number or null, got {self.grad_clip!r}")
 
 
-def _batch_xy(batch) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = batch[0], batch[1]
+def _batch_xy(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` of a batch, on ``device``; integer labels as int64 (what cross-entropy takes)."""
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        raise DataError(f"each batch must be an (x, y) pair, got {type(batch).__name__}")
+    x, y = to_device(batch[0], device), to_device(batch[1], device)
+    if isinstance(y, torch.Tensor) and not y.is_floating_point() and y.dtype != torch.int64:
+        y = y.long()
     return x, y
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, *, progress: bool = False, desc: str = "eval") -> dict[str, float]:
-    """Top-1 / top-5 accuracy (%) and mean cross-entropy over ``loader``.
+def _run_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    """Move ``model`` to ``device`` (``None``: leave it where it is) and return the device batches go to."""
+    if device is None:
+        return model_device(model)
+    dev = resolve_device(device)
+    model.to(dev)
+    return dev
 
-    If the loader is a per-rank shard (``loader.world_size > 1``) the counts are summed across ranks.
+
+def _set_epoch(loader, epoch: int) -> None:
+    """``loader.set_epoch(epoch)``, or its sampler's (a DataLoader with a DistributedSampler); else nothing."""
+    fn = getattr(loader, "set_epoch", None) or getattr(getattr(loader, "sampler", None), "set_epoch", None)
+    if callable(fn):
+        fn(epoch)
+
+
+def _steps_per_epoch(loader, epoch: int) -> int:
+    """Batches per epoch: ``len(loader)`` when it has one, else counted in one pass over ``loader`` (data
+    loading only, no training: the cosine schedule needs the total number of steps before the first step)."""
+    if isinstance(loader, Iterator):
+        raise ConfigError(f"the training loader is a one-shot iterator ({type(loader).__name__}); fit loops over it "
+                          "once per epoch: give a list, a DataLoader or another re-iterable")
+    try:
+        return len(loader)
+    except TypeError:
+        _set_epoch(loader, epoch)
+        return sum(1 for _ in loader)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, *, progress: bool = False, desc: str = "eval",
+             device: str | torch.device | None = None) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy over ``loader`` (any iterable of ``(x, y)``).
+
+    ``device`` (``auto``, ``cpu``, ``cuda``, a ``torch.device``): move the model there first; ``None``
+    (default) leaves the model where it is.  Every batch is moved to the model's device.  If the loader is a
+    per-rank shard (``loader.world_size > 1``) the counts are summed across ranks.
     """
+    dev = _run_device(model, device)
     was_training = model.training
     model.eval()
     stats = torch.zeros(4, dtype=torch.float64)  # correct1, correct5, loss_sum, n
     it = tqdm(loader, desc=desc, leave=False, disable=not progress)
     for batch in it:
-        x, y = _batch_xy(batch)
+        x, y = _batch_xy(batch, dev)
         logits = model(x)
         if not torch.isfinite(logits).all():
             raise DataError("non-finite logits during evaluation (NaN in the data or a diverged model)")
@@ -134,25 +176,35 @@ def fit(
     progress: bool = True,
     extra_state: dict[str, Any] | None = None,
     step_hook: Callable[[nn.Module, int], None] | None = None,
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` for ``cfg.epochs`` epochs and return the history.
 
     Args:
-        train_loader: yields ``(x, y)``; must have ``set_epoch(e)`` and ``len()``.
+        train_loader: a re-iterable of ``(x, y)`` batches (an hwquant ``BatchLoader``, a torch ``DataLoader``, a
+            list; not a one-shot iterator).  ``set_epoch(e)`` (on the loader or its ``sampler``) is called
+            before each epoch when it exists.  Without ``len()``, the batches of one epoch are counted in a
+            first pass over the loader (data loading only), since the learning-rate schedule needs the total
+            number of steps up front.
         eval_loader: evaluated after each epoch (top-1/top-5) if given.
         out_dir: where ``last.pt`` is written after each epoch (rank 0 only).
         resume: continue from ``out_dir/last.pt`` if it exists.
         extra_state: stored in the checkpoint (e.g. model constructor args, dataset info).
         step_hook: called as ``step_hook(model, global_step)`` after every optimiser step.
+        device: ``auto``, ``cpu``, ``cuda`` or a ``torch.device``: the model is moved there before the
+            optimiser is built, and every batch is moved there; ``None`` (default) leaves the model where it is.
+            Checkpoints are written from CPU copies.
     """
     dist_info = current()
+    dev = _run_device(model, device)
     torch.manual_seed(cfg.seed)
-    steps_per_epoch = len(train_loader)
+    steps_per_epoch = _steps_per_epoch(train_loader, 0)
     if steps_per_epoch == 0:
         raise DataError("training loader is empty (dataset smaller than one batch?)")
     train_model = model
     if dist_info.enabled:
-        train_model = nn.parallel.DistributedDataParallel(model)
+        ids = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, steps_per_epoch)
     history: dict[str, Any] = {"epochs": [], "step_loss": []}
@@ -175,18 +227,19 @@ def fit(
         history = ck["history"]
         start_epoch = int(ck["epoch"]) + 1
         torch.set_rng_state(ck["rng_state"])
+        if dev.type == "cuda" and "cuda_rng_state" in ck:
+            torch.cuda.set_rng_state(ck["cuda_rng_state"], dev)
     global_step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         train_model.train()
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
+        _set_epoch(train_loader, epoch)
         loss_sum = torch.zeros(3, dtype=torch.float64)  # loss*n, correct, n
         window: list[float] = []
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=not (progress and dist_info.is_main))
         for batch in bar:
-            x, y = _batch_xy(batch)
+            x, y = _batch_xy(batch, dev)
             logits = train_model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
             if not torch.isfinite(loss):
@@ -228,9 +281,10 @@ def fit(
                 msg += f" test {record['test_top1']:.2f}%"
             tqdm.write(msg + f" ({record['seconds']:.0f}s)")
         if ckpt_path is not None and dist_info.is_main:
+            cuda_rng = {"cuda_rng_state": torch.cuda.get_rng_state(dev)} if dev.type == "cuda" else {}
             save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "epoch": epoch, "history": history, "train_config": asdict(cfg),
-                "rng_state": torch.get_rng_state(), **(extra_state or {}),
+                "rng_state": torch.get_rng_state(), **cuda_rng, **(extra_state or {}),
             })
     return history
