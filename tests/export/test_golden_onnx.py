@@ -119,18 +119,37 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 
-def test_onnx_int4_graph_runs_bit_exact_in_onnxruntime(pow2_resnet, tmp_path):
+def test_onnx_int4_graph_runs_bit_exact_in_onnxruntime_with_default_options(pow2_resnet, tmp_path):
     from hwquant.export.onnx import check_onnx, to_onnx
 
     _, im = pow2_resnet
     path = to_onnx(im, tmp_path / "m.onnx", codes_outputs=True)
     model = onnx.load(str(path))
     types = {i.data_type for i in model.graph.initializer}
-    assert onnx.TensorProto.UINT4 in types  # 4-bit activation codes at opset 21
+    assert onnx.TensorProto.UINT4 not in types  # 4-bit activation codes ride in uint8 (+ Clip) by default
     assert onnx.TensorProto.INT8 in types  # 5-bit weights ride in int8 (first/last layers 8-bit)
-    res = check_onnx(path, im, _batches(2, seed=5))
+    res = check_onnx(path, im, _batches(2, seed=5))  # "auto": onnxruntime's default, every optimization
     assert res["codes"] > 0 and res["codes_diff"] == 0 and res["max_logit_lsb"] == 0.0
-    assert res["optimize"] == "basic" and res["agree"] == 100.0
+    assert res["optimize"] == "all" and res["agree"] == 100.0
+    # a plain onnxruntime session with default SessionOptions loads and runs the file
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = _batches(1, seed=5)[0][0]
+    logits = sess.run(["logits"], {"input": x.numpy()})[0]
+    v = im(im.quantize_input(x)).double() * im.output_scale.double().reshape(1, -1)
+    assert np.array_equal(logits, v.float().numpy())
+
+
+def test_onnx_int4_activations_option(pow2_resnet, tmp_path):
+    from hwquant.export.onnx import check_onnx, to_onnx
+
+    _, im = pow2_resnet
+    path = to_onnx(im, tmp_path / "m4.onnx", codes_outputs=True, int4_activations=True)
+    types = {i.data_type for i in onnx.load(str(path)).graph.initializer}
+    assert onnx.TensorProto.UINT4 in types  # 4-bit activation codes at opset 21
+    res = check_onnx(path, im, _batches(2, seed=5))
+    assert res["codes_diff"] == 0 and res["max_logit_lsb"] == 0.0 and res["optimize"] == "basic"
 
 
 def test_onnx_int8_fuses_to_qlinearconv_within_one_lsb(tmp_path):

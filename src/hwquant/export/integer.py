@@ -28,6 +28,23 @@ channel along dim 1, kept as metadata in float64; the hardware never multiplies 
     mean, the same as the float model's correctly rounded mean.
 ``maxpool``  the window max (exact: scales are positive).
 ``flatten``  a reshape (per-channel scales repeat over the flattened spatial positions).
+``concat``  ``torch.cat`` along ``dim``; along the channels each branch keeps its own per-channel scale, and
+    the next ``requant`` brings every channel to the consumer's one scale (the branches requantized to a
+    common scale, as a concatenating buffer stores them).  Along another dim the scales must be equal.
+``upsample``  nearest-neighbour upsampling by integer factors (each value repeated).
+``clamp``  ``clamp(V, lo, hi)`` with integer bounds per channel (see *Clipping* below).
+``lut``  ``q_y = table[q_x - q_min]``: an elementwise activation (hardswish, hardsigmoid, SiLU, ...) as a
+    ``2^b``-entry table from input codes to output codes (:class:`~hwquant.nn.layers.QuantLUTAct`).
+
+**Clipping** (``ReLU6``, ``Hardtanh``, ``clamp`` / ``clip``, ``relu6``, ``hardtanh``): a clip ``[lo, hi]`` in
+real units is carried with the value and applied where the value is next requantized, as bounds on the
+output codes: ``q = clamp(requant(V), code(lo), code(hi))`` with ``code`` the consumer quantizer's own
+rounding of ``fl32(lo)`` / ``fl32(hi)``.  Rounding is monotonic, so this equals quantizing the clipped float
+value, whatever the scales: the requantization unit's saturation does the ReLU6.  The clip passes through
+max pooling, reshapes, nearest upsampling and channel concatenation (all commute with it).  Where a clipped
+value meets anything else (an add, an average pool, the output) a ``clamp`` op applies it to ``V`` with the
+bounds ``ceil(lo / s)``, ``floor(hi / s)``: exact when the bounds are multiples of the scale (power-of-two
+scales, ``s <= 2`` for ReLU6), otherwise within one LSB of ``V``.
 
 The input is quantized once, by the first layer's input quantizer (:meth:`IntegerModel.quantize_input`,
 the host's job); from there on everything is integer.  The output is the last layer's accumulator;
@@ -54,8 +71,10 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..device import model_device
 from ..errors import ConfigError
-from ..nn.layers import QUANT_LAYERS, QuantAct, QuantConv2d, QuantLinear
+from ..nn.graph import trace as _trace
+from ..nn.layers import LUT_ACTIVATIONS, QUANT_LAYERS, QuantAct, QuantConv2d, QuantLinear, QuantLUTAct
 from ..nn.quantizer import FakeQuantizer
 from ..numerics.uniform import qrange
 
@@ -144,7 +163,10 @@ class IntOp:
                 q = rshift_rne(v * m.reshape(shape), n.reshape(shape))
             else:  # after a sum pool: round (V * M) / (d * 2^n) exactly
                 q = div_rne(v * m.reshape(shape), torch.bitwise_left_shift(torch.full_like(n, d), n).reshape(shape))
-            return q.clamp_(p["qmin"], p["qmax"])
+            q.clamp_(p["qmin"], p["qmax"])
+            if "clip_lo" in p:  # a carried clip (ReLU6 ...) as per-channel code bounds
+                q = torch.minimum(torch.maximum(q, _per_channel(p["clip_lo"], q)), _per_channel(p["clip_hi"], q))
+            return q
         if k in ("conv2d", "linear"):
             # integer sums computed in floating point are exact while every partial sum is below 2^24
             # (float32) / 2^53 (float64); ``bound`` is the worst case over all inputs, so this is exact
@@ -177,6 +199,16 @@ class IntOp:
             return torch.flatten(xs[0], p["start_dim"])
         if k == "identity":
             return xs[0]
+        if k == "clamp":
+            (x,) = xs
+            return torch.minimum(torch.maximum(x, _per_channel(p["lo"], x)), _per_channel(p["hi"], x))
+        if k == "concat":
+            return torch.cat(xs, dim=p["dim"])
+        if k == "upsample":
+            sh, sw = p["scale"]
+            return xs[0].repeat_interleave(sh, dim=2).repeat_interleave(sw, dim=3)
+        if k == "lut":
+            return p["table"][xs[0] - p["offset"]]
         raise ValueError(f"unknown integer op {k!r}")
 
     def describe(self) -> dict[str, Any]:
@@ -283,11 +315,8 @@ class IntegerModel(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- conversion
-class _Tracer(torch.fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (*QUANT_LAYERS, QuantAct, FakeQuantizer)):
-            return True
-        return super().is_leaf_module(m, qualname)
+_LEAVES = (*QUANT_LAYERS, QuantAct, FakeQuantizer, QuantLUTAct)
+_NO_CLIP = 2.0**62  # "no bound" in integer clamp bounds
 
 
 @dataclass
@@ -300,6 +329,18 @@ class _Val:
     example: torch.Tensor  # int64 example value (shapes)
     codes: tuple | None = None  # (s_out float32 0-d, qmin, qmax) when these are stored codes
     divisor: int = 1  # a sum pool's window size: the real value is V * scale / divisor
+    clip: tuple[torch.Tensor, torch.Tensor] | None = None  # carried clip (lo, hi), real units, 0-d or per channel
+
+    def with_clip(self, lo: float, hi: float) -> _Val:
+        """This value clipped to ``[lo, hi]`` (intersected with a clip it already carries)."""
+        lo_t, hi_t = torch.tensor(float(lo), dtype=torch.float64), torch.tensor(float(hi), dtype=torch.float64)
+        if self.clip is not None:
+            lo_t, hi_t = torch.maximum(self.clip[0], lo_t), torch.minimum(self.clip[1], hi_t)
+        return _Val(self.name, self.scale, self.bound, self.example, self.codes, self.divisor, (lo_t, hi_t))
+
+
+class _Shape(tuple):
+    """A traced ``x.shape`` / ``x.size()``: the example's sizes (reshape arguments resolve against them)."""
 
 
 def _scale_vec(s: torch.Tensor, channels: int) -> torch.Tensor:
@@ -337,7 +378,7 @@ class _Builder:
             raise ConfigError(f"{where}: integer export supports rounding='nearest' activations only")
         s_out = q.scale.detach().float().reshape(())
         qmin, qmax = qrange(q.spec.bits, bool(q.signed), q.spec.narrow)
-        if v.codes is not None and torch.equal(v.codes[0], s_out) and v.codes[1:] == (qmin, qmax):
+        if v.clip is None and v.codes is not None and torch.equal(v.codes[0], s_out) and v.codes[1:] == (qmin, qmax):
             return v
         c = v.example.shape[1] if v.example.dim() > 1 else 1
         ratio = _scale_vec(v.scale, c) / s_out.double()
@@ -351,11 +392,80 @@ class _Builder:
             raise ConfigError(f"{where}: value of {_bitlen(v.bound)} bits leaves no room for a requant multiplier")
         if m.numel() > 1 and bool((m == m[0]).all() and (n == n[0]).all()):
             m, n = m[:1], n[:1]
-        op = IntOp("requant", self._fresh(f"{where}.requant"), (v.name,),
-                   {"multiplier": m, "shift": n, "divisor": v.divisor, "qmin": qmin, "qmax": qmax,
-                    "out_scale": float(s_out), "bits": q.spec.bits, "signed": bool(q.signed)},
+        params = {"multiplier": m, "shift": n, "divisor": v.divisor, "qmin": qmin, "qmax": qmax,
+                  "out_scale": float(s_out), "bits": q.spec.bits, "signed": bool(q.signed)}
+        codes = (s_out, qmin, qmax)
+        if v.clip is not None:
+            # the consumer's own rounding of fl32(lo) / fl32(hi): round is monotonic, so clamping the codes
+            # equals quantizing the clipped float value
+            big = torch.finfo(torch.float32).max
+            lo, hi = (q.codes(b.float().clamp(-big, big).reshape(-1)).to(torch.int64) for b in v.clip)
+            params["clip_lo"], params["clip_hi"] = lo, hi
+        op = IntOp("requant", self._fresh(f"{where}.requant"), (v.name,), params,
                    scale=s_out.double(), bound=float(max(-qmin, qmax)))
-        return self.emit(op, op.run(v.example), codes=(s_out, qmin, qmax))
+        return self.emit(op, op.run(v.example), codes=codes)
+
+    def materialize(self, v: _Val, where: str) -> _Val:
+        """Apply a carried clip to ``V`` itself (a ``clamp`` op; see the module docstring)."""
+        if v.clip is None:
+            return v
+        if v.divisor != 1:
+            raise ConfigError(f"{where}: an average pool's output must go (through flatten) to a quantized layer")
+        c = v.example.shape[1] if v.example.dim() > 1 else 1
+        s = _scale_vec(v.scale, c)
+        lo = torch.ceil(v.clip[0] / s).clamp(-_NO_CLIP, _NO_CLIP).to(torch.int64)
+        hi = torch.floor(v.clip[1] / s).clamp(-_NO_CLIP, _NO_CLIP).to(torch.int64)
+        if lo.numel() > 1 and bool((lo == lo[0]).all() and (hi == hi[0]).all()):
+            lo, hi = lo[:1], hi[:1]
+        bound = min(v.bound, float(torch.maximum(lo.abs(), hi.abs()).max()))
+        op = IntOp("clamp", self._fresh(f"{where}.clamp"), (v.name,), {"lo": lo, "hi": hi}, scale=v.scale,
+                   bound=bound)
+        return self.emit(op, op.run(v.example))
+
+    def concat(self, name: str, vals: list[_Val], dim: int) -> _Val:
+        ex = vals[0].example
+        dim = dim % ex.dim()
+        if any(v.divisor != 1 for v in vals):
+            raise ConfigError(f"{name}: an average pool's output must go (through flatten) to a quantized layer")
+        chans = [v.example.shape[1] if v.example.dim() > 1 else 1 for v in vals]
+        vecs = [_scale_vec(v.scale, c) for v, c in zip(vals, chans, strict=True)]
+        clip = None
+        if dim == 1:
+            scale = torch.cat(vecs)
+            if bool((scale == scale[0]).all()):
+                scale = scale[0].clone()
+            if any(v.clip is not None for v in vals):
+                inf = torch.tensor(math.inf, dtype=torch.float64)
+                lo = torch.cat([(v.clip[0] if v.clip else -inf).expand(c) for v, c in zip(vals, chans, strict=True)])
+                hi = torch.cat([(v.clip[1] if v.clip else inf).expand(c) for v, c in zip(vals, chans, strict=True)])
+                clip = (lo, hi)
+        else:
+            if not all(torch.equal(vecs[0], w) for w in vecs[1:]):
+                raise ConfigError(f"{name}: concatenation along dim {dim} needs equal scales on every input "
+                                  "(quantize the inputs with one QuantAct first)")
+            vals = [self.materialize(v, name) for v in vals]
+            scale = vals[0].scale
+        codes = vals[0].codes if all(v.codes is not None and v.codes[1:] == vals[0].codes[1:]
+                                     and torch.equal(v.codes[0], vals[0].codes[0]) for v in vals) else None
+        op = IntOp("concat", self._fresh(name), tuple(v.name for v in vals), {"dim": dim}, scale=scale,
+                   bound=max(v.bound for v in vals))
+        out = self.emit(op, op.run(*(v.example for v in vals)), codes=codes if clip is None else None)
+        out.clip = clip
+        return out
+
+    def lut(self, name: str, m: QuantLUTAct, v: _Val) -> _Val:
+        xq = self.requant(v, m.input_quant, name)
+        oq = m.output_quant
+        if not (oq.spec.symmetric and oq.axis is None):
+            raise ConfigError(f"{name}: integer export needs a per-tensor output quantizer with zero point 0")
+        table, offset = m.table()
+        s_out = oq.scale.detach().float().reshape(())
+        qmin, qmax = qrange(oq.spec.bits, bool(oq.signed), oq.spec.narrow)
+        op = IntOp("lut", self._fresh(f"{name}.lut"), (xq.name,),
+                   {"table": table, "offset": offset, "function": type(m.act).__name__, "qmin": qmin, "qmax": qmax,
+                    "in_scale": float(m.input_quant.scale), "out_scale": float(s_out)},
+                   scale=s_out.double(), bound=float(table.abs().max()))
+        return self.emit(op, op.run(xq.example), codes=(s_out, qmin, qmax))
 
     def layer(self, name: str, m: QuantConv2d | QuantLinear, v: _Val) -> _Val:
         s_acc = m.accumulator_scale()
@@ -401,6 +511,7 @@ class _Builder:
     def add(self, name: str, a: _Val, b: _Val) -> _Val:
         if a.divisor != 1 or b.divisor != 1:
             raise ConfigError(f"{name}: an average pool's output must go (through flatten) to a quantized layer")
+        a, b = self.materialize(a, name), self.materialize(b, name)
         c = a.example.shape[1] if a.example.dim() > 1 else 1
         sa, sb = _scale_vec(a.scale, c), _scale_vec(b.scale, c)
         fine, coarse = torch.minimum(sa, sb), torch.maximum(sa, sb)
@@ -420,151 +531,333 @@ class _Builder:
         return self.emit(op, op.run(a.example, b.example))
 
     def unary(self, kind: str, name: str, v: _Val, params=None, scale=None, bound=None, keep_codes=False,
-              divisor: int | None = None) -> _Val:
+              divisor: int | None = None, clip=None) -> _Val:
+        """One-input op.  Ops that commute with a clip (max pool, reshapes, upsampling) pass ``clip`` on;
+        for every other op a carried clip is applied first."""
         if v.divisor != 1 and kind not in ("flatten",):
             raise ConfigError(f"{name}: an average pool's output must go (through flatten) to a quantized layer")
+        if clip is None:
+            v = self.materialize(v, name)
         op = IntOp(kind, self._fresh(name), (v.name,), params or {}, scale=v.scale if scale is None else scale,
                    bound=v.bound if bound is None else bound)
         d = v.divisor if divisor is None else divisor
-        return self.emit(op, op.run(v.example), codes=v.codes if keep_codes else None, divisor=d)
-
-
-def _pair(x) -> tuple[int, int]:
-    return (x, x) if isinstance(x, int) else tuple(x)
+        out = self.emit(op, op.run(v.example), codes=v.codes if keep_codes else None, divisor=d)
+        out.clip = clip if clip is not None and v.clip is not None else None
+        return out
 
 
 def integer_model(qmodel: nn.Module, example_input: torch.Tensor) -> IntegerModel:
     """Build the :class:`IntegerModel` of a fake-quantized model (BatchNorm folded, every conv/linear
     quantized with calibrated per-tensor input and per-tensor/per-channel weight quantizers).
 
-    ``example_input``: one float batch of the model's input shape (used for shapes only).
+    ``example_input``: one float batch of the model's input shape (used for shapes only).  The model is
+    not modified (its train/eval mode is restored).
+
+    Supported graph nodes: the quantized layers, :class:`~hwquant.nn.QuantAct` and
+    :class:`~hwquant.nn.layers.QuantLUTAct`; ``ReLU`` / ``ReLU6`` / ``Hardtanh`` / ``clamp`` / ``clip``
+    (modules, functions, methods, in place or not); residual ``add``; ``torch.cat``; max / average /
+    adaptive-average(1) pooling and ``mean`` over the spatial dims (modules and functions); ``flatten`` /
+    ``view`` / ``reshape`` to ``(N, -1)`` (``x.size(0)`` and ``x.shape[0]`` included); nearest upsampling by
+    integer factors; ``Identity`` / ``Dropout``.  The float input may feed several layers when their input
+    quantizers agree.
 
     Raises:
         ConfigError: an operation has no integer form here (an unfolded BatchNorm, a float conv, an
-            asymmetric or stochastic quantizer, an unknown function); the message names the node.
+            asymmetric or stochastic quantizer, an unknown function); the message names the node and the op.
     """
-    qmodel = qmodel.eval()
+    was_training = qmodel.training
+    qmodel.eval()
     try:
-        graph = _Tracer().trace(qmodel)
-    except Exception as e:  # noqa: BLE001 - fx raises many kinds
-        raise ConfigError(f"cannot trace the model for integer export: {e}") from None
+        return _convert(qmodel, example_input)
+    finally:
+        qmodel.train(was_training)
+
+
+def _convert(qmodel: nn.Module, example_input: torch.Tensor) -> IntegerModel:
+    graph = _trace(qmodel, leaves=_LEAVES, what="integer export")
     b = _Builder(qmodel)
     env: dict[str, Any] = {}
-    input_quant = None
-    input_name = None
+    st: dict[str, Any] = {"input_quant": None, "input_name": None, "input_val": None, "input_layer": None}
     output_name = None
-    placeholder_users: list[str] = []
     for node in graph.nodes:
         if node.op == "placeholder":
-            if input_name is not None:
-                raise ConfigError("integer export supports models with one input")
-            input_name = node.name
+            if st["input_name"] is not None:
+                raise ConfigError(f"{node.name}: integer export supports models with one input")
+            st["input_name"] = node.name
             env[node.name] = ("input", node)
-            placeholder_users = [u.name for u in node.users]
             continue
+        if node.op == "get_attr":
+            raise ConfigError(f"{node.name}: a tensor attribute ({node.target}) used in forward has no integer form "
+                              "here; make it a module")
+        args = torch.fx.node.map_arg(node.args, lambda n: env[n.name])
+        kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: env[n.name])
         if node.op == "output":
-            out = env[node.args[0].name] if isinstance(node.args[0], torch.fx.Node) else None
+            out = args[0]
+            if isinstance(out, _Val):
+                out = b.materialize(out, "output")
             if not isinstance(out, _Val) or out.divisor != 1:
                 raise ConfigError("the model output must be a layer's accumulator (an integer value)")
             output_name = out.name
             continue
-        args = [env[a.name] if isinstance(a, torch.fx.Node) else a for a in node.args]
-
-        def val(i: int, _args=args, _node=node) -> _Val:
-            a = _args[i]
-            if isinstance(a, tuple) and a and a[0] == "input":
-                raise ConfigError(f"{_node.name}: the float input must first meet a quantized layer")
-            if not isinstance(a, _Val):
-                raise ConfigError(f"{_node.name}: unsupported argument {a!r}")
-            return a
-
         if node.op == "call_module":
-            m = b.mods[node.target]
-            name = str(node.target)
-            if isinstance(m, QUANT_LAYERS):
-                a = args[0]
-                if isinstance(a, tuple) and a[0] == "input":
-                    if len(placeholder_users) != 1:
-                        raise ConfigError("the float input must feed exactly one quantized layer")
-                    input_quant = m.input_quant
-                    if input_quant is None or not (input_quant.enabled and input_quant.calibrated):
-                        raise ConfigError(f"{name}: the first layer's input is not quantized")
-                    codes = input_quant.codes(torch.zeros(example_input.shape)).to(torch.int64)
-                    qmin, qmax = qrange(input_quant.spec.bits, bool(input_quant.signed), input_quant.spec.narrow)
-                    s_in = input_quant.scale.detach().float().reshape(())
-                    a = _Val(input_name, s_in.double(), float(max(-qmin, qmax)), codes, (s_in, qmin, qmax))
-                    b.vals[input_name] = a
-                env[node.name] = b.layer(name, m, a)
-            elif isinstance(m, QuantAct):
-                env[node.name] = b.requant(val(0), m.quant, name)
-            elif isinstance(m, nn.ReLU):
-                env[node.name] = b.unary("relu", name, val(0), keep_codes=False)
-            elif isinstance(m, (nn.Identity, nn.Dropout)):
-                env[node.name] = val(0)
-            elif isinstance(m, nn.AdaptiveAvgPool2d):
-                v = val(0)
-                if _pair(m.output_size) != (1, 1):
-                    raise ConfigError(f"{name}: only AdaptiveAvgPool2d(1) has an integer form here")
-                hw = v.example.shape[2] * v.example.shape[3]
-                env[node.name] = b.unary("sumpool", name, v, {"global": True, "divisor": hw},
-                                         bound=v.bound * hw, divisor=hw)
-            elif isinstance(m, nn.AvgPool2d):
-                v = val(0)
-                if m.ceil_mode or m.divisor_override is not None or not m.count_include_pad:
-                    raise ConfigError(f"{name}: AvgPool2d needs ceil_mode=False, count_include_pad=True")
-                kk = _pair(m.kernel_size)
-                st = _pair(m.stride if m.stride is not None else m.kernel_size)
-                n = kk[0] * kk[1]
-                env[node.name] = b.unary("sumpool", name, v, {"kernel_size": kk, "stride": st,
-                                                              "padding": _pair(m.padding), "divisor": n},
-                                         bound=v.bound * n, divisor=n)
-            elif isinstance(m, nn.MaxPool2d):
-                v = val(0)
-                if m.ceil_mode or m.return_indices:
-                    raise ConfigError(f"{name}: MaxPool2d needs ceil_mode=False")
-                env[node.name] = b.unary("maxpool", name, v, {"kernel_size": _pair(m.kernel_size),
-                                                              "stride": _pair(m.stride), "padding": _pair(m.padding),
-                                                              "dilation": _pair(m.dilation)}, keep_codes=True)
-            elif isinstance(m, nn.Flatten):
-                env[node.name] = _flatten(b, name, val(0), m.start_dim, m.end_dim)
-            elif isinstance(m, nn.BatchNorm2d):
-                raise ConfigError(f"{name}: BatchNorm must be folded before integer export (fold_batchnorm)")
-            elif isinstance(m, (nn.Conv2d, nn.Linear)):
-                raise ConfigError(f"{name}: layer is not quantized; integer export needs every conv/linear quantized")
-            else:
-                raise ConfigError(f"{name}: module {type(m).__name__} has no integer form here")
+            env[node.name] = _module_node(b, st, node, b.mods[node.target], args, example_input)
         elif node.op in ("call_function", "call_method"):
-            t = node.target
-            name = node.name
-            if t in (operator.add, torch.add, "add", operator.iadd):
-                if len(args) != 2 or node.kwargs:
-                    raise ConfigError(f"{name}: only two-operand add is supported")
-                env[node.name] = b.add(name, val(0), val(1))
-            elif t in (F.relu, torch.relu, "relu"):
-                env[node.name] = b.unary("relu", name, val(0))
-            elif t in (torch.flatten, "flatten"):
-                start = args[1] if len(args) > 1 else node.kwargs.get("start_dim", 0)
-                end = args[2] if len(args) > 2 else node.kwargs.get("end_dim", -1)
-                env[node.name] = _flatten(b, name, val(0), start, end)
-            else:
-                raise ConfigError(f"{name}: function {getattr(t, '__name__', t)!r} has no integer form here")
+            env[node.name] = _function_node(b, st, node, args, kwargs, example_input)
         else:
             raise ConfigError(f"{node.name}: unsupported graph node {node.op}")
-    if input_quant is None or output_name is None:
+    if st["input_quant"] is None or output_name is None:
         raise ConfigError("the model has no quantized first layer or no output")
-    return IntegerModel(b.ops, input_quant, input_name, output_name, tuple(example_input.shape))
+    return IntegerModel(b.ops, st["input_quant"], st["input_name"], output_name, tuple(example_input.shape))
 
 
-def _flatten(b: _Builder, name: str, v: _Val, start: int, end: int) -> _Val:
+def _val(a: Any, node: torch.fx.Node) -> _Val:
+    if isinstance(a, tuple) and a and a[0] == "input":
+        raise ConfigError(f"{node.name}: the float input must first meet a quantized layer "
+                          f"({node.op} {_op_name(node)})")
+    if not isinstance(a, _Val):
+        raise ConfigError(f"{node.name}: unsupported argument {a!r} of {_op_name(node)}")
+    return a
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+def _input_val(b: _Builder, st: dict[str, Any], q: FakeQuantizer | None, name: str, example: torch.Tensor) -> _Val:
+    """The model input as codes of ``q``, the input quantizer of layer ``name`` (shared by every layer that
+    reads the input, which must then quantize it alike)."""
+    if q is None or not (q.enabled and q.calibrated):
+        raise ConfigError(f"{name}: the first layer's input is not quantized")
+    if not q.spec.symmetric or q.axis is not None or q.spec.rounding != "nearest":
+        raise ConfigError(f"{name}: the input quantizer must be per tensor, zero point 0, rounding='nearest'")
+    qmin, qmax = qrange(q.spec.bits, bool(q.signed), q.spec.narrow)
+    s_in = q.scale.detach().float().reshape(())
+    if st["input_val"] is not None:
+        a = st["input_val"]
+        if not (torch.equal(a.codes[0], s_in) and a.codes[1:] == (qmin, qmax)):
+            raise ConfigError(f"{name} and {st['input_layer']} both read the model input but quantize it differently "
+                              f"(scale {float(s_in):g} [{qmin}, {qmax}] vs {float(a.codes[0]):g} "
+                              f"[{a.codes[1]}, {a.codes[2]}]); the hardware quantizes its input once")
+        return a
+    codes = q.codes(torch.zeros(example.shape)).to(torch.int64)
+    a = _Val(st["input_name"], s_in.double(), float(max(-qmin, qmax)), codes, (s_in, qmin, qmax))
+    b.vals[st["input_name"]] = a
+    st.update(input_quant=q, input_val=a, input_layer=name)
+    return a
+
+
+def _is_input(a: Any) -> bool:
+    return isinstance(a, tuple) and not isinstance(a, _Shape) and len(a) == 2 and a[0] == "input"
+
+
+def _module_node(b: _Builder, st: dict[str, Any], node: torch.fx.Node, m: nn.Module, args, example) -> Any:
+    name = str(node.target)
+    if isinstance(m, QUANT_LAYERS):
+        a = _input_val(b, st, m.input_quant, name, example) if _is_input(args[0]) else _val(args[0], node)
+        return b.layer(name, m, a)
+    if isinstance(m, QuantLUTAct):
+        a = _input_val(b, st, m.input_quant, name, example) if _is_input(args[0]) else _val(args[0], node)
+        return b.lut(name, m, a)
+    if isinstance(m, QuantAct):
+        return b.requant(_val(args[0], node), m.quant, name)
+    if isinstance(m, nn.ReLU):
+        return _relu(b, name, _val(args[0], node))
+    if isinstance(m, nn.Hardtanh):  # ReLU6 included
+        return _val(args[0], node).with_clip(m.min_val, m.max_val)
+    if isinstance(m, (nn.Identity, nn.Dropout, nn.Dropout2d)):
+        return _val(args[0], node)
+    if isinstance(m, nn.AdaptiveAvgPool2d):
+        if _pair(m.output_size) != (1, 1):
+            raise ConfigError(f"{name}: only AdaptiveAvgPool2d(1) has an integer form here")
+        return _global_pool(b, name, _val(args[0], node))
+    if isinstance(m, nn.AvgPool2d):
+        return _avg_pool(b, name, _val(args[0], node), m.kernel_size, m.stride, m.padding, m.ceil_mode,
+                         m.count_include_pad, m.divisor_override)
+    if isinstance(m, nn.MaxPool2d):
+        return _max_pool(b, name, _val(args[0], node), m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode,
+                         m.return_indices)
+    if isinstance(m, nn.Flatten):
+        return _reshape_flat(b, name, _val(args[0], node), m.start_dim, m.end_dim)
+    if isinstance(m, nn.Upsample):
+        return _upsample(b, name, _val(args[0], node), m.size, m.scale_factor, m.mode)
+    if isinstance(m, nn.BatchNorm2d):
+        raise ConfigError(f"{name}: BatchNorm must be folded before integer export (fold_batchnorm; a BN that does "
+                          "not follow a conv cannot be folded)")
+    if isinstance(m, (nn.Conv2d, nn.Linear)):
+        raise ConfigError(f"{name}: layer is not quantized; integer export needs every conv/linear quantized")
+    if isinstance(m, LUT_ACTIVATIONS):
+        raise ConfigError(f"{name}: {type(m).__name__} is not quantized (quantize_model turns it into a QuantLUTAct "
+                          "when the recipe gives it an activation spec)")
+    raise ConfigError(f"{name}: module {type(m).__name__} has no integer form here")
+
+
+_ADD = (operator.add, torch.add, "add", operator.iadd, "add_")
+_RELU = (F.relu, torch.relu, "relu", torch.relu_, "relu_")
+_CLAMP = (torch.clamp, torch.clip, "clamp", "clip", "clamp_", "clip_", F.hardtanh, F.relu6, "clamp_min", "clamp_max")
+_FLAT = (torch.flatten, "flatten", "view", "reshape", torch.reshape)
+_PASS = ("contiguous", F.dropout, F.dropout2d)
+
+
+def _arg(args, kwargs, i: int, key: str, default=None):
+    if len(args) > i:
+        return args[i]
+    return kwargs.get(key, default)
+
+
+def _function_node(b: _Builder, st: dict[str, Any], node: torch.fx.Node, args, kwargs, example) -> Any:
+    t = node.target
+    name = node.name
+    # shape queries: x.size(), x.size(0), x.shape, x.shape[0], len(...)
+    if t == "size" or (t is getattr and len(args) > 1 and args[1] == "shape"):
+        src = args[0]
+        shape = _Shape(example.shape if _is_input(src) else _val(src, node).example.shape)
+        dim = args[1] if t == "size" and len(args) > 1 else kwargs.get("dim")
+        return shape[dim] if isinstance(dim, int) else shape
+    if t is operator.getitem and isinstance(args[0], _Shape):
+        return args[0][args[1]]
+    if t in _ADD:
+        if len(args) != 2 or not all(isinstance(a, _Val) for a in args) or set(kwargs) - {"alpha"} or \
+                kwargs.get("alpha", 1) != 1:
+            raise ConfigError(f"{name}: only the sum of two tensors is supported ({_op_name(node)})")
+        return b.add(name, _val(args[0], node), _val(args[1], node))
+    if t in _RELU:
+        return _relu(b, name, _val(args[0], node))
+    if t in _CLAMP:
+        v = _val(args[0], node)
+        if t is F.relu6:
+            lo, hi = 0.0, 6.0
+        elif t is F.hardtanh:
+            lo, hi = _arg(args, kwargs, 1, "min_val", -1.0), _arg(args, kwargs, 2, "max_val", 1.0)
+        elif t == "clamp_min":
+            lo, hi = _arg(args, kwargs, 1, "min"), None
+        elif t == "clamp_max":
+            lo, hi = None, _arg(args, kwargs, 1, "max")
+        else:
+            lo, hi = _arg(args, kwargs, 1, "min"), _arg(args, kwargs, 2, "max")
+        for bound in (lo, hi):
+            if bound is not None and not isinstance(bound, (int, float)):
+                raise ConfigError(f"{name}: {_op_name(node)} needs constant number bounds for an integer form")
+        return v.with_clip(-math.inf if lo is None else lo, math.inf if hi is None else hi)
+    if t in _FLAT:
+        v = _val(args[0], node)
+        if t in (torch.flatten, "flatten"):
+            return _reshape_flat(b, name, v, _arg(args, kwargs, 1, "start_dim", 0),
+                                 _arg(args, kwargs, 2, "end_dim", -1))
+        shape = args[1:] if len(args) > 1 else (kwargs.get("shape") or kwargs.get("size"),)
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        if not all(isinstance(d, int) for d in shape):
+            raise ConfigError(f"{name}: {_op_name(node)} with a shape of {shape!r} has no integer form here")
+        target = v.example.reshape(*shape).shape
+        if target == v.example.shape:
+            return v
+        if len(target) == 2 and target[0] == v.example.shape[0]:
+            return _reshape_flat(b, name, v, 1, -1)
+        raise ConfigError(f"{name}: {_op_name(node)} to {tuple(shape)} has no integer form here (only (N, -1))")
+    if t in _PASS:
+        return _val(args[0], node)
+    if t in (torch.cat, torch.concat, torch.concatenate):
+        vals = [_val(a, node) for a in _arg(args, kwargs, 0, "tensors")]
+        return b.concat(name, vals, _arg(args, kwargs, 1, "dim", 0))
+    if t is F.max_pool2d:
+        ks = _arg(args, kwargs, 1, "kernel_size")
+        return _max_pool(b, name, _val(args[0], node), ks, _arg(args, kwargs, 2, "stride") or ks,
+                         _arg(args, kwargs, 3, "padding", 0), _arg(args, kwargs, 4, "dilation", 1),
+                         _arg(args, kwargs, 5, "ceil_mode", False), _arg(args, kwargs, 6, "return_indices", False))
+    if t is F.avg_pool2d:
+        ks = _arg(args, kwargs, 1, "kernel_size")
+        return _avg_pool(b, name, _val(args[0], node), ks, _arg(args, kwargs, 2, "stride") or ks,
+                         _arg(args, kwargs, 3, "padding", 0), _arg(args, kwargs, 4, "ceil_mode", False),
+                         _arg(args, kwargs, 5, "count_include_pad", True), _arg(args, kwargs, 6, "divisor_override"))
+    if t is F.adaptive_avg_pool2d:
+        if _pair(_arg(args, kwargs, 1, "output_size")) != (1, 1):
+            raise ConfigError(f"{name}: only adaptive_avg_pool2d(x, 1) has an integer form here")
+        return _global_pool(b, name, _val(args[0], node))
+    if t in (torch.mean, "mean"):
+        v = _val(args[0], node)
+        dims = _arg(args, kwargs, 1, "dim")
+        keep = _arg(args, kwargs, 2, "keepdim", False)
+        nd = v.example.dim()
+        dims = sorted(d % nd for d in ((dims,) if isinstance(dims, int) else tuple(dims or ())))
+        if nd != 4 or dims != [2, 3]:
+            raise ConfigError(f"{name}: mean has an integer form over the spatial dims (2, 3) only, got {dims}")
+        pooled = _global_pool(b, name, v)
+        return pooled if keep else _reshape_flat(b, f"{name}.flatten", pooled, 1, -1)
+    if t is F.interpolate:
+        return _upsample(b, name, _val(args[0], node), _arg(args, kwargs, 1, "size"),
+                         _arg(args, kwargs, 2, "scale_factor"), _arg(args, kwargs, 3, "mode", "nearest"))
+    raise ConfigError(f"{name}: {node.op.replace('call_', '')} {_op_name(node)!r} has no integer form here")
+
+
+def _relu(b: _Builder, name: str, v: _Val) -> _Val:
+    if v.clip is not None:  # relu(clip(x, lo, hi)) = clip(x, max(lo, 0), max(hi, 0))
+        return v.with_clip(0.0, max(float(v.clip[1].max()), 0.0)) if v.clip[1].numel() == 1 else \
+            _Val(v.name, v.scale, v.bound, v.example, v.codes, v.divisor,
+                 (v.clip[0].clamp_min(0), v.clip[1].clamp_min(0)))
+    return b.unary("relu", name, v)
+
+
+def _global_pool(b: _Builder, name: str, v: _Val) -> _Val:
+    hw = v.example.shape[2] * v.example.shape[3]
+    return b.unary("sumpool", name, v, {"global": True, "divisor": hw}, bound=v.bound * hw, divisor=hw)
+
+
+def _avg_pool(b: _Builder, name: str, v: _Val, kernel, stride, padding, ceil_mode, count_include_pad,
+              divisor_override) -> _Val:
+    if ceil_mode or divisor_override is not None or not count_include_pad:
+        raise ConfigError(f"{name}: average pooling needs ceil_mode=False, count_include_pad=True")
+    kk = _pair(kernel)
+    st = _pair(stride if stride is not None else kernel)
+    n = kk[0] * kk[1]
+    return b.unary("sumpool", name, v, {"kernel_size": kk, "stride": st, "padding": _pair(padding), "divisor": n},
+                   bound=v.bound * n, divisor=n)
+
+
+def _max_pool(b: _Builder, name: str, v: _Val, kernel, stride, padding, dilation, ceil_mode, return_indices) -> _Val:
+    if ceil_mode or return_indices:
+        raise ConfigError(f"{name}: max pooling needs ceil_mode=False and no indices")
+    return b.unary("maxpool", name, v, {"kernel_size": _pair(kernel), "stride": _pair(stride or kernel),
+                                        "padding": _pair(padding), "dilation": _pair(dilation)},
+                   keep_codes=True, clip=v.clip)
+
+
+def _upsample(b: _Builder, name: str, v: _Val, size, scale_factor, mode) -> _Val:
+    if mode != "nearest":
+        raise ConfigError(f"{name}: upsampling mode {mode!r} has no integer form here (nearest only)")
+    h, w = v.example.shape[2], v.example.shape[3]
+    if size is not None:
+        oh, ow = _pair(size)
+        if oh % h or ow % w:
+            raise ConfigError(f"{name}: nearest upsampling to {(oh, ow)} from {(h, w)} is not by integer factors")
+        sc = (oh // h, ow // w)
+    else:
+        f = scale_factor if isinstance(scale_factor, (tuple, list)) else (scale_factor, scale_factor)
+        if not all(float(x) == int(x) and int(x) >= 1 for x in f):
+            raise ConfigError(f"{name}: nearest upsampling needs integer scale factors, got {scale_factor!r}")
+        sc = (int(f[0]), int(f[1]))
+    return b.unary("upsample", name, v, {"scale": sc}, keep_codes=True, clip=v.clip)
+
+
+def _pair(x) -> tuple[int, int]:
+    return (x, x) if isinstance(x, int) else tuple(x)
+
+
+def _reshape_flat(b: _Builder, name: str, v: _Val, start: int, end: int) -> _Val:
+    """``flatten(x, 1)`` (and every reshape to ``(N, -1)``)."""
     ex = v.example
     if start != 1 or end not in (-1, ex.dim() - 1):
         raise ConfigError(f"{name}: only flatten(x, 1) is supported")
     spatial = int(math.prod(ex.shape[2:])) if ex.dim() > 2 else 1
-    s = v.scale.reshape(-1)
-    if s.numel() > 1 and spatial > 1:
-        s = s.repeat_interleave(spatial)
-    return b.unary("flatten", name, v, {"start_dim": 1}, scale=s if v.scale.dim() else v.scale,
-                   keep_codes=True)
+
+    def rep(t: torch.Tensor) -> torch.Tensor:
+        t = t.reshape(-1)
+        return t.repeat_interleave(spatial) if t.numel() > 1 and spatial > 1 else t
+
+    clip = (rep(v.clip[0]), rep(v.clip[1])) if v.clip is not None else None
+    s = rep(v.scale) if v.scale.dim() else v.scale
+    return b.unary("flatten", name, v, {"start_dim": 1}, scale=s, keep_codes=True, clip=clip)
+
 
 
 # ----------------------------------------------------------------------------------------------- comparison
@@ -580,6 +873,7 @@ def compare(qmodel: nn.Module, imodel: IntegerModel, batches: Iterable, *, max_b
     from tqdm.auto import tqdm
 
     qmodel.eval()
+    device = model_device(qmodel)
     layer_inputs: dict[str, torch.Tensor] = {}
     hooks = []
     req_for: dict[str, str] = {}
@@ -592,7 +886,7 @@ def compare(qmodel: nn.Module, imodel: IntegerModel, batches: Iterable, *, max_b
         def f(mod, inp):
             iq = mod.input_quant
             x_hat = iq(inp[0])
-            layer_inputs[name] = torch.round(x_hat / iq.scale.to(x_hat.dtype)).to(torch.int64)
+            layer_inputs[name] = torch.round(x_hat / iq.scale.to(x_hat.dtype)).to(torch.int64).cpu()
         return f
 
     for op in imodel.ops:
@@ -605,9 +899,12 @@ def compare(qmodel: nn.Module, imodel: IntegerModel, batches: Iterable, *, max_b
         for i, batch in enumerate(it):
             if max_batches is not None and i >= max_batches:
                 break
-            x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+            x, y = (batch[0], batch[1] if len(batch) > 1 else None) if isinstance(batch, (tuple, list)) \
+                else (batch, None)
+            x = x.cpu()  # the integer model is the CPU reference; the fake-quant model runs where it lives
+            y = None if y is None else y.cpu()
             layer_inputs.clear()
-            fq = qmodel(x)
+            fq = qmodel(x.to(device)).cpu()
             env = imodel.trace(imodel.quantize_input(x))
             out = imodel.dequantize(env[imodel.output_name])
             d = (out.double() - fq.double()).abs()

@@ -4,16 +4,23 @@
 (0, 255), (-128, 127) and (0, 127), so the graph is built here from the
 :class:`~hwquant.export.integer.IntegerModel`, one ONNX node group per integer op:
 
-* every ``requant`` -> ``QuantizeLinear(scale, zero point 0)`` -> ``DequantizeLinear``, in the narrowest ONNX
-  integer type that holds the code range: ``UINT4`` / ``INT4`` at opset 21 when the codes are 4-bit, else
-  ``UINT8`` / ``INT8`` (``UINT16`` / ``INT16`` above 8 bits).  Codes narrower than their type (CQAT's 5-bit
-  weights ride in ``INT8``; a 3-bit activation in ``UINT4``) get a ``Clip`` at ``q_max * s`` before the
-  quantizer, so the stored codes keep their range.  The input quantizer is the first of them.
+* every ``requant`` -> ``QuantizeLinear(scale, zero point 0)`` -> ``DequantizeLinear``, in ``UINT8`` / ``INT8``
+  (``UINT16`` / ``INT16`` above 8 bits).  Activation codes of 4 bits and fewer also ride in 8-bit types by
+  default: onnxruntime 1.32's CPU session with its default (all) optimizations rejects a 4-bit activation
+  tensor (its QDQ propagation moves a ``UINT4`` QuantizeLinear in front of ``MaxPool``, and its QLinearConv
+  fusion refuses ``UINT4`` inputs), while the values are the same in either type.  ``int4_activations=True``
+  writes them as ``UINT4`` / ``INT4`` at opset 21 (such a file needs ``optimize="basic"``).  Weights, which
+  the file stores, use ``INT4`` at opset 21 whenever their codes fit (onnxruntime runs that by default).
+  Codes narrower than their type (CQAT's 5-bit weights ride in ``INT8``; a 4-bit activation in ``UINT8``) get
+  a ``Clip`` at ``q_max * s`` before the quantizer, so the stored codes keep their range.  The input quantizer
+  is the first of them.
 * ``conv2d`` / ``linear`` -> ``DequantizeLinear(int weights, per-channel scale, axis 0)`` and, for the bias,
   ``DequantizeLinear(int32 bias, s_x * s_w, axis 0)``, feeding a float ``Conv`` / ``Gemm``: the QDQ pattern
   onnxruntime fuses into ``QLinearConv`` / ``QGemm`` where the types allow.
-* ``relu`` / ``add`` / ``sumpool`` / ``maxpool`` / ``flatten`` -> ``Relu`` / ``Add`` / ``GlobalAveragePool`` or
-  ``AveragePool`` / ``MaxPool`` / ``Flatten`` on the dequantized values.
+* ``relu`` / ``add`` / ``sumpool`` / ``maxpool`` / ``flatten`` / ``concat`` / ``upsample`` -> ``Relu`` / ``Add`` /
+  ``GlobalAveragePool`` or ``AveragePool`` / ``MaxPool`` / ``Flatten`` / ``Concat`` / ``Resize`` (nearest) on the
+  dequantized values; ``clamp`` and a requantization's carried clip -> ``Max`` / ``Min`` with per-channel
+  bounds; ``lut`` -> ``Gather`` from the table of dequantized outputs at index ``round(x / s_in) - q_min``.
 
 The graph input is the float image, the output the float logits.  With ``codes_outputs=True`` every
 quantizer's integer codes are extra outputs (``<name>:codes``, read back through a ``Cast`` to int32 so int4
@@ -53,11 +60,11 @@ def _need_onnx(what: str = "ONNX export"):
     return onnx
 
 
-def _qtype(onnx, qmin: int, qmax: int, opset: int):
+def _qtype(onnx, qmin: int, qmax: int, opset: int, int4: bool = True):
     """ONNX tensor type holding ``[qmin, qmax]`` and whether a Clip is needed to keep the range."""
     TP = onnx.TensorProto
     signed = qmin < 0
-    options = [((-8, 7), TP.INT4), ((0, 15), TP.UINT4)] if opset >= 21 else []
+    options = [((-8, 7), TP.INT4), ((0, 15), TP.UINT4)] if opset >= 21 and int4 else []
     options += [((-128, 127), TP.INT8), ((0, 255), TP.UINT8), ((-32768, 32767), TP.INT16), ((0, 65535), TP.UINT16)]
     for (lo, hi), t in options:
         if (lo < 0) == signed and lo <= qmin and qmax <= hi:
@@ -127,11 +134,37 @@ class _Graph:
             return self.node("Flatten", ins, axis=1)
         if k == "identity":
             return ins[0]
+        if k == "clamp":
+            s = op.scale.double().reshape(-1)
+            return self.clip(ins[0], p["lo"].double() * s, p["hi"].double() * s, len(op.shape))
+        if k == "concat":
+            return self.node("Concat", ins, axis=p["dim"])
+        if k == "upsample":
+            scales = self.const("scales", np.array([1.0, 1.0, *p["scale"]], dtype=np.float32))
+            return self.node("Resize", [ins[0], "", scales], mode="nearest",
+                             coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+        if k == "lut":
+            # the input is the dequantized code fl32(q * s_in): q = round(x / s_in) exactly (|q| < 2^22), and
+            # the table holds the dequantized outputs fl32(LUT[q - q_min] * s_out)
+            q = self.node("Round", [self.node("Div", [ins[0], self.const("lut.s_in", np.float32(p["in_scale"]))])])
+            idx = self.node("Cast", [self.node("Sub", [q, self.const("lut.qmin", np.float32(p["offset"]))])],
+                            to=self.onnx.TensorProto.INT64)
+            table = (p["table"].double() * p["out_scale"]).float().numpy()
+            return self.node("Gather", [self.const(f"{op.name}.table", table), idx], axis=0)
         raise ConfigError(f"{op.name}: op {k!r} has no {fmt} form")
+
+    def clip(self, src: str, lo: torch.Tensor, hi: torch.Tensor, rank: int) -> str:
+        """``Min(Max(src, lo), hi)`` with bounds per channel (dim 1) or scalar, as float32 constants."""
+        def shaped(v: torch.Tensor) -> np.ndarray:
+            a = v.float().numpy().reshape(-1)
+            return a.reshape((1, -1) + (1,) * (rank - 2)) if a.size > 1 else a.reshape(())
+
+        lo_c = self.const("clip.lo", shaped(lo))
+        return self.node("Min", [self.node("Max", [src, lo_c]), self.const("clip.hi", shaped(hi))])
 
 
 def to_onnx(model, path: str | os.PathLike, example_input: torch.Tensor | None = None, *, opset: int = OPSET,
-            codes_outputs: bool = False) -> Path:
+            codes_outputs: bool = False, int4_activations: bool = False) -> Path:
     """Write the QDQ ONNX graph to ``path`` (atomically) and return the path.
 
     ``model`` is an :class:`IntegerModel`, or a fake-quantized model together with ``example_input`` (then its
@@ -156,8 +189,11 @@ def to_onnx(model, path: str | os.PathLike, example_input: torch.Tensor | None =
     shapes = {op.name: ["N", *op.shape[1:]] for op in imodel.ops}
     shapes[imodel.input_name] = ["N", *imodel.input_shape[1:]]
 
-    def quant(src: str, name: str, scale: float, qmin: int, qmax: int) -> str:
-        t, clip = _qtype(onnx, qmin, qmax, opset)
+    def quant(src: str, name: str, scale: float, qmin: int, qmax: int, params=None) -> str:
+        t, clip = _qtype(onnx, qmin, qmax, opset, int4=int4_activations)
+        if params is not None and "clip_lo" in params:  # a carried clip: per-channel code bounds
+            src = g.clip(src, params["clip_lo"].double() * scale, params["clip_hi"].double() * scale,
+                         len(shapes[name]))
         s = g.const(f"{name}.scale", np.array(scale, dtype=np.float32))
         if clip:
             lo = g.const(f"{name}.lo", np.array(qmin * scale, dtype=np.float32))
@@ -176,7 +212,7 @@ def to_onnx(model, path: str | os.PathLike, example_input: torch.Tensor | None =
         ins = [names[i] for i in op.inputs]
         k = op.kind
         if k == "requant":  # after a sum pool the float graph has already averaged (GlobalAveragePool)
-            names[op.name] = quant(ins[0], op.name, p["out_scale"], p["qmin"], p["qmax"])
+            names[op.name] = quant(ins[0], op.name, p["out_scale"], p["qmin"], p["qmax"], p)
         elif k in ("conv2d", "linear"):
             w = p["weight"].numpy()
             wt, _ = _qtype(onnx, int(w.min()) if w.size else 0, int(w.max()) if w.size else 0, opset)
@@ -224,15 +260,19 @@ def _has_int4(model) -> bool:
     import onnx
 
     int4 = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
-    return any(t.data_type in int4 for t in model.graph.initializer)  # int4 zero points / weights
+    inits = {t.name: t.data_type for t in model.graph.initializer}
+    # a 4-bit QuantizeLinear (its zero point's type): int4 activations; int4 weights alone run with "all"
+    return any(n.op_type == "QuantizeLinear" and len(n.input) > 2 and inits.get(n.input[2]) in int4
+               for n in model.graph.node)
 
 
 def session(path: str | os.PathLike, optimize: str = "auto"):
     """An onnxruntime CPU session for ``path`` and the optimization level used.
 
-    ``optimize="auto"``: every graph optimization (QDQ -> QLinearConv fusion) for int8 graphs; ``"basic"`` for
-    graphs with int4 codes, because onnxruntime 1.32's extended QDQ fusion turns a UINT4 QuantizeLinear feeding
-    a Conv into a QLinearConv that its own type checker rejects.  ``"all"`` / ``"basic"`` / ``"none"`` force it.
+    ``optimize="auto"``: every graph optimization (onnxruntime's default; QDQ -> QLinearConv fusion), which is
+    what :func:`to_onnx` writes for; ``"basic"`` only for files written with ``int4_activations=True``, because
+    onnxruntime 1.32's extended QDQ passes reject 4-bit activation tensors (a UINT4 QuantizeLinear moved in
+    front of MaxPool, or fused into a QLinearConv).  ``"all"`` / ``"basic"`` / ``"none"`` force it.
     """
     try:
         import onnxruntime as ort

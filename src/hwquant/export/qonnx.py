@@ -139,7 +139,11 @@ def to_qonnx(imodel: IntegerModel, path: str | os.PathLike, *, codes_outputs: bo
         if k == "requant":
             bits, signed = int(p["bits"]), bool(p["signed"])
             narrow = _narrow(op.name, bits, signed, p["qmin"], p["qmax"])
-            names[op.name] = quant(ins[0], op.name, np.array(p["out_scale"]), bits, signed, narrow, shapes[op.name])
+            src = ins[0]
+            if "clip_lo" in p:  # a carried clip (ReLU6 ...): per-channel code bounds before the Quant
+                src = g.clip(src, p["clip_lo"].double() * p["out_scale"], p["clip_hi"].double() * p["out_scale"],
+                             len(op.shape))
+            names[op.name] = quant(src, op.name, np.array(p["out_scale"]), bits, signed, narrow, shapes[op.name])
         elif k in ("conv2d", "linear"):
             w = p["weight"].numpy()
             bits = int(p["w_bits"])
@@ -269,6 +273,25 @@ def run_numpy(path_or_model, x: np.ndarray) -> dict[str, np.ndarray]:
             y = _f32(i[0] + i[1])
         elif t == "Identity":
             y = i[0]
+        elif t in ("Max", "Min"):
+            y = (np.maximum if t == "Max" else np.minimum)(i[0], i[1]).astype(i[0].dtype)
+        elif t == "Concat":
+            y = np.concatenate(i, axis=a["axis"])
+        elif t == "Resize":
+            if a.get("mode") != "nearest":
+                raise ConfigError(f"{node.name}: numpy executor supports nearest Resize only")
+            sc = [int(v) for v in i[2]]
+            y = i[0].repeat(sc[2], axis=2).repeat(sc[3], axis=3)
+        elif t == "Div":
+            y = _f32(_f32(i[0]) / _f32(i[1]))
+        elif t == "Sub":
+            y = _f32(_f32(i[0]) - _f32(i[1]))
+        elif t == "Round":
+            y = np.round(i[0])
+        elif t == "Cast":
+            y = i[0].astype(onnx.helper.tensor_dtype_to_np_dtype(a["to"]))
+        elif t == "Gather":
+            y = np.take(i[0], i[1], axis=a.get("axis", 0))
         elif t == "Flatten":
             ax = a.get("axis", 1)
             y = i[0].reshape(int(np.prod(i[0].shape[:ax])), -1)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..nn.graph import layer_positions
 from ..numerics.gradient import GRAD_CLIPS, GRAD_ROUNDINGS, fake_quantize_gradient, gradient_stats
 
 __all__ = ["ARCConfig", "ARCHandle", "prepare_arc"]
@@ -103,12 +104,9 @@ class ARCHandle:
 def _targets(model: nn.Module, skip_first_last: bool) -> list[tuple[str, nn.Module]]:
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     if skip_first_last:
-        first = getattr(model, "first_layer_name", None)
-        last = getattr(model, "last_layer_name", None)
-        names = [n for n, _ in layers]
-        first = first if first in names else (names[0] if names else None)
-        last = last if last in names else (names[-1] if names else None)
-        layers = [(n, m) for n, m in layers if n not in (first, last)]
+        pos = layer_positions(model)  # from the graph (the model's attributes override; module order if untraceable)
+        skip = {*pos.first, *pos.last}
+        layers = [(n, m) for n, m in layers if n not in skip]
     return layers
 
 
@@ -124,13 +122,14 @@ def prepare_arc(model: nn.Module, config: ARCConfig) -> ARCHandle:
     handle = ARCHandle(config, [n for n, _ in targets], generator=gen)
     for name, m in targets:
         if config.error_grad:
-            def pre(module, grad_output, _name=name):
-                g = grad_output[0]
-                if g is None:
-                    return None
-                return (handle._q(_name, "error", g),) + tuple(grad_output[1:])
+            # a tensor hook on the layer's output (registered by a forward hook) sees dL/dy_l before the layer's
+            # backward; unlike a full backward hook it also works when an in-place op (nn.ReLU(inplace=True))
+            # modifies y_l afterwards: the hook belongs to y_l's version at registration, the layer's output
+            def fwd(module, inputs, out, _name=name):
+                if isinstance(out, torch.Tensor) and out.requires_grad:
+                    out.register_hook(lambda g: handle._q(_name, "error", g))
 
-            handle._handles.append(m.register_full_backward_pre_hook(pre))
+            handle._handles.append(m.register_forward_hook(fwd))
         if config.weight_grad:
             handle._handles.append(m.weight.register_hook(lambda g, _name=name: handle._q(_name, "weight", g)))
 

@@ -26,6 +26,7 @@ logit SQNR, and calibration accuracy before and after BFT.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Iterable
@@ -127,27 +128,36 @@ class CalibScorer:
     """Scores a quantized model on fixed calibration images: ``(top-1 %, top-5 %, logit SQNR dB)``.
 
     The first ``max_samples`` images (``None``: all) and the float model's logits on them are kept, so each
-    candidate costs one forward pass.  4-D inputs are kept channels-last (faster CPU convolutions; the
-    results do not depend on the memory format).
+    candidate costs one forward pass.  Batches without labels (bare tensors) are scored against the float
+    model's own top-1 / top-5 predictions (``self.labels == "float model"``).  With ``channels_last`` 4-D
+    inputs are kept channels-last (faster CPU convolutions; the results do not depend on the memory format).
     """
 
-    def __init__(self, float_model: nn.Module, batches: Iterable, max_samples: int | None = None):
+    def __init__(self, float_model: nn.Module, batches: Iterable, max_samples: int | None = None,
+                 channels_last: bool = True):
         self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.ref: list[torch.Tensor] = []
+        self.labels = "data"
         float_model.eval()
         kept = 0
         with torch.no_grad():
             for batch in batches:
                 if max_samples is not None and kept >= max_samples:
                     break
-                x, y = batch[0], batch[1]
+                x, y = (batch[0], batch[1] if len(batch) > 1 else None) if isinstance(batch, (tuple, list)) \
+                    else (batch, None)
                 if max_samples is not None:
-                    x, y = x[: max_samples - kept], y[: max_samples - kept]
-                if x.dim() == 4:
+                    x = x[: max_samples - kept]
+                    y = None if y is None else y[: max_samples - kept]
+                if x.dim() == 4 and channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 kept += x.shape[0]
+                ref = float_model(x)
+                if y is None:
+                    y = ref.argmax(1)
+                    self.labels = "float model"
                 self.batches.append((x, y))
-                self.ref.append(float_model(x).double())
+                self.ref.append(ref.double())
         if not self.batches:
             raise DataError("calibration loader is empty")
         self.evaluations = 0
@@ -290,18 +300,37 @@ def _is_pow2_t(s: torch.Tensor) -> bool:
     return bool(torch.all(torch.log2(s) == torch.round(torch.log2(s))))
 
 
+def _channels_last_ok(model: nn.Module, batches: Iterable) -> bool:
+    """Whether ``model`` runs on a channels-last copy of the first calibration batch."""
+    x = next(iter(batches))
+    x = x[0] if isinstance(x, (tuple, list)) else x
+    if x.dim() != 4:
+        return False
+    probe = copy.deepcopy(model).to(memory_format=torch.channels_last).eval()
+    try:
+        with torch.no_grad():
+            probe(x[:2].contiguous(memory_format=torch.channels_last))
+    except RuntimeError:
+        return False
+    return True
+
+
 @register_ptq(GGDPTQConfig)
 def ggd_ptq(model: nn.Module, config: GGDPTQConfig, calib_loader: Iterable, *, progress: bool = False):
     """GGD PTQ (see the module docstring).  Returns ``(qmodel, report)``."""
     t0 = time.perf_counter()
     float_model = fold_batchnorm(model).eval()
-    # channels-last: BFT runs ~8 forward passes per layer and CPU convolutions are faster this way
-    qmodel = quantize_model(float_model, config.recipe()).to(memory_format=torch.channels_last)
+    qmodel = quantize_model(float_model, config.recipe())
+    # channels-last: BFT runs ~8 forward passes per layer and CPU convolutions are faster this way (kept
+    # contiguous for a model whose forward needs it, e.g. x.view(x.size(0), -1) after a conv)
+    cl = _channels_last_ok(qmodel, calib_loader)
+    if cl:
+        qmodel = qmodel.to(memory_format=torch.channels_last)
     n = calibrate(qmodel, calib_loader, max_batches=config.calib_batches, progress=progress)
     if config.bias == "own":
         _set_own_bias(qmodel, config.bias_bits, config.fl_radius)
     t_calib = time.perf_counter() - t0
-    scorer = CalibScorer(float_model, calib_loader, config.bft_samples)
+    scorer = CalibScorer(float_model, calib_loader, config.bft_samples, channels_last=cl)
     probe = scorer.batches[0][0]
     before_layers = ggd_layer_table(float_model, qmodel, probe)
     bft = None
@@ -315,6 +344,7 @@ def ggd_ptq(model: nn.Module, config: GGDPTQConfig, calib_loader: Iterable, *, p
         "method": "ggd",
         "config": asdict(config),
         "calib_batches": n,
+        "calib_labels": scorer.labels,
         "calib_before_bft": calib_before,
         "calib_after_bft": calib_after,
         "sqnr_db": calib_after["sqnr_db"],

@@ -1,7 +1,8 @@
 """Quantized layers and the model transforms that build them."""
 
 from .fold import conv_bn_pairs, fold_batchnorm, fold_conv_bn
-from .layers import QUANT_LAYERS, QuantAct, QuantConv2d, QuantLinear
+from .graph import LayerPositions, layer_positions, trace
+from .layers import LUT_ACTIVATIONS, QUANT_LAYERS, QuantAct, QuantConv2d, QuantLinear, QuantLUTAct
 from .quantizer import FakeQuantizer
 from .swap import (
     LayerQuant,
@@ -15,7 +16,10 @@ from .swap import (
 )
 
 __all__ = [
+    "LUT_ACTIVATIONS",
     "QUANT_LAYERS",
+    "LayerPositions",
+    "QuantLUTAct",
     "FakeQuantizer",
     "LayerQuant",
     "QuantAct",
@@ -27,8 +31,10 @@ __all__ = [
     "conv_bn_pairs",
     "fold_batchnorm",
     "fold_conv_bn",
+    "layer_positions",
     "quant_layers",
     "quantize_model",
     "quantizers",
     "set_quant_enabled",
+    "trace",
 ]

@@ -196,3 +196,54 @@ class QuantAct(nn.Module):
 
 
 QUANT_LAYERS = (QuantConv2d, QuantLinear)
+
+
+#: Elementwise activations that :class:`QuantLUTAct` replaces (the float module is kept inside it).
+LUT_ACTIVATIONS = (nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.LeakyReLU, nn.ELU)
+
+
+class QuantLUTAct(nn.Module):
+    """An elementwise activation between two quantizers: ``y = Q_out(f(Q_in(x)))`` (hardswish, hardsigmoid,
+    SiLU, sigmoid, tanh, GELU, leaky ReLU, ELU).
+
+    On hardware this is a lookup table: the input is a ``b``-bit code ``q_x`` (scale ``s_x``), the output the
+    code ``q_y = LUT[q_x - q_min]`` of ``Q_out`` (scale ``s_y``), ``2^b`` entries.  The table is built by
+    :meth:`table` from the same float operations the fake-quant forward runs (``f`` on ``q_x * s_x``, then
+    ``Q_out``'s rounding), so the integer model, the ONNX ``Gather`` and the fake-quant model agree code for
+    code by construction, whatever the scales (no power-of-two condition).  For hardswish this is the integer
+    piecewise function ``q_y = round(q_x * clamp(q_x + 3/s_x, 0, 6/s_x) * s_x^2 / (6 s_y))`` evaluated once
+    per code; a ROM of ``2^b`` words is what the datapath stores instead of a multiplier.  Training passes
+    gradients through both quantizers (straight-through) and ``f``.
+    """
+
+    def __init__(self, act: nn.Module, spec: QuantSpec, generator: torch.Generator | None = None):
+        super().__init__()
+        if not isinstance(act, LUT_ACTIVATIONS):
+            names = ", ".join(c.__name__ for c in LUT_ACTIVATIONS)
+            raise TypeError(f"QuantLUTAct wraps one of {names}, got {type(act).__name__}")
+        self.act = act
+        self.input_quant = FakeQuantizer(spec, generator=generator)
+        self.output_quant = FakeQuantizer(spec, generator=generator)
+
+    def _calibrated(self) -> bool:
+        iq, oq = self.input_quant, self.output_quant
+        return iq.enabled and iq.calibrated and oq.enabled and oq.calibrated
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training and not torch.is_grad_enabled() and self._calibrated():
+            # evaluation on codes, as the hardware does: one table lookup (see table())
+            lut, qmin = self.table()
+            q = self.input_quant.codes(x).to(torch.int64) - qmin
+            return lut[q].to(x.dtype) * self.output_quant.scale.to(x.dtype).reshape(())
+        return self.output_quant(self.act(self.input_quant(x)))
+
+    @torch.no_grad()
+    def table(self) -> tuple[torch.Tensor, int]:
+        """``(LUT, q_min)``: the output code (int64) of every input code ``q_min .. q_max`` of ``Q_in``."""
+        iq, oq = self.input_quant, self.output_quant
+        if not self._calibrated():
+            raise ValueError("the activation's quantizers are not calibrated")
+        qmin, qmax = qrange(iq.spec.bits, bool(iq.signed), iq.spec.narrow)
+        codes = torch.arange(qmin, qmax + 1, dtype=torch.float32, device=iq.scale.device)
+        x_hat = codes * iq.scale.float().reshape(())  # what Q_in returns for each code (fl32(q * s))
+        return oq.codes(self.act(x_hat)).to(torch.int64), qmin

@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..device import model_device
 from ..errors import ConfigError, DataError
 from ..spec import QuantSpec
-from .layers import QUANT_LAYERS, QuantConv2d, QuantLinear
+from .graph import LayerPositions, layer_positions, trace
+from .layers import LUT_ACTIVATIONS, QUANT_LAYERS, QuantConv2d, QuantLinear, QuantLUTAct
 from .quantizer import FakeQuantizer
 
 
@@ -42,22 +44,29 @@ class QuantRecipe:
     """Which layers get which :class:`LayerQuant`.
 
     ``overrides`` is a sequence of ``(pattern, LayerQuant | None)``; patterns are ``fnmatch`` globs on
-    module names, plus the aliases ``<first>`` / ``<last>`` for the model's ``first_layer_name`` /
-    ``last_layer_name``.  The last matching pattern wins; ``None`` keeps the layer float.
+    module names, plus the aliases ``<first>`` / ``<last>`` for the layers that read the model's input /
+    produce its output, found from the traced graph by :func:`~hwquant.nn.graph.layer_positions` (the
+    model's ``first_layer_name`` / ``last_layer_name`` attributes override it).  The last matching pattern
+    wins; ``None`` keeps the layer float.  Elementwise activations replaced by
+    :class:`~hwquant.nn.layers.QuantLUTAct` take the ``act`` spec of the entry matching their name.
     """
 
     default: LayerQuant = LayerQuant()
     overrides: tuple[tuple[str, LayerQuant | None], ...] = field(default=())
 
-    def for_layer(self, name: str, model: nn.Module) -> LayerQuant | None:
-        aliases = {
-            "<first>": getattr(model, "first_layer_name", None),
-            "<last>": getattr(model, "last_layer_name", None),
-        }
+    def uses_positions(self) -> bool:
+        return any(p in ("<first>", "<last>") for p, _ in self.overrides)
+
+    def for_layer(self, name: str, model: nn.Module, positions: LayerPositions | None = None) -> LayerQuant | None:
+        """The :class:`LayerQuant` of module ``name`` (``positions``: the model's first/last layers, found
+        from its graph when not given and the recipe names ``<first>`` / ``<last>``)."""
+        if positions is None and self.uses_positions():
+            positions = layer_positions(model)
+        aliases = {"<first>": positions.first, "<last>": positions.last} if positions is not None else {}
         choice: LayerQuant | None = self.default
         for pattern, lq in self.overrides:
-            target = aliases.get(pattern, pattern)
-            if target is not None and fnmatch.fnmatchcase(name, target):
+            targets = aliases.get(pattern, (pattern,))
+            if any(fnmatch.fnmatchcase(name, t) for t in targets):
                 choice = lq
         return choice
 
@@ -75,25 +84,98 @@ def quantize_model(
     inplace: bool = False,
     generator: torch.Generator | None = None,
 ) -> nn.Module:
-    """Swap each ``nn.Conv2d`` / ``nn.Linear`` for ``QuantConv2d`` / ``QuantLinear`` per ``recipe``.
+    """Swap each ``nn.Conv2d`` / ``nn.Linear`` for ``QuantConv2d`` / ``QuantLinear`` per ``recipe``, and each
+    elementwise activation of :data:`~hwquant.nn.layers.LUT_ACTIVATIONS` (hardswish, ...) for a
+    :class:`~hwquant.nn.layers.QuantLUTAct` with the recipe's activation spec.
 
     Returns the model (a deep copy unless ``inplace``).  Quantizers start disabled and uncalibrated; call
     :func:`calibrate` (PTQ) or enable them in a QAT method.
     """
     if not inplace:
         model = copy.deepcopy(model)
+    positions = layer_positions(model) if recipe.uses_positions() else None
     targets = [
         (name, m)
         for name, m in model.named_modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, QUANT_LAYERS)
+        if isinstance(m, (nn.Conv2d, nn.Linear, *LUT_ACTIVATIONS)) and not isinstance(m, QUANT_LAYERS)
+        and not _inside_lut(name, model)
     ]
     for name, m in targets:
-        lq = recipe.for_layer(name, model)
+        lq = recipe.for_layer(name, model, positions)
         if lq is None:
+            continue
+        if isinstance(m, LUT_ACTIVATIONS):
+            if lq.act is not None:
+                _set_submodule(model, name, QuantLUTAct(m, lq.act, generator))
             continue
         cls = QuantConv2d if isinstance(m, nn.Conv2d) else QuantLinear
         _set_submodule(model, name, cls.from_float(m, lq.weight, lq.act, lq.bias_bits, generator))
+    share_input_quantizers(model)
     return model
+
+
+def share_input_quantizers(model: nn.Module) -> list[str]:
+    """Let every quantized layer that reads the model's input directly use one input quantizer (the first
+    one's, when their specs agree): the hardware quantizes its input once, so calibration and tuning must
+    see one scale.  Returns the names of the layers that now share it (nothing if fx cannot trace)."""
+    try:
+        graph = trace(model, leaves=(*QUANT_LAYERS, QuantLUTAct, FakeQuantizer))
+    except ConfigError:
+        return []
+    mods = dict(model.named_modules())
+    inputs = {n.name for n in graph.nodes if n.op == "placeholder"}
+    quantized = []
+    for n in graph.nodes:
+        m = mods.get(n.target) if n.op == "call_module" else None
+        if isinstance(m, (*QUANT_LAYERS, QuantLUTAct)) and m.input_quant is not None and n.args \
+                and isinstance(n.args[0], torch.fx.Node) and n.args[0].name in inputs:
+            quantized.append((str(n.target), m))
+    if len(quantized) < 2:
+        return []
+    first = quantized[0][1].input_quant
+    if any(m.input_quant.spec != first.spec for _, m in quantized[1:]):
+        return []
+    for _, m in quantized[1:]:
+        m.input_quant = first
+    return [name for name, _ in quantized]
+
+
+def _inside_lut(name: str, model: nn.Module) -> bool:
+    parent = name.rpartition(".")[0]
+    return bool(parent) and isinstance(model.get_submodule(parent), QuantLUTAct)
+
+
+def read_batches(batches: Iterable, *, max_batches: int | None = None,
+                 device: torch.device | str | None = None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Read calibration data once into a list of ``(x, y)`` (``y = None`` for bare tensors).
+
+    ``batches`` is any iterable a user has: a list, a generator (read once), a ``DataLoader``, yielding
+    tensors ``x`` or ``(x, y, ...)`` pairs.  At most ``max_batches`` are read; tensors move to ``device``.
+    The batches stay in memory (calibration sets are small; cap a large loader with ``max_batches``).
+
+    Raises:
+        DataError: no batch, or a batch that is not a tensor / ``(x, y)`` pair of tensors.
+    """
+    out: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    for batch in batches:
+        if max_batches is not None and len(out) >= max_batches:
+            break
+        if isinstance(batch, torch.Tensor):
+            x, y = batch, None
+        elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+            x, y = batch[0], batch[1] if len(batch) > 1 else None
+            if y is not None and not isinstance(y, torch.Tensor):
+                raise DataError(f"calibration batch {len(out)}: labels must be a tensor, got {type(y).__name__}")
+        else:
+            raise DataError(f"calibration batch {len(out)} must be a tensor or an (x, y) pair of tensors, "
+                            f"got {type(batch).__name__}")
+        if device is not None:
+            x = x.to(device)
+            y = None if y is None else y.to(device)
+        out.append((x, y))
+    if not out:
+        raise DataError("calibration loader is empty")
+    return out
 
 
 def quant_layers(model: nn.Module) -> Iterator[tuple[str, QuantConv2d | QuantLinear]]:
@@ -134,8 +216,9 @@ def calibrate(
     """Post-training calibration: weights from themselves, activations from data.
 
     Activation statistics are collected on the **float** model (every quantizer disabled), streaming one
-    batch at a time, then every quantizer is fitted and enabled.  ``batches`` yields ``x`` or ``(x, y)``.
-    Returns the number of batches seen; raises :class:`~hwquant.errors.DataError` if there were none.
+    batch at a time (moved to the model's device), then every quantizer is fitted and enabled.  ``batches``
+    yields ``x`` or ``(x, y)``.  Returns the number of batches seen; raises :class:`~hwquant.errors.DataError`
+    if there were none.
     """
     was_training = model.training
     model.eval()
@@ -148,6 +231,7 @@ def calibrate(
         q.start_observing()
     seen = 0
     it = batches
+    device = model_device(model)
     if progress:
         from tqdm.auto import tqdm
 
@@ -156,7 +240,7 @@ def calibrate(
         if max_batches is not None and seen >= max_batches:
             break
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        model(x)
+        model(x.to(device))
         seen += 1
     if seen == 0:
         raise DataError("calibration loader is empty")

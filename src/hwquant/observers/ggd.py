@@ -12,6 +12,10 @@ per row (tensor or channel),
 4. ``cap_at_peak`` (default on): ``step = min(step, peak / q_max)``, the min-max step.  A larger step cannot
    lower the error on anything observed (nothing saturates there); it only happens when the fitted tail
    extends beyond the data, e.g. a weight channel with few values;
+   a fit that does not describe the data at all (its step saturates more than half of the reservoir sample,
+   e.g. values bunched away from zero such as a hardsigmoid's output, where a density anchored at zero
+   degenerates to a vanishing step) gives way to the min-max step, and ``summary()["fallback"]`` counts such
+   rows;
 5. ``power_of_two=True``: the better of ``2^floor(log2 step)`` and ``2^ceil(log2 step)`` by the MSE on the
    reservoir sample (:func:`~hwquant.numerics.ggd.power_of_two_step`).
 
@@ -74,15 +78,19 @@ class GGDObserver(SamplingObserver):
         super().__init__(spec, axis, reservoir_size=reservoir_size, seed=seed)
         self.ggd: GGD | list[GGD | None] | None = None
         self.step: torch.Tensor | None = None
+        self.fallback = 0
 
     def reset(self) -> None:
         super().reset()
         self.ggd = None
         self.step = None
+        self.fallback = 0
 
     def summary(self) -> dict:
         """Base summary (fitted ``alpha, beta, lam, zero_mass`` for per-tensor fits) plus the step."""
         out = super().summary()
+        if self.fallback:
+            out["fallback"] = self.fallback
         if self.step is not None and self.step.numel() == 1:
             out["step"] = float(self.step)
         return out
@@ -102,11 +110,15 @@ class GGDObserver(SamplingObserver):
         step = ggd_optimal_step(g, spec.bits, signed, narrow=spec.narrow)
         if self.cap_at_peak and peak > 0:
             step = min(step, peak / qmax)
+        if peak > 0 and not float((row.abs() > step * qmax).float().mean()) <= 0.5:
+            self.fallback += 1
+            step = peak / qmax
         if self.power_of_two:
             step = power_of_two_step(step, spec.bits, signed, calib=row, narrow=spec.narrow)
         return g, step
 
     def _compute(self) -> QuantParams:
+        self.fallback = 0
         signed = self.resolved_signed()
         samples = self.samples()
         fits, steps = [], []
@@ -128,3 +140,4 @@ class GGDObserver(SamplingObserver):
             axis=self.axis,
             narrow=self.spec.narrow,
         )
+
