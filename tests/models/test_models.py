@@ -19,12 +19,13 @@ from hwquant.models import (
     register_model,
     resnet20,
 )
+from hwquant.nn import layer_positions
 
-ALL_MODELS = ["resnet18", "resnet20", "small_cnn", "vgg9"]
+ALL_MODELS = ["mobilenet_v2", "resnet18", "resnet20", "small_cnn", "vgg9"]
 #: Models that accept any input size; vgg9 needs ``image_size``.
-GAP_MODELS = ["resnet18", "resnet20", "small_cnn"]
+GAP_MODELS = ["mobilenet_v2", "resnet18", "resnet20", "small_cnn"]
 #: Cheap settings for tests that do not care about size (resnet18 and vgg9 are slow at width 1).
-CHEAP_WIDTH = {"resnet18": 0.125, "resnet20": 1.0, "small_cnn": 1.0, "vgg9": 0.125}
+CHEAP_WIDTH = {"mobilenet_v2": 0.25, "resnet18": 0.125, "resnet20": 1.0, "small_cnn": 1.0, "vgg9": 0.125}
 
 
 def n_params(model: nn.Module) -> int:
@@ -260,7 +261,8 @@ def test_same_seed_same_weights(name: str) -> None:
     torch.manual_seed(124)
     c = create_model(name, width=CHEAP_WIDTH[name]).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not torch.equal(a["conv1.weight"], c["conv1.weight"])
+    key = f"{create_model(name, width=CHEAP_WIDTH[name]).first_layer_name}.weight"
+    assert not torch.equal(a[key], c[key])
 
 
 def test_weight_init() -> None:
@@ -316,7 +318,7 @@ def test_fx_trace_conv_bn_pairs(name: str) -> None:
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_relus_distinct_modules(name: str) -> None:
     model = create_model(name, width=CHEAP_WIDTH[name])
-    relus = [m for _, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.ReLU)]
+    relus = [m for _, m in model.named_modules(remove_duplicate=False) if isinstance(m, (nn.ReLU, nn.ReLU6))]
     assert len(relus) == len({id(m) for m in relus}) > 0
     assert not any(m.inplace for m in relus)
     blocks = [m for m in model.modules() if isinstance(m, BasicBlock)]
@@ -354,10 +356,14 @@ def test_residual_add_feeds_relu2() -> None:
 def test_first_and_last_layer_names(name: str) -> None:
     model = create_model(name, width=CHEAP_WIDTH[name])
     modules = dict(model.named_modules())
-    assert model.first_layer_name == "conv1" and isinstance(modules[model.first_layer_name], nn.Conv2d)
+    first = "features.0" if name == "mobilenet_v2" else "conv1"
+    assert model.first_layer_name == first and isinstance(modules[model.first_layer_name], nn.Conv2d)
     assert model.last_layer_name == "fc" and isinstance(modules[model.last_layer_name], nn.Linear)
     assert modules["fc"].out_features == 10
     convs = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert convs[0] == model.first_layer_name and convs[-1] == model.last_layer_name
+    # the attributes agree with the positions found from the traced graph
+    pos = layer_positions(model, use_attributes=False)
+    assert pos.source == "graph" and pos.first == (first,) and pos.last == ("fc",)
     if name != "vgg9":
         assert isinstance(modules["pool"], nn.AdaptiveAvgPool2d)

@@ -3,7 +3,7 @@
 >>> import torch
 >>> from hwquant.models import create_model, list_models
 >>> list_models()
-['resnet18', 'resnet20', 'small_cnn', 'vgg9']
+['mobilenet_v2', 'resnet18', 'resnet20', 'small_cnn', 'vgg9']
 >>> _ = torch.manual_seed(0)  # initial weights come from torch's global RNG
 >>> model = create_model("resnet20", in_channels=1, num_classes=10, width=1.0)
 >>> model(torch.zeros(2, 1, 28, 28)).shape
@@ -17,6 +17,7 @@ and each conv->BN pair is visible to ``torch.fx.symbolic_trace``; every ReLU is 
 arguments that rebuild the architecture via :func:`create_model_from_args`.
 """
 
+from .mobilenet import InvertedResidual, MobileNetV2, mobilenet_v2
 from .registry import create_model, create_model_from_args, is_model, list_models, register_model
 from .resnet import BasicBlock, CifarResNet, resnet18, resnet20
 from .small_cnn import SmallCNN, small_cnn
@@ -24,6 +25,8 @@ from .vgg import VGG9, vgg9
 
 __all__ = [
     "VGG9",
+    "InvertedResidual",
+    "MobileNetV2",
     "BasicBlock",
     "CifarResNet",
     "SmallCNN",
@@ -31,6 +34,7 @@ __all__ = [
     "create_model_from_args",
     "is_model",
     "list_models",
+    "mobilenet_v2",
     "register_model",
     "resnet18",
     "resnet20",
