@@ -174,6 +174,27 @@ def test_upsample_and_concat_in_the_integer_model():
     assert env[cat.name].shape[1] == 10 and cat.scale.numel() == 10  # each branch keeps its channels' scales
 
 
+@pytest.mark.parametrize("name", list(USER_MODELS))
+def test_golden_vectors_replay_from_files(name, tmp_path):
+    from hwquant.export.golden import load_manifest, verify, write_golden
+
+    qm = prepare_qat(_model(name), STEConfig(w_bits=4, a_bits=4, pow2=True), _data()).eval()
+    im = integer_model(qm, torch.zeros(1, *SHAPE))
+    write_golden(im, _data(4, seed=7)[0][0], tmp_path / "g")
+    kinds = {op["kind"] for op in load_manifest(tmp_path / "g")["ops"]}
+    assert {"stack": {"clamp", "maxpool"}, "mobile": {"lut", "clamp", "add"},
+            "two_branch": {"concat", "upsample", "lut"}}[name] <= kinds
+    r = verify(tmp_path / "g")  # numpy int64 from the files alone, layer by layer and end to end
+    assert r["ok"] and r["ops"] == len(im.ops), r
+    # a corrupted lookup table is caught
+    if "lut" in kinds:
+        table = next(tmp_path.glob("g/*.table.hex"))
+        lines = table.read_text().splitlines()
+        lines[len(lines) // 2] = "0" * len(lines[0]) if lines[len(lines) // 2].strip("0") else "1".zfill(len(lines[0]))
+        table.write_text("\n".join(lines) + "\n")
+        assert not verify(tmp_path / "g")["ok"]
+
+
 # --------------------------------------------------------------------------------------------- errors
 class _Mul(nn.Module):
     def __init__(self):

@@ -5,8 +5,10 @@ directory:
 
 * ``manifest.json``: format ``hwquant-golden-1``; the input (file, shape, bits, sign, scale) and, in execution
   order, every operation with its kind, inputs, output file, shape and bit width, and its parameters:
-  requantization multiplier / shift / divisor and code range; conv stride / padding / dilation / groups;
-  add multipliers; pool windows; weight and bias files with their bit widths; the output scale.
+  requantization multiplier / shift / divisor and code range (and per-channel ``clip_lo`` / ``clip_hi`` code
+  bounds where a ReLU6 / clamp saturates there); conv stride / padding / dilation / groups; add multipliers;
+  pool windows; clamp bounds; concat dim; upsampling factors; weight, bias and lookup-table (``lut``: the
+  ``2^b`` output codes of an activation, a ROM image) files with their bit widths; the output scale.
 * one ``<name>.hex`` per tensor: one value per line, two's complement in ``ceil(bits / 4)`` hex digits, in
   row-major (``N, C, H, W`` / ``out, in, kh, kw``) order: what Verilog's ``$readmemh`` loads.
 
@@ -35,7 +37,8 @@ from .integer import IntegerModel
 __all__ = ["FORMAT", "GoldenError", "read_hex", "replay", "verify", "write_golden", "write_hex"]
 
 FORMAT = "hwquant-golden-1"
-_KINDS = ("requant", "conv2d", "linear", "relu", "add", "sumpool", "maxpool", "flatten", "identity")
+_KINDS = ("requant", "conv2d", "linear", "relu", "add", "sumpool", "maxpool", "flatten", "identity", "clamp", "concat",
+          "upsample", "lut")
 
 
 class GoldenError(HwquantError):
@@ -129,6 +132,8 @@ def write_golden(imodel: IntegerModel, x: torch.Tensor, out_dir: str | os.PathLi
                 elif key == "bias":
                     if v is not None:
                         entry["bias"] = tensor_file(f"{op.name}.bias", v, _bits_of(v))
+                elif key == "table":
+                    entry["table"] = tensor_file(f"{op.name}.table", v, _bits_of(v))
                 elif key in ("w_scale",):
                     entry[key] = _tolist(v.reshape(-1))
                 else:
@@ -221,6 +226,16 @@ def load_manifest(root: str | os.PathLike) -> dict[str, Any]:
         if kind == "add":
             _need(op, "k_a", where, list)
             _need(op, "k_b", where, list)
+        if kind == "clamp":
+            _need(op, "lo", where, list)
+            _need(op, "hi", where, list)
+        if kind == "concat":
+            _need(op, "dim", where, int)
+        if kind == "upsample":
+            _need(op, "factor", where, list)
+        if kind == "lut":
+            _tensor_spec(op.get("table"), f"{where}.table")
+            _need(op, "offset", where, int)
         names.add(name)
     if m["output"] not in names:
         raise GoldenError(f"manifest: output {m['output']!r} is not produced by any op")
@@ -281,7 +296,10 @@ def _run_op(op: dict[str, Any], xs: list[np.ndarray], root: Path) -> np.ndarray:
         (v,) = xs
         m, n, d = _chan(op["multiplier"], v.ndim), _chan(op["shift"], v.ndim), int(op["divisor"])
         q = _shift_rne(v * m, n) if d == 1 else _div_rne(v * m, np.left_shift(np.int64(d), n))
-        return np.clip(q, op["qmin"], op["qmax"])
+        q = np.clip(q, op["qmin"], op["qmax"])
+        if "clip_lo" in op:
+            q = np.minimum(np.maximum(q, _chan(op["clip_lo"], q.ndim)), _chan(op["clip_hi"], q.ndim))
+        return q
     if k in ("conv2d", "linear"):
         (x,) = xs
         w = _load(root, op["weight"])
@@ -323,6 +341,15 @@ def _run_op(op: dict[str, Any], xs: list[np.ndarray], root: Path) -> np.ndarray:
         return xs[0].reshape(xs[0].shape[0], -1)
     if k == "identity":
         return xs[0]
+    if k == "clamp":
+        return np.minimum(np.maximum(xs[0], _chan(op["lo"], xs[0].ndim)), _chan(op["hi"], xs[0].ndim))
+    if k == "concat":
+        return np.concatenate(xs, axis=op["dim"])
+    if k == "upsample":
+        sh, sw = op["factor"]
+        return xs[0].repeat(sh, axis=2).repeat(sw, axis=3)
+    if k == "lut":
+        return _load(root, op["table"])[xs[0] - op["offset"]]
     raise GoldenError(f"manifest: unknown op kind {k!r}")
 
 

@@ -205,7 +205,7 @@ class IntOp:
         if k == "concat":
             return torch.cat(xs, dim=p["dim"])
         if k == "upsample":
-            sh, sw = p["scale"]
+            sh, sw = p["factor"]
             return xs[0].repeat_interleave(sh, dim=2).repeat_interleave(sw, dim=3)
         if k == "lut":
             return p["table"][xs[0] - p["offset"]]
@@ -836,7 +836,7 @@ def _upsample(b: _Builder, name: str, v: _Val, size, scale_factor, mode) -> _Val
         if not all(float(x) == int(x) and int(x) >= 1 for x in f):
             raise ConfigError(f"{name}: nearest upsampling needs integer scale factors, got {scale_factor!r}")
         sc = (int(f[0]), int(f[1]))
-    return b.unary("upsample", name, v, {"scale": sc}, keep_codes=True, clip=v.clip)
+    return b.unary("upsample", name, v, {"factor": sc}, keep_codes=True, clip=v.clip)
 
 
 def _pair(x) -> tuple[int, int]:

@@ -140,7 +140,7 @@ class _Graph:
         if k == "concat":
             return self.node("Concat", ins, axis=p["dim"])
         if k == "upsample":
-            scales = self.const("scales", np.array([1.0, 1.0, *p["scale"]], dtype=np.float32))
+            scales = self.const("scales", np.array([1.0, 1.0, *p["factor"]], dtype=np.float32))
             return self.node("Resize", [ins[0], "", scales], mode="nearest",
                              coordinate_transformation_mode="asymmetric", nearest_mode="floor")
         if k == "lut":
