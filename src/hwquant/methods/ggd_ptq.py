@@ -261,7 +261,7 @@ def _set_own_bias(qmodel: nn.Module, bits: int, radius: int, placeholder: bool =
     for _, layer in quant_layers(qmodel):
         if layer.bias is None or layer.weight_quant is None or layer.input_quant is None:
             continue
-        bq = FakeQuantizer(QuantSpec(bits=bits, signed=True))
+        bq = FakeQuantizer(QuantSpec(bits=bits, signed=True)).to(layer.weight.device)
         if not placeholder:
             fl = best_fraction_length(layer.bias.detach(), bits, signed=True, radius=radius)
             bq.set_params(QuantParams(scale=torch.tensor(2.0**-fl), zero_point=torch.tensor(0, dtype=torch.int32),

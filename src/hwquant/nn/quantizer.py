@@ -101,10 +101,11 @@ class FakeQuantizer(nn.Module):
         EMA's ``running_max = peak`` (``peak``: the observed ``max|x|`` / ``max x``; needed for
         ``dynamic`` / ``ema``), LSQ's ``step = scale``, PACT's ``alpha = scale * Q``.
         """
-        self.scale = params.scale.detach().to(torch.float32).clone()
+        device = self.scale.device  # the module's device (buffers follow .to()); params may come from the CPU
+        self.scale = params.scale.detach().to(device, torch.float32).clone()
         if self.spec.pow2:
             _pow2_(self.scale)
-        self.zero_point = params.zero_point.detach().to(torch.int32).clone()
+        self.zero_point = params.zero_point.detach().to(device, torch.int32).clone()
         self.signed = params.signed
         self.enabled = True
         mode = self.spec.range_mode
