@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP_ARGS ?=
+# exact versions (pyproject.toml states the compatible ranges)
+CONSTRAINTS := -c constraints.txt
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 BENCH_STAMP := $(VENV)/.installed-bench
@@ -13,16 +15,16 @@ ARGS ?=
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q $(PIP_ARGS) -e .
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/python -m pip install -q $(PIP_ARGS) $(CONSTRAINTS) -e .
 	touch $@
 
-$(DEV_STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q $(PIP_ARGS) -e '.[dev]'
+$(DEV_STAMP): pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/python -m pip install -q $(PIP_ARGS) $(CONSTRAINTS) -e '.[dev]'
 	touch $@ $(STAMP)
 
-$(BENCH_STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q $(PIP_ARGS) -e '.[dev,synth]'
+$(BENCH_STAMP): pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/python -m pip install -q $(PIP_ARGS) $(CONSTRAINTS) -e '.[dev,synth]'
 	touch $@ $(DEV_STAMP) $(STAMP)
 
 install: $(STAMP)
