@@ -40,9 +40,33 @@ def test_rshift_rne_matches_float_round_half_even():
     ref = torch.round(p.double() / torch.pow(2.0, n.double()))  # exact: |p| < 2^53, power-of-two divisor
     assert torch.equal(rshift_rne(p, n), ref.to(torch.int64))
     # hand cases: ties go to even, for both signs
-    p = torch.tensor([5, 7, -5, -3, 6, -6, 3, 1])
-    n = torch.tensor([1, 1, 1, 1, 2, 2, 0, 1])
-    assert rshift_rne(p, n).tolist() == [2, 4, -2, -2, 2, -2, 3, 0]
+    p = torch.tensor([5, 7, -5, -3, 6, -6, 3, 1, -7, 10, -10, 2**61 + 2**20, -(2**61) - 3 * 2**19])
+    n = torch.tensor([1, 1, 1, 1, 2, 2, 0, 1, 0, 2, 2, 21, 20])
+    assert rshift_rne(p, n).tolist() == [2, 4, -2, -2, 2, -2, 3, 0, -7, 2, -2, 2**40 + 0, -(2**41) - 2]
+
+
+def test_requant_float64_shortcut_equals_integer_shift():
+    """The requant op's float64 evaluation (|V * M| < 2^53) gives the integer shift's codes exactly."""
+    from hwquant.export.integer import IntOp
+
+    g = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        m = torch.randint(1, 2**20, (8,), generator=g)
+        n = torch.randint(0, 30, (8,), generator=g)
+        v = torch.randint(-(2**32), 2**32, (64, 8, 3, 3), generator=g)
+        base = {"multiplier": m, "shift": n, "divisor": 1, "qmin": -(2**40), "qmax": 2**40}
+        slow = IntOp("requant", "a", ("x",), dict(base)).run(v)
+        fast = IntOp("requant", "a", ("x",), {**base, "float64_exact": True,
+                                              "factor_f64": torch.ldexp(m.double(), -n)}).run(v)
+        assert torch.equal(slow, fast)
+    # exact ties: V = (2j + 1) 2^(n-1) with M = 1 rounds to the even neighbour both ways
+    n = torch.arange(1, 9)
+    v = (2 * torch.arange(-50, 50).reshape(-1, 1) + 1) * torch.bitwise_left_shift(torch.ones_like(n), n - 1)
+    base = {"multiplier": torch.ones_like(n), "shift": n, "divisor": 1, "qmin": -(2**20), "qmax": 2**20}
+    fast = IntOp("requant", "a", ("x",), {**base, "float64_exact": True,
+                                          "factor_f64": torch.ldexp(torch.ones(8, dtype=torch.float64), -n)}).run(v)
+    assert torch.equal(fast, IntOp("requant", "a", ("x",), base).run(v))
+    assert bool((fast % 2 == 0).all())
 
 
 def test_div_rne_matches_fractions():

@@ -127,6 +127,8 @@ def write_golden(imodel: IntegerModel, x: torch.Tensor, out_dir: str | os.PathLi
             entry: dict[str, Any] = {"kind": op.kind, "name": op.name, "inputs": list(op.inputs),
                                      "output": tensor_file(op.name, val, max(op.bits, _bits_of(val)))}
             for key, v in op.params.items():
+                if key in ("float64_exact", "factor_f64"):  # an evaluation shortcut of IntOp.run, not hardware
+                    continue
                 if key == "weight":
                     entry["weight"] = tensor_file(f"{op.name}.weight", v, _bits_of(v))
                 elif key == "bias":

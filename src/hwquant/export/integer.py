@@ -88,12 +88,14 @@ _MAX_M_BITS = 31
 # ------------------------------------------------------------------------------------------ integer helpers
 def rshift_rne(p: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     """``round_half_even(p / 2^n)`` for int64 ``p`` and shifts ``n >= 0`` (broadcast), in integers only."""
+    # (p + 2^(n-1) - 1 + lsb(floor(p / 2^n))) >> n: the remainder r rounds up when r > 2^(n-1), and at
+    # r == 2^(n-1) exactly when the floor is odd (p itself for n == 0); |p| < 2^62 keeps the sum in range
     n = n.to(torch.int64)
-    f = torch.bitwise_right_shift(p, n)  # arithmetic shift: floor
-    r = p - torch.bitwise_left_shift(f, n)
-    h = torch.bitwise_left_shift(torch.ones_like(n), n) >> 1  # 2^(n-1); 0 when n == 0
-    up = (r > h) | ((r == h) & (h > 0) & (torch.bitwise_and(f, 1) == 1))
-    return f + up.to(torch.int64)
+    half_m1 = ((torch.bitwise_left_shift(torch.ones_like(n), n) >> 1) - 1).clamp_min_(0)  # small: per channel
+    odd = torch.bitwise_and(torch.bitwise_right_shift(p, n), 1)
+    if bool((n == 0).any()):
+        odd.mul_((n > 0).to(torch.int64))
+    return torch.bitwise_right_shift(odd.add_(p).add_(half_m1), n)
 
 
 def div_rne(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -159,7 +161,11 @@ class IntOp:
             (v,) = xs
             m, n, d = p["multiplier"], p["shift"], p.get("divisor", 1)
             shape = (1, -1) + (1,) * (v.dim() - 2) if m.numel() > 1 else ()
-            if d == 1:
+            if d == 1 and p.get("float64_exact"):
+                # |V * M| < 2^53 (checked at conversion): V * (M 2^-n) is exact in float64 and torch.round
+                # rounds half to even, so this equals the integer shift, in fewer passes over the tensor
+                q = torch.round(v.double() * p["factor_f64"].reshape(shape)).to(torch.int64)
+            elif d == 1:
                 q = rshift_rne(v * m.reshape(shape), n.reshape(shape))
             else:  # after a sum pool: round (V * M) / (d * 2^n) exactly
                 q = div_rne(v * m.reshape(shape), torch.bitwise_left_shift(torch.full_like(n, d), n).reshape(shape))
@@ -394,6 +400,9 @@ class _Builder:
             m, n = m[:1], n[:1]
         params = {"multiplier": m, "shift": n, "divisor": v.divisor, "qmin": qmin, "qmax": qmax,
                   "out_scale": float(s_out), "bits": q.spec.bits, "signed": bool(q.signed)}
+        if v.divisor == 1 and v.bound * float(m.max()) < _EXACT:  # a faster exact evaluation (see IntOp.run)
+            params["float64_exact"] = True
+            params["factor_f64"] = torch.ldexp(m.double(), -n)
         codes = (s_out, qmin, qmax)
         if v.clip is not None:
             # the consumer's own rounding of fl32(lo) / fl32(hi): round is monotonic, so clamping the codes
@@ -792,9 +801,8 @@ def _function_node(b: _Builder, st: dict[str, Any], node: torch.fx.Node, args, k
 
 def _relu(b: _Builder, name: str, v: _Val) -> _Val:
     if v.clip is not None:  # relu(clip(x, lo, hi)) = clip(x, max(lo, 0), max(hi, 0))
-        return v.with_clip(0.0, max(float(v.clip[1].max()), 0.0)) if v.clip[1].numel() == 1 else \
-            _Val(v.name, v.scale, v.bound, v.example, v.codes, v.divisor,
-                 (v.clip[0].clamp_min(0), v.clip[1].clamp_min(0)))
+        return _Val(v.name, v.scale, v.bound, v.example, v.codes, v.divisor,
+                    (v.clip[0].clamp_min(0), v.clip[1].clamp_min(0)))
     return b.unary("relu", name, v)
 
 
