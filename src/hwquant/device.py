@@ -16,7 +16,8 @@ from torch import nn
 
 from .errors import ConfigError
 
-__all__ = ["DEVICES", "DeviceLoader", "model_device", "on_device", "resolve_device", "to_device"]
+__all__ = ["DEVICES", "DeviceLoader", "model_device", "on_device", "resolve_device", "supports_channels_last",
+           "to_device"]
 
 #: The device names the command line accepts.
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
@@ -110,3 +111,22 @@ class DeviceLoader:
 def on_device(loader: Iterable | None, device: torch.device | str) -> DeviceLoader | None:
     """``DeviceLoader(loader, device)``, or ``None`` for ``None``."""
     return None if loader is None else DeviceLoader(loader, device)
+
+
+def supports_channels_last(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``model`` runs on a channels-last copy of itself and of (two images of) the 4-D batch ``x``.
+
+    Channels-last is faster for CPU convolutions, but a forward that calls ``x.view(...)`` on a channels-last
+    feature map raises; such a model keeps the default memory format.  The model is not modified.
+    """
+    import copy
+
+    if x.dim() != 4:
+        return False
+    probe = copy.deepcopy(model).to(memory_format=torch.channels_last).eval()
+    try:
+        with torch.no_grad():
+            probe(x[:2].to(model_device(model)).contiguous(memory_format=torch.channels_last))
+    except RuntimeError:
+        return False
+    return True

@@ -18,7 +18,7 @@ from torch import nn
 
 from . import config as cfgmod
 from .data import make_loaders, parse_image_size, resolve_dataset
-from .device import DEVICES, on_device, resolve_device
+from .device import DEVICES, on_device, resolve_device, supports_channels_last
 from .errors import CheckpointError, ConfigError
 from .methods import (
     QAT_CONFIGS,
@@ -88,6 +88,22 @@ def _check_image_size(image_size: str | None, dataset: str | None) -> None:
         parse_image_size(image_size)
         if dataset != "folder":
             raise ConfigError(f"image_size applies to the folder dataset only, not {dataset}")
+
+
+def _use_channels_last(wanted: bool, model: nn.Module, loaders) -> bool:
+    """Channels-last when asked for and the model's forward allows it (``x.view`` on a channels-last feature
+    map raises); otherwise every loader goes back to the default memory format, with a notice."""
+    if not wanted:
+        return False
+    x = next(iter(loaders.test))[0]
+    if supports_channels_last(model, x):
+        return True
+    _say(f"note: {type(model).__name__} does not run in channels-last memory format (e.g. x.view after a conv); "
+         "using the default format")
+    for loader in (loaders.train, loaders.calib, loaders.test):
+        if loader is not None:
+            loader.channels_last = False
+    return False
 
 
 def _set_threads(threads: int | None) -> None:
@@ -624,7 +640,7 @@ def run_train(cfg: TrainOptions) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, in_channels=info.in_channels, num_classes=info.num_classes, width=cfg.width,
                         image_size=info.image_size)
-    if cfg.channels_last:
+    if _use_channels_last(cfg.channels_last, model, loaders):
         model = model.to(memory_format=torch.channels_last)
     data_meta = _data_meta(info, data_dir, loaders.calib_size, cfg.seed)
     if dist_info.is_main:
@@ -742,11 +758,12 @@ def run_qat(cfg: QATOptions) -> dict[str, Any]:
         raise ConfigError("the checkpoint's data split has no calibration images (trained with calib_size=0)")
     out = Path(cfg.out)
     model.to(device)
+    channels_last = _use_channels_last(cfg.channels_last, model, loaders)
     fp32 = evaluate(model, loaders.test, progress=cfg.progress, desc="eval fp32", device=device)
     qcfg = cfg.method_config()
     # the fp32 control trains the same BN-folded network the QAT methods train
     qmodel = fold_batchnorm(model) if qcfg is None else prepare_qat(model, qcfg, on_device(loaders.calib, device))
-    if cfg.channels_last:
+    if channels_last:
         qmodel = qmodel.to(memory_format=torch.channels_last)
     start = evaluate(qmodel, loaders.test, progress=cfg.progress, desc="eval start", device=device)
     meta = {"method": cfg.method, "config": asdict(qcfg) if qcfg is not None else {}}

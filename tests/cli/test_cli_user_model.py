@@ -159,3 +159,37 @@ def test_a_checkpoint_whose_model_file_is_gone(run, tmp_path, capsys):
     torch.save(ck, tmp_path / "model.pt")
     assert main(["eval", "--checkpoint", str(tmp_path / "model.pt"), *QUIET]) == 2
     _one_line_error(capsys, "cannot rebuild its model")
+
+
+VIEW_NET = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    """x.view(x.size(0), -1) right after a conv: fails on a channels-last feature map."""
+
+    def __init__(self, in_channels=3, num_classes=3):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 4, 3, stride=2, padding=1)
+        self.fc = nn.Linear(4 * 6 * 6, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        return self.fc(x.view(x.size(0), -1))
+'''
+
+
+def test_model_that_needs_contiguous_tensors_trains_and_quantizes(run, tmp_path, capsys):
+    """channels-last is the default for speed; a model whose forward cannot take it runs without it."""
+    net = tmp_path / "view_net.py"
+    net.write_text(VIEW_NET)
+    out = tmp_path / "train"
+    assert main(["train", "--model", f"{net}:Net", "--dataset", "folder", "--data-dir", str(run["images"]),
+                 "--epochs", "1", "--batch-size", "8", "--out", str(out), *QUIET]) == 0
+    assert "does not run in channels-last memory format" in capsys.readouterr().out
+    for method in ("minmax", "ggd"):
+        assert main(["ptq", "--checkpoint", str(out / "model.pt"), "--method", method, "--no-bft",
+                     "--out", str(tmp_path / f"ptq_{method}"), *QUIET]) == 0
+    assert main(["qat", "--checkpoint", str(out / "model.pt"), "--method", "cqat", "--epochs", "1",
+                 "--batch-size", "8", "--out", str(tmp_path / "qat"), *QUIET]) == 0

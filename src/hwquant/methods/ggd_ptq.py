@@ -26,7 +26,6 @@ logit SQNR, and calibration accuracy before and after BFT.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Iterable
@@ -36,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..device import supports_channels_last
 from ..errors import ConfigError, DataError
 from ..nn.fold import fold_batchnorm
 from ..nn.quantizer import FakeQuantizer
@@ -300,21 +300,6 @@ def _is_pow2_t(s: torch.Tensor) -> bool:
     return bool(torch.all(torch.log2(s) == torch.round(torch.log2(s))))
 
 
-def _channels_last_ok(model: nn.Module, batches: Iterable) -> bool:
-    """Whether ``model`` runs on a channels-last copy of the first calibration batch."""
-    x = next(iter(batches))
-    x = x[0] if isinstance(x, (tuple, list)) else x
-    if x.dim() != 4:
-        return False
-    probe = copy.deepcopy(model).to(memory_format=torch.channels_last).eval()
-    try:
-        with torch.no_grad():
-            probe(x[:2].contiguous(memory_format=torch.channels_last))
-    except RuntimeError:
-        return False
-    return True
-
-
 @register_ptq(GGDPTQConfig)
 def ggd_ptq(model: nn.Module, config: GGDPTQConfig, calib_loader: Iterable, *, progress: bool = False):
     """GGD PTQ (see the module docstring).  Returns ``(qmodel, report)``."""
@@ -323,7 +308,8 @@ def ggd_ptq(model: nn.Module, config: GGDPTQConfig, calib_loader: Iterable, *, p
     qmodel = quantize_model(float_model, config.recipe())
     # channels-last: BFT runs ~8 forward passes per layer and CPU convolutions are faster this way (kept
     # contiguous for a model whose forward needs it, e.g. x.view(x.size(0), -1) after a conv)
-    cl = _channels_last_ok(qmodel, calib_loader)
+    first = next(iter(calib_loader))
+    cl = supports_channels_last(qmodel, first[0] if isinstance(first, (tuple, list)) else first)
     if cl:
         qmodel = qmodel.to(memory_format=torch.channels_last)
     n = calibrate(qmodel, calib_loader, max_batches=config.calib_batches, progress=progress)
