@@ -175,3 +175,21 @@ def test_eval_computes_on_integer_codes_exactly():
     assert torch.equal(y_eval, ref)
     y_float = q(x)  # grad enabled: the float (training) path
     torch.testing.assert_close(y_float, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_exact_float_sums_turns_tf32_off_and_restores_it():
+    """The exact-integer evaluation on CUDA must not run under TF32 (cuDNN's default allows it)."""
+    import torch
+
+    from hwquant.nn.layers import exact_float_sums
+
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = True, True
+    try:
+        with exact_float_sums(True):
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        with exact_float_sums(False):  # CPU: nothing to change
+            assert torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

@@ -74,7 +74,7 @@ from torch import nn
 from ..device import model_device
 from ..errors import ConfigError
 from ..nn.graph import trace as _trace
-from ..nn.layers import LUT_ACTIVATIONS, QUANT_LAYERS, QuantAct, QuantConv2d, QuantLinear, QuantLUTAct
+from ..nn.layers import LUT_ACTIVATIONS, QUANT_LAYERS, QuantAct, QuantConv2d, QuantLinear, QuantLUTAct, exact_float_sums
 from ..nn.quantizer import FakeQuantizer
 from ..numerics.uniform import qrange
 
@@ -178,11 +178,12 @@ class IntOp:
             # (float32) / 2^53 (float64); ``bound`` is the worst case over all inputs, so this is exact
             (x,) = xs
             dt = torch.float32 if self.bound < 2**24 else torch.float64
-            w = p["weight"].to(dt)
-            if k == "conv2d":
-                acc = F.conv2d(x.to(dt), w, None, p["stride"], p["padding"], p["dilation"], p["groups"])
-            else:
-                acc = F.linear(x.to(dt), w)
+            w = p["weight"].to(x.device, dt)
+            with exact_float_sums(x.is_cuda):
+                if k == "conv2d":
+                    acc = F.conv2d(x.to(dt), w, None, p["stride"], p["padding"], p["dilation"], p["groups"])
+                else:
+                    acc = F.linear(x.to(dt), w)
             return _add_bias(acc, p.get("bias"))
         if k == "relu":
             return xs[0].clamp_min(0)

@@ -22,6 +22,8 @@ float32 sums round differently) keeps the usual gradients.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +31,22 @@ from torch import nn
 from ..numerics.uniform import _shape_param, fake_quantize_trusted, qrange
 from ..spec import QuantSpec
 from .quantizer import FakeQuantizer
+
+
+@contextlib.contextmanager
+def exact_float_sums(on_cuda: bool):
+    """TF32 off for the block when computing on CUDA: integer sums in float32 are exact only with full float32
+    products (cuDNN convolutions use TF32 by default, which keeps 10 mantissa bits).  Restored afterwards."""
+    if not on_cuda:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
 
 
 class _QuantMixin:
@@ -124,7 +142,8 @@ class _QuantMixin:
         k = self.weight[0].numel()
         bound = k * max(-qmin, qmax) * float(qw.abs().amax()) + (0.0 if qb is None else float(qb.abs().amax()))
         dtype = torch.float32 if bound < 2**24 else torch.float64
-        acc = op(qx.to(dtype), qw.to(dtype), None if qb is None else qb.to(dtype))
+        with exact_float_sums(qx.is_cuda):
+            acc = op(qx.to(dtype), qw.to(dtype), None if qb is None else qb.to(dtype))
         shape = (1, -1) + (1,) * (acc.dim() - 2)
         return (acc.double() * s_acc.double().reshape(shape)).to(x.dtype)
 
