@@ -109,20 +109,22 @@ def timing_only(quick: bool, out_dir=None) -> dict[str, Any]:
     return {"results": {"rows": rows}, "table": md, "json": str(jp), "md": str(mp)}
 
 
-def _row(name: str, path: Path, quick: bool, float_model) -> dict[str, Any]:
+def _row(name: str, path: Path, quick: bool, float_model, max_images: int | None = None) -> dict[str, Any]:
+    """Checks of one quantized checkpoint on the test set (its first ``max_images`` images; ``None``: all)."""
     from hwquant.export import check_onnx, compare, integer_model, to_onnx, verify, write_golden
     from hwquant.pipelines import _loaders_for, load_model
 
     qmodel, ck = load_model(path)
     loaders = _loaders_for(ck, None, BATCH)
+    batches = None if max_images is None else -(-max_images // BATCH)
     x0 = next(iter(loaders.test))[0]
     t0 = time.perf_counter()
     imodel = integer_model(qmodel, x0[:1])
     convert_s = time.perf_counter() - t0
-    cmp = compare(qmodel, imodel, loaders.test)
+    cmp = compare(qmodel, imodel, loaders.test, max_batches=batches)
     with tempfile.TemporaryDirectory() as d:
         probe = to_onnx(imodel, Path(d) / "probe.onnx", codes_outputs=True)
-        ort = check_onnx(probe, imodel, loaders.test)
+        ort = check_onnx(probe, imodel, loaders.test, max_batches=batches)
         gold = verify(write_golden(imodel, x0[:1], Path(d) / "golden").parent)
     t = _timings(qmodel, imodel, float_model, x0, 3 if quick else 5)
     level = t["onnx_optimize"]

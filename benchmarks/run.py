@@ -30,6 +30,7 @@ REGISTRY: dict[str, str] = {
     "arc": "benchmarks.arc",
     "cost": "benchmarks.cost",
     "mpq": "benchmarks.mpq",
+    "mobilenet": "benchmarks.mobilenet",
 }
 
 
