@@ -14,8 +14,8 @@ Rows (one float checkpoint, seed 0; the same 1000 held-out calibration images fo
   weight FL per layer (the paper's) and with one FL per output channel: BN folding leaves MobileNetV2's
   depthwise kernels with per-channel ranges that differ by up to 4000x, which a per-layer FL cannot hold;
 * ``CQAT W5A4`` (the method's default MSE step, float scales) and ``CQAT W5A4 pow2`` (fixed point): one epoch
-  of QAT from the FP32 checkpoint (lr 0.005, the qat defaults otherwise), first/last 8-bit; the default CQAT
-  also for two epochs (cosine schedule over the two).
+  of QAT from the FP32 checkpoint (lr 0.005, the qat defaults otherwise), first/last 8-bit; both also for two
+  epochs (cosine schedule over the two).
 
 Top-1 is on the whole test set (what ``hwquant ptq`` / ``qat`` report); the export checks of
 :func:`benchmarks.export._row` (fake quant vs integer model, onnxruntime vs integer model, top-1 of each) run
@@ -72,6 +72,8 @@ def _models(quick: bool) -> list[tuple[str, str, dict[str, Any]]]:
         ("CQAT W5A4 (MSE steps, float scales), 2 epochs", "qat", {"method": "cqat", "_dir": "cqat_w5a4_2ep",
                                                                   "_epochs": 2}),
         ("CQAT W5A4 pow2 (fixed point)", "qat", {"method": "cqat", "pow2": True, "_dir": "cqat_w5a4_pow2"}),
+        ("CQAT W5A4 pow2 (fixed point), 2 epochs", "qat", {"method": "cqat", "pow2": True,
+                                                           "_dir": "cqat_w5a4_pow2_2ep", "_epochs": 2}),
     ]
 
 
