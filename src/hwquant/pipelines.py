@@ -733,6 +733,8 @@ def run_ptq(cfg: PTQOptions) -> dict[str, Any]:
         extra = f", BFT calib top-1 {b['before']['top1']:.2f}% -> {b['after']['top1']:.2f}%"
     print(f"{cfg.method} W{cfg.w_bits}A{cfg.a_bits}: top-1 {q_eval['top1']:.2f}% (fp32 {float_eval['top1']:.2f}%), "
           f"logit SQNR {report['sqnr_db']:.1f} dB{extra} -> {out / 'model.pt'}")
+    for w in report.get("warnings", []):
+        print(f"warning: {w}")
     return result
 
 

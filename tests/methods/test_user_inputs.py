@@ -91,3 +91,19 @@ def test_arc_error_gradient_with_inplace_relu():
     assert torch.allclose(net[2].weight.grad, ref, atol=1e-6, rtol=1e-5)
     assert not torch.allclose(net[2].weight.grad, torch.nn.grad.conv2d_weight(h, net[2].weight.shape,
                                                                                 w_out * (z2 > 0)))
+
+
+def test_ggd_names_a_depthwise_layer_whose_channels_a_per_layer_fl_zeroes():
+    """BN folding can leave depthwise channels 1000x apart (MobileNetV2); one FL per layer then zeroes the small
+    ones.  The report says so and names the layer; per-channel FLs keep every channel."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, groups=4),
+                      nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    with torch.no_grad():
+        m[2].weight[0].mul_(1000.0)  # one channel 1000x the others
+    _, rep = hq.ptq(m, GGDPTQConfig(w_bits=8, a_bits=8, bft=False), _tensors())
+    row = next(r for r in rep["layers"] if r["layer"] == "2")
+    assert row["w_zero_channels"] == 3 and row["channels"] == 4
+    assert len(rep["warnings"]) == 1 and rep["warnings"][0].startswith("2: 3 of 4 output channels quantize to all-zero")
+    _, rep_pc = hq.ptq(m, GGDPTQConfig(w_bits=8, a_bits=8, bft=False, per_channel=True), _tensors())
+    assert rep_pc["warnings"] == [] and all(r["w_zero_channels"] == 0 for r in rep_pc["layers"])

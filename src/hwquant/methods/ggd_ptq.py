@@ -274,12 +274,16 @@ def ggd_layer_table(float_model: nn.Module, qmodel: nn.Module, x: torch.Tensor) 
     rows = []
     for name, layer in quant_layers(qmodel):
         wq, aq = layer.weight_quant, layer.input_quant
-        row: dict[str, Any] = {"layer": name}
+        row: dict[str, Any] = {"layer": name, "channels": int(layer.weight.shape[0])}
         if wq is not None and wq.calibrated:
             row["w_bits"] = wq.spec.bits
             row["w_fl"] = fraction_length(wq) if _is_pow2(wq) else None
             with torch.no_grad():
-                row["w_sqnr_db"] = sqnr_db(layer.weight, wq(layer.weight))
+                w_hat = wq(layer.weight)
+                row["w_sqnr_db"] = sqnr_db(layer.weight, w_hat)
+                nonzero = layer.weight.reshape(layer.weight.shape[0], -1).abs().amax(dim=1) > 0
+                lost = (w_hat.reshape(w_hat.shape[0], -1) == 0).all(dim=1) & nonzero
+                row["w_zero_channels"] = int(lost.sum())
         if aq is not None and aq.calibrated:
             row["a_bits"] = aq.spec.bits
             row["a_signed"] = bool(aq.signed)
@@ -326,15 +330,21 @@ def ggd_ptq(model: nn.Module, config: GGDPTQConfig, calib_loader: Iterable, *, p
         calib_before = bft["before"]
     else:
         calib_before = calib_after = dict(zip(("top1", "top5", "sqnr_db"), scorer(qmodel), strict=True))
+    layers = ggd_layer_table(float_model, qmodel, probe) if config.bft else before_layers
+    warnings = [f"{r['layer']}: {r['w_zero_channels']} of {r['channels']} output channels quantize to all-zero "
+                "weights with one weight FL per layer (per-channel ranges too far apart, e.g. a depthwise conv after "
+                "BN folding); per_channel=True (--per-channel) gives each channel its own FL"
+                for r in layers if r.get("w_zero_channels") and not config.per_channel]
     report = {
         "method": "ggd",
         "config": asdict(config),
+        "warnings": warnings,
         "calib_batches": n,
         "calib_labels": scorer.labels,
         "calib_before_bft": calib_before,
         "calib_after_bft": calib_after,
         "sqnr_db": calib_after["sqnr_db"],
-        "layers": ggd_layer_table(float_model, qmodel, probe) if config.bft else before_layers,
+        "layers": layers,
         "layers_before_bft": before_layers if config.bft else None,
         "bft": bft,
         "seconds": {"calibrate": t_calib, "total": time.perf_counter() - t0},
