@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..device import model_device
+from ..device import model_device, to_device
 from ..errors import ConfigError, DataError
 from ..spec import QuantSpec
 from .graph import LayerPositions, layer_positions, trace
@@ -170,8 +170,7 @@ def read_batches(batches: Iterable, *, max_batches: int | None = None,
             raise DataError(f"calibration batch {len(out)} must be a tensor or an (x, y) pair of tensors, "
                             f"got {type(batch).__name__}")
         if device is not None:
-            x = x.to(device)
-            y = None if y is None else y.to(device)
+            x, y = to_device((x, y), device)
         out.append((x, y))
     if not out:
         raise DataError("calibration loader is empty")
@@ -240,7 +239,7 @@ def calibrate(
         if max_batches is not None and seen >= max_batches:
             break
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        model(x.to(device))
+        model(to_device(x, device))
         seen += 1
     if seen == 0:
         raise DataError("calibration loader is empty")
