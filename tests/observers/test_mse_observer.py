@@ -57,3 +57,35 @@ def test_bad_args():
         make_observer(QuantSpec(observer="mse", observer_args={"grid": 0}))
     with pytest.raises(ConfigError):
         make_observer(QuantSpec(observer="mse", observer_args={"min_frac": 0.0}))
+
+
+@pytest.mark.parametrize("bits,signed", [(4, False), (5, True)])
+def test_pow2_step_is_brute_force_argmin_over_powers_of_two(bits, signed):
+    """pow2 specs search the powers of two themselves; the log-rounded free MSE step is often the worse one."""
+    rng = np.random.default_rng(7)
+    scales = np.array([[0.03], [0.7], [1.0], [5.0], [0.2], [11.0], [0.5], [2.5]])
+    w = rng.laplace(size=(8, 4000)) * scales
+    if not signed:
+        w = np.maximum(w, 0)
+    w = w.astype(np.float32)
+    spec = QuantSpec(bits=bits, signed=signed, granularity="channel", observer="mse", pow2=True)
+    obs = make_observer(spec)
+    obs.update(torch.from_numpy(w))
+    params = obs.compute()
+    free = make_observer(spec.with_(pow2=False))
+    free.update(torch.from_numpy(w))
+    free.compute()
+    qmax = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+    worse_rounded = 0
+    for r in range(8):
+        x = w[r].astype(np.float64)
+        peak = np.abs(x).max()
+        ks = np.arange(np.floor(np.log2(0.2 * peak / qmax)), np.ceil(np.log2(peak / qmax)) + 1)
+        errs = np.array([brute_mse(x, 2.0**k * qmax, bits, signed) for k in ks])
+        step = float(params.scale[r])
+        assert np.log2(step) == ks[np.argmin(errs)]  # an exact power of two, the argmin
+        rounded = 2.0 ** np.round(np.log2(float(free.clip[r]) / qmax))
+        e_rounded = brute_mse(x, rounded * qmax, bits, signed)
+        assert errs.min() <= e_rounded * (1 + 1e-9)
+        worse_rounded += errs.min() < e_rounded * (1 - 1e-3)
+    assert worse_rounded >= 1  # the case this search exists for occurs in this data

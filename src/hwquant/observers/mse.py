@@ -22,6 +22,12 @@ class MSEObserver(SamplingObserver):
     quantizer for that clip (bits, sign, rounding, narrow, and for affine specs the zero point), i.e. exactly
     what :meth:`params_from_clip` would install; ties keep the smaller clip.  Arguments: ``grid`` (100),
     ``min_frac`` (0.2), ``reservoir_size``, ``seed``.
+
+    With ``spec.pow2`` (symmetric specs) the candidates are the power-of-two steps instead: every
+    ``s = 2^k`` from the largest power of two at or below ``min_frac * peak / Q`` to the smallest at or
+    above ``peak / Q`` (clip ``c = s * Q``, ``Q = spec.clip_levels``), so the step is the MSE-best power of
+    two rather than the best free step rounded in the log domain (which can be the worse neighbour: the
+    error is not symmetric in ``log s`` - clipping grows faster than rounding noise).
     """
 
     def __init__(
@@ -59,12 +65,27 @@ class MSEObserver(SamplingObserver):
         )
         return (samples.double() - x_hat.double()).pow(2).mean(dim=1)
 
+    def candidates(self, peak: torch.Tensor, signed: bool) -> list[torch.Tensor]:
+        """Candidate clips, each ``[R]`` float32: fractions of the peak, or power-of-two steps (``pow2``)."""
+        if not (self.spec.pow2 and self.spec.symmetric):
+            return [(peak * f).float() for f in self.fractions().tolist()]
+        q = float(self.spec.clip_levels(signed))
+        pos = peak > 0
+        safe = torch.where(pos, peak, torch.ones_like(peak))
+        k_lo = torch.floor(torch.log2(safe * self.min_frac / q))
+        k_hi = torch.ceil(torch.log2(safe / q))
+        n = int((k_hi - k_lo).max().item()) + 1 if peak.numel() else 0
+        out = []
+        for j in range(n):
+            k = torch.minimum(k_lo + j, k_hi)  # rows with a narrower range repeat their last candidate
+            out.append(torch.where(pos, torch.exp2(k) * q, peak).float())
+        return out
+
     def clip_values(self, samples: torch.Tensor, signed: bool) -> torch.Tensor:
         peak = self.peak(signed).double()
         best_c = peak.clone()
         best_e = torch.full_like(peak, math.inf)
-        for f in self.fractions().tolist():
-            c = (peak * f).float()
+        for c in self.candidates(peak, signed):
             e = self.errors(samples, c, signed)
             better = e < best_e
             best_e = torch.where(better, e, best_e)
