@@ -126,15 +126,15 @@ RUNS = [("fp32", None)] + [
 def accuracy(quick: bool) -> dict[str, Any] | None:
     if quick or os.environ.get("HWQUANT_ARC_ACCURACY", "1") == "0":
         return None
-    from hwquant.pipelines import TrainOptions, run_train
+    from hwquant.pipelines import TrainOptions, resumable, run_train
 
     epochs = int(os.environ.get("HWQUANT_ARC_EPOCHS", "2"))
     runs_dir = Path(os.environ.get("HWQUANT_BENCH_RUNS", "runs")) / "bench_arc"
     rows = []
     for name, kw in RUNS:
         out = runs_dir / name.replace(" ", "_").replace("+", "-")
-        opts = TrainOptions(model="resnet20", dataset="fashion_mnist", epochs=epochs, out=str(out), resume=True,
-                            progress=False, **(kw or {}))
+        opts = TrainOptions(model="resnet20", dataset="fashion_mnist", epochs=epochs, out=str(out),
+                            resume=resumable(out), progress=False, **(kw or {}))
         res = run_train(opts)
         rows.append({"run": name, "bits": kw["grad_bits"] if kw else 32, "top1": res["test"]["top1"],
                      "top5": res["test"]["top5"],  # epoch times from the history: right also for resumed runs

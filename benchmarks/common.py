@@ -238,7 +238,7 @@ def float_checkpoint(quick: bool, tag: str) -> Path:
     it).  Quick mode: a small CNN on scikit-learn digits under ``$HWQUANT_BENCH_RUNS`` (default ``runs``)
     ``/<tag>``.
     """
-    from hwquant.pipelines import TrainOptions, run_train
+    from hwquant.pipelines import TrainOptions, resumable, run_train
 
     if quick:
         out = Path(os.environ.get("HWQUANT_BENCH_RUNS", "runs")) / tag
@@ -248,6 +248,6 @@ def float_checkpoint(quick: bool, tag: str) -> Path:
         return out / "model.pt"
     if not DEMO_CHECKPOINT.exists():
         run_train(TrainOptions(model="resnet20", dataset="fashion_mnist", epochs=4, out=str(DEMO_CHECKPOINT.parent),
-                               resume=True, progress=False))
+                               resume=resumable(DEMO_CHECKPOINT.parent), progress=False))
     return DEMO_CHECKPOINT
 

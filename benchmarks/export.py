@@ -52,7 +52,7 @@ def _models(quick: bool) -> list[tuple[str, str, dict[str, Any]]]:
 
 
 def _build(kind: str, opts: dict[str, Any], ck: Path, quick: bool, runs: Path) -> Path:
-    from hwquant.pipelines import PTQOptions, QATOptions, run_ptq, run_qat
+    from hwquant.pipelines import PTQOptions, QATOptions, resumable, run_ptq, run_qat
 
     opts = dict(opts)
     sub = opts.pop("_dir", None)
@@ -64,7 +64,7 @@ def _build(kind: str, opts: dict[str, Any], ck: Path, quick: bool, runs: Path) -
     qat_runs = Path(os.environ.get("HWQUANT_BENCH_RUNS", "runs")) / ("bench_qat_quick" if quick else "bench_qat")
     out = qat_runs / sub
     if not (out / "model.pt").exists():
-        run_qat(QATOptions(checkpoint=str(ck), out=str(out), lr=0.005, epochs=1 if quick else 2, resume=True,
+        run_qat(QATOptions(checkpoint=str(ck), out=str(out), lr=0.005, epochs=1 if quick else 2, resume=resumable(out),
                            progress=False, **opts))
     return out / "model.pt"
 

@@ -45,16 +45,16 @@ def _runs(quick: bool) -> Path:
 
 
 def _float_checkpoint(quick: bool) -> Path:
-    from hwquant.pipelines import TrainOptions, run_train
+    from hwquant.pipelines import TrainOptions, resumable, run_train
 
     out = _runs(quick)
     if not (out / "model.pt").exists():
         if quick:
             run_train(TrainOptions(model="mobilenet_v2", width=0.25, dataset="digits", epochs=4, batch_size=64,
-                                   lr=0.05, out=str(out), progress=False, channels_last=False, resume=True))
+                                   lr=0.05, out=str(out), progress=False, channels_last=False, resume=resumable(out)))
         else:
             run_train(TrainOptions(model="mobilenet_v2", width=WIDTH, dataset="fashion_mnist", epochs=EPOCHS,
-                                   seed=0, out=str(out), progress=False, resume=True))
+                                   seed=0, out=str(out), progress=False, resume=resumable(out)))
     return out / "model.pt"
 
 
@@ -80,7 +80,7 @@ def _models(quick: bool) -> list[tuple[str, str, dict[str, Any]]]:
 def _build(kind: str, opts: dict[str, Any], ck: Path, quick: bool) -> tuple[Path, dict[str, Any]]:
     import json
 
-    from hwquant.pipelines import PTQOptions, QATOptions, run_ptq, run_qat
+    from hwquant.pipelines import PTQOptions, QATOptions, resumable, run_ptq, run_qat
 
     opts = dict(opts)
     sub = opts.pop("_dir", None)
@@ -94,8 +94,8 @@ def _build(kind: str, opts: dict[str, Any], ck: Path, quick: bool) -> tuple[Path
         return out / "model.pt", {"top1": rep["quant"]["top1"], "seconds": rep["report"].get("seconds")}
     out = runs / sub
     if not (out / "model.pt").exists():
-        run_qat(QATOptions(checkpoint=str(ck), out=str(out), lr=0.005, epochs=epochs, resume=True, progress=False,
-                           **opts))
+        run_qat(QATOptions(checkpoint=str(ck), out=str(out), lr=0.005, epochs=epochs, resume=resumable(out),
+                           progress=False, **opts))
     rep = json.loads((out / "qat.json").read_text())
     return out / "model.pt", {"top1": rep["final"]["top1"], "start_top1": rep["start"]["top1"],
                               "train_seconds": rep["train_seconds"]}

@@ -42,7 +42,7 @@ def _slug(name: str) -> str:
 
 def main(quick: bool = False, out_dir: str | os.PathLike | Path | None = None) -> dict[str, Any]:
     from hwquant.hw import cost_report
-    from hwquant.pipelines import QATOptions, _loaders_for, load_model, run_qat
+    from hwquant.pipelines import QATOptions, _loaders_for, load_model, resumable, run_qat
 
     ck = float_checkpoint(quick, "bench_mpq_digits")
     runs_dir = Path(os.environ.get("HWQUANT_BENCH_RUNS", "runs")) / ("bench_mpq_quick" if quick else "bench_mpq")
@@ -55,7 +55,7 @@ def main(quick: bool = False, out_dir: str | os.PathLike | Path | None = None) -
     rows = []
     for name, opts in plan:
         cfg = QATOptions(checkpoint=str(ck), method="mpq", a_bits=4, epochs=epochs, out=str(runs_dir / _slug(name)),
-                         resume=True, progress=False, **extra, **opts)
+                         resume=resumable(runs_dir / _slug(name)), progress=False, **extra, **opts)
         res = run_qat(cfg)
         model, _ = load_model(runs_dir / _slug(name) / "model.pt")
         t = cost_report(model, example)["total"]

@@ -205,7 +205,7 @@ def _checkpoint(quick: bool) -> Path:
 
 
 def accuracy(quick: bool) -> dict[str, Any]:
-    from hwquant.pipelines import QATOptions, run_qat
+    from hwquant.pipelines import QATOptions, resumable, run_qat
 
     ck = _checkpoint(quick)
     runs_dir = Path(os.environ.get("HWQUANT_BENCH_RUNS", "runs")) / ("bench_qat_quick" if quick else "bench_qat")
@@ -215,8 +215,8 @@ def accuracy(quick: bool) -> dict[str, Any]:
     rows, curves = [], {}
     for name, opts in plan:
         out = runs_dir / name.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "-").replace(",", "")
-        cfg = QATOptions(checkpoint=str(ck), epochs=epochs, lr=QAT_LR, out=str(out), resume=True, progress=False,
-                         **extra, **opts)
+        cfg = QATOptions(checkpoint=str(ck), epochs=epochs, lr=QAT_LR, out=str(out), resume=resumable(out),
+                         progress=False, **extra, **opts)
         row = {"run": name, "w_bits": cfg.w_bits if cfg.method != "fp32" else 32,
                "a_bits": cfg.a_bits if cfg.method != "fp32" else 32}
         try:

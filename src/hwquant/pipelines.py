@@ -41,6 +41,7 @@ from .models.registry import build_model
 from .models.user import check_user_spec, is_user_spec, load_weights
 from .nn import fold_batchnorm, quantize_model
 from .train import TrainConfig, atomic_write_text, evaluate, fit, load_checkpoint, save_checkpoint
+from .train.checkpoint import state_dict_mismatch
 from .train.distributed import current, init_from_env, rank_device
 
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "digits", "synthetic", "folder")
@@ -570,6 +571,9 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
                 model = fold_batchnorm(model)
             else:
                 model = build_qat_model(model, QAT_CONFIGS[ck["qat"]["method"]](**ck["qat"]["config"]))
+        problem = state_dict_mismatch(model, ck["model"])
+        if problem:
+            raise CheckpointError(f"{path} does not match its model description: {problem}")
         model.load_state_dict(ck["model"])
     except (RuntimeError, KeyError, TypeError, ConfigError) as e:
         raise CheckpointError(f"{path} does not match its model description: {str(e).splitlines()[0]}") from None
@@ -620,13 +624,47 @@ def _calib_default(dataset: str, calib_size: int | None) -> tuple[int, float | N
 
 
 # --------------------------------------------------------------------------- commands
+def resumable(out: str | Path) -> bool:
+    """Whether ``out`` holds a ``last.pt`` to resume from (for callers that resume when they can)."""
+    return (Path(out) / "last.pt").is_file()
+
+
+def check_output_dir(out: str | Path, what: str = "--out") -> Path:
+    """``out`` as a Path, checked before any work: it must be (or be creatable as) a writable directory.
+
+    Raises :class:`~hwquant.errors.ConfigError` naming the problem: a file where the directory should be, a
+    file among its parents, or no write permission; nothing is created here.
+    """
+    import os
+
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {path} is a file, not a directory")
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ConfigError(f"{what} {path}: {probe} is a file, so the directory cannot be created")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path}: {probe} is not writable")
+    return path
+
+
+def _check_resume(cfg, out: Path) -> None:
+    if cfg.resume and not resumable(out):
+        raise ConfigError(f"--resume: {out / 'last.pt'} not found (nothing to resume; drop --resume to start afresh)")
+
+
 def run_train(cfg: TrainOptions) -> dict[str, Any]:
     """Train a float model; writes OUT/model.pt, OUT/last.pt, OUT/metrics.json, OUT/config.yaml."""
     _set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     dist_info = init_from_env(device=device)
     device = rank_device(device)
-    out = Path(cfg.out)
+    out = check_output_dir(cfg.out)
+    _check_resume(cfg, out)
     dataset, message = resolve_dataset(cfg.dataset, cfg.data_dir, fallback=cfg.fallback)
     if message:
         _say(message)
@@ -702,6 +740,7 @@ def run_ptq(cfg: PTQOptions) -> dict[str, Any]:
     OUT/config.yaml."""
     _set_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    out = check_output_dir(cfg.out)
     if cfg.model is not None:
         model, ck, loaders = _model_for_ptq(cfg)
         source = cfg.model
@@ -717,7 +756,6 @@ def run_ptq(cfg: PTQOptions) -> dict[str, Any]:
     float_eval = evaluate(model, loaders.test, progress=cfg.progress, desc="eval fp32", device=device)
     qmodel, report = quantize_checkpoint(model, ck, cfg, replace(loaders, calib=on_device(loaders.calib, device)))
     q_eval = evaluate(qmodel, loaders.test, progress=cfg.progress, desc="eval quant", device=device)
-    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"method": cfg.method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "source": str(source),
               "weights": cfg.weights, "device": str(device), "fp32": float_eval, "quant": q_eval, "report": report}
@@ -748,6 +786,8 @@ def run_qat(cfg: QATOptions) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     dist_info = init_from_env(device=device)
     device = rank_device(device)
+    out = check_output_dir(cfg.out)
+    _check_resume(cfg, out)
     model, ck = load_model(cfg.checkpoint)
     if "ptq" in ck or "qat" in ck:
         raise CheckpointError(f"{cfg.checkpoint} is already quantized; give the float checkpoint")
@@ -758,7 +798,6 @@ def run_qat(cfg: QATOptions) -> dict[str, Any]:
                            image_size=d.get("image_size"))
     if loaders.calib is None or len(loaders.calib) == 0:
         raise ConfigError("the checkpoint's data split has no calibration images (trained with calib_size=0)")
-    out = Path(cfg.out)
     model.to(device)
     channels_last = _use_channels_last(cfg.channels_last, model, loaders)
     fp32 = evaluate(model, loaders.test, progress=cfg.progress, desc="eval fp32", device=device)
@@ -806,6 +845,8 @@ def run_eval(cfg: EvalOptions) -> dict[str, Any]:
     """Evaluate a float or quantized checkpoint on its dataset's test split."""
     _set_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    if cfg.out:
+        check_output_dir(cfg.out)
     model, ck = load_model(cfg.checkpoint)
     loaders = _loaders_for(ck, cfg.data_dir, cfg.batch_size)
     res = evaluate(model, loaders.test, progress=cfg.progress, device=device)
@@ -825,6 +866,8 @@ def run_cost(cfg: CostOptions) -> dict[str, Any]:
     from .report.markdown import markdown_table
 
     resolve_device(cfg.device)  # checked only: the cost model counts on the CPU
+    if cfg.out:
+        check_output_dir(cfg.out)
     model, ck = load_model(cfg.checkpoint)
     example = next(iter(_loaders_for(ck, cfg.data_dir, 1).test))[0][:1]
     pe = cfg.pe()
@@ -869,7 +912,7 @@ def run_export(cfg: ExportOptions) -> dict[str, Any]:
     """Export a quantized checkpoint (or RTL rounding units) and check the export; writes OUT/export.json."""
     _set_threads(cfg.threads)
     resolve_device(cfg.device)  # checked only: the integer model runs on the CPU
-    out = Path(cfg.out)
+    out = check_output_dir(cfg.out)
     if cfg.format == "rtl":
         result = _export_rtl(cfg, out)
     else:
@@ -976,6 +1019,8 @@ def run_demo(cfg: DemoOptions) -> dict[str, Any]:
 
     _set_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    out = check_output_dir(cfg.out)
+    check_output_dir(cfg.cache, "--cache")
     dataset, message = resolve_dataset(cfg.dataset, cfg.data_dir, fallback=True)
     if message:
         print(message, flush=True)
@@ -988,7 +1033,8 @@ def run_demo(cfg: DemoOptions) -> dict[str, Any]:
     else:
         topt = TrainOptions(model=cfg.model, dataset=dataset, data_dir=cfg.data_dir if dataset == cfg.dataset else None,
                             epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, out=str(train_dir),
-                            resume=True, progress=cfg.progress, threads=cfg.threads, device=cfg.device)
+                            resume=resumable(train_dir), progress=cfg.progress, threads=cfg.threads,
+                            device=cfg.device)
         train_result = run_train(topt)
     model, ck = load_model(ckpt)
     loaders = _loaders_for(ck, None, 512)
@@ -1023,7 +1069,6 @@ def run_demo(cfg: DemoOptions) -> dict[str, Any]:
               "history": history.get("epochs", []) if isinstance(history, dict) else [],
               "step_loss": history.get("step_loss", []) if isinstance(history, dict) else [],
               "trained_now": train_result is not None}
-    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "results.json", result)
     _save_config(out, cfg)

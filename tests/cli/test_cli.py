@@ -81,6 +81,7 @@ def test_yaml_config_and_flag_override(trained, tmp_path):
     [
         (["train", "--model", "resnet99", "--epochs", "1"], "model must be one of"),
         (["train", "--dataset", "fashion_mnist", "--data-dir", "/nonexistent/fm", "--no-fallback"], "/nonexistent/fm"),
+        (["train", "--dataset", "fashion_mnist", "--data-dir", "/nonexistent/fm"], "/nonexistent/fm"),
         (["train", "--dataset", "mnist"], "invalid choice"),
         (["train", "--epochs", "0"], "epochs"),
         (["ptq", "--w-bits", "17"], "w_bits must be an integer in 2..16"),

@@ -165,17 +165,24 @@ def test_names() -> None:
         make_loaders("imagenet")
 
 
-def test_fallback_to_digits(tmp_path: Path) -> None:
+def test_fallback_to_digits(tmp_path: Path, monkeypatch) -> None:
+    """Only the default location falls back; a directory the user names must hold the files."""
+    import hwquant.data.idx as idx
+
     empty = tmp_path / "empty"
     empty.mkdir()
-    used, message = resolve_dataset("fashion_mnist", empty)
+    monkeypatch.setattr(idx, "DEFAULT_FASHION_MNIST_DIR", empty)
+    used, message = resolve_dataset("fashion_mnist")
     assert used == "digits"
     assert message == f"Fashion-MNIST not found under {empty}; falling back to scikit-learn digits"
+    for explicit in (empty, tmp_path / "no-such-dir"):
+        with pytest.raises(DataError, match=str(explicit)):
+            resolve_dataset("fashion_mnist", explicit)  # fallback=True, but the directory was named
     with pytest.raises(DataError, match=str(empty)):
-        resolve_dataset("fashion_mnist", empty, fallback=False)
+        resolve_dataset("fashion_mnist", fallback=False)
     with pytest.raises(DataError, match=str(empty)):
         load_dataset("fashion_mnist", empty)  # load_dataset itself never falls back
-    loaders = make_loaders("fashion_mnist", data_dir=empty, calib_size=100, batch_size=32)
+    loaders = make_loaders("fashion_mnist", calib_size=100, batch_size=32)
     assert loaders.message == message and loaders.info.name == "digits"
     assert loaders.info.image_size == (8, 8) and len(loaders.train.data) == 1437 - 100
     assert resolve_dataset("digits", empty) == ("digits", None)

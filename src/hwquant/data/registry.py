@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 
+from hwquant.data import idx as _idx
 from hwquant.data.cifar import CIFAR_LAYOUT, find_cifar_dir, read_cifar
 from hwquant.data.core import AugmentSpec, DatasetInfo, TensorData, channel_stats, check_labels, derive_seed
 from hwquant.data.digits import read_digits
 from hwquant.data.folder import find_image_folder, parse_image_size, read_image_folder
-from hwquant.data.idx import DEFAULT_FASHION_MNIST_DIR, find_fashion_mnist_dir, read_fashion_mnist
+from hwquant.data.idx import find_fashion_mnist_dir, read_fashion_mnist
 from hwquant.data.loader import BatchLoader
 from hwquant.data.synthetic import SyntheticConfig, make_synthetic
 from hwquant.errors import ConfigError, DataError
@@ -83,11 +84,12 @@ def resolve_dataset(
 ) -> tuple[str, str | None]:
     """Decide which dataset will actually be used.
 
-    For ``fashion_mnist`` whose files are missing: with ``fallback`` return ``('digits', message)``, else
-    raise.  Only *missing* files trigger the fallback; corrupt files raise later in :func:`load_dataset`.
-    CIFAR and ``folder`` have no fallback: a missing or invalid directory raises :class:`DataError` here
-    already (for ``folder``: no class subfolders, a class without images, ...; the images are decoded later,
-    by :func:`load_dataset`).  ``digits`` and ``synthetic`` need no files.
+    For ``fashion_mnist`` whose files are missing from the default location: with ``fallback`` return
+    ``('digits', message)``, else raise.  An explicit ``data_dir`` never falls back: a directory the user
+    named that does not hold the files is an error.  Only *missing* files trigger the fallback; corrupt
+    files raise later in :func:`load_dataset`.  CIFAR and ``folder`` have no fallback: a missing or invalid
+    directory raises :class:`DataError` here already (for ``folder``: no class subfolders, a class without
+    images, ...; the images are decoded later, by :func:`load_dataset`).  ``digits`` and ``synthetic`` need no files.
 
     Returns:
         ``(name_used, message)``: the canonical name to load and a one-line explanation of the
@@ -102,10 +104,10 @@ def resolve_dataset(
         try:
             find_fashion_mnist_dir(data_dir)
         except DataError:
-            if not fallback:
+            if not fallback or data_dir is not None:
                 raise
-            where = Path(data_dir) if data_dir is not None else DEFAULT_FASHION_MNIST_DIR
-            return "digits", f"Fashion-MNIST not found under {where}; falling back to scikit-learn digits"
+            return "digits", (f"Fashion-MNIST not found under {_idx.DEFAULT_FASHION_MNIST_DIR}; falling back to "
+                              "scikit-learn digits")
     elif key in CIFAR_LAYOUT:
         find_cifar_dir(key, data_dir)  # type: ignore[arg-type]
     elif key == "folder":

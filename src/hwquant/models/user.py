@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..train.checkpoint import state_dict_mismatch
 
 __all__ = ["check_user_spec", "is_user_spec", "load_user_model", "load_weights", "parse_user_spec",
            "user_model_from_args"]
@@ -280,21 +281,9 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     own = model.state_dict()
     if not any(k in own for k in sd) and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    problems = len(missing) + len(unexpected) + len(shapes)
-    if problems:
-        if missing:
-            first = f"missing key {missing[0]!r}"
-        elif unexpected:
-            first = f"unexpected key {unexpected[0]!r}"
-        else:
-            k = shapes[0]
-            first = f"shape mismatch for {k!r}: {tuple(sd[k].shape)} in the file, {tuple(own[k].shape)} in the model"
-        more = (f" ({problems} problems: {len(missing)} missing, {len(unexpected)} unexpected, "
-                f"{len(shapes)} shape mismatches)") if problems > 1 else ""
-        raise ConfigError(f"{p} does not match the model: {first}{more}")
+    problem = state_dict_mismatch(model, sd)
+    if problem:
+        raise ConfigError(f"{p} does not match the model: {problem}")
     try:
         model.load_state_dict(sd)
     except (RuntimeError, ValueError) as e:

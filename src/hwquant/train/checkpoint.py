@@ -70,6 +70,30 @@ def _cpu(obj: Any) -> Any:
     return obj
 
 
+def state_dict_mismatch(model: torch.nn.Module, sd: dict[str, Any]) -> str | None:
+    """One line naming why ``sd`` does not fit ``model`` (the first missing key, unexpected key or shape
+    mismatch, and how many problems there are in all), or ``None`` when every key and shape matches."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    # an empty tensor in the model takes the file's shape on load (quantizer buffers sized at calibration)
+    shapes = [k for k in own if k in sd and hasattr(sd[k], "shape") and hasattr(own[k], "shape")
+              and own[k].numel() > 0 and tuple(sd[k].shape) != tuple(own[k].shape)]
+    problems = len(missing) + len(unexpected) + len(shapes)
+    if not problems:
+        return None
+    if shapes:  # the most telling: another width or input channel count
+        k = shapes[0]
+        first = f"shape mismatch for {k!r}: {tuple(sd[k].shape)} in the file, {tuple(own[k].shape)} in the model"
+    elif missing:
+        first = f"missing key {missing[0]!r}"
+    else:
+        first = f"unexpected key {unexpected[0]!r}"
+    more = (f" ({problems} problems: {len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(shapes)} shape mismatches)") if problems > 1 else ""
+    return first + more
+
+
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     """Save ``payload`` (tensors, dicts, lists, numbers, strings) atomically with a format tag.
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..device import model_device, resolve_device, to_device
 from ..errors import CheckpointError, ConfigError, DataError
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint, state_dict_mismatch
 from .distributed import all_reduce_sum, current
 
 
@@ -212,6 +212,9 @@ def fit(
     ckpt_path = Path(out_dir) / "last.pt" if out_dir is not None else None
     if resume and ckpt_path is not None and ckpt_path.exists():
         ck = load_checkpoint(ckpt_path)
+        problem = state_dict_mismatch(model, ck.get("model", {}))
+        if problem:
+            raise CheckpointError(f"{ckpt_path} does not match this model: {problem}")
         try:
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])

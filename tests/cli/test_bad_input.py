@@ -1,0 +1,104 @@
+"""Bad input through the CLI: one line naming the problem, exit 2, no traceback, earlier outputs intact,
+nothing written - checked before the work starts (issue 18's corpus; more cases live next to each command's
+tests in test_cli.py)."""
+
+import os
+
+import pytest
+import torch
+
+from hwquant.cli import main
+from hwquant.train.checkpoint import save_checkpoint
+
+SMALL = ["--model", "small_cnn", "--dataset", "digits", "--batch-size", "64", "--calib-size", "200",
+         "--threads", "2", "--no-progress", "--no-channels-last"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train")
+    assert main(["train", *SMALL, "--epochs", "1", "--out", str(out)]) == 0
+    return out
+
+
+def _one_line_error(capsys, needle):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hwquant"), err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert needle in err, err
+    return err
+
+
+def _commands(trained):
+    ck = str(trained / "model.pt")
+    return {
+        "train": ["train", *SMALL, "--epochs", "1"],
+        "ptq": ["ptq", "--checkpoint", ck, "--no-progress"],
+        "qat": ["qat", "--checkpoint", ck, "--epochs", "1", "--no-progress"],
+        "eval": ["eval", "--checkpoint", ck, "--no-progress"],
+        "cost": ["cost", "--checkpoint", ck],
+        "export": ["export", "--checkpoint", ck, "--format", "rtl"],
+    }
+
+
+@pytest.mark.parametrize("command", ["train", "ptq", "qat", "eval", "cost", "export"])
+def test_out_is_a_file(trained, tmp_path, capsys, command):
+    target = tmp_path / "results.txt"
+    target.write_text("earlier results\n")
+    assert main([*_commands(trained)[command], "--out", str(target)]) == 2
+    _one_line_error(capsys, f"--out {target} is a file, not a directory")
+    assert target.read_text() == "earlier results\n"  # untouched
+
+
+@pytest.mark.parametrize("command", ["train", "ptq", "qat", "export"])
+def test_out_under_a_file(trained, tmp_path, capsys, command):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    out = blocker / "sub" / "run"
+    assert main([*_commands(trained)[command], "--out", str(out)]) == 2
+    _one_line_error(capsys, f"{blocker} is a file, so the directory cannot be created")
+    assert blocker.read_text() == "x"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_out_not_writable(trained, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        assert main([*_commands(trained)["ptq"], "--out", str(ro / "run")]) == 2
+        _one_line_error(capsys, "is not writable")
+    finally:
+        ro.chmod(0o700)
+
+
+@pytest.mark.parametrize("command", ["train", "qat"])
+def test_resume_without_last_checkpoint(trained, tmp_path, capsys, command):
+    out = tmp_path / "fresh"
+    assert main([*_commands(trained)[command], "--out", str(out), "--resume"]) == 2
+    _one_line_error(capsys, f"--resume: {out / 'last.pt'} not found")
+    assert not out.exists()
+
+
+def test_explicit_data_dir_without_the_files_is_an_error(tmp_path, capsys):
+    empty = tmp_path / "fm"
+    empty.mkdir()
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "fashion_mnist", "--data-dir", str(empty), "--epochs", "1",
+                 "--out", str(out), "--no-progress"]) == 2
+    _one_line_error(capsys, f"Fashion-MNIST not found under {empty}")
+    assert not out.exists()  # no silent training on digits
+
+
+def test_checkpoint_of_another_architecture_names_the_mismatch(trained, tmp_path, capsys):
+    ck = torch.load(trained / "model.pt", weights_only=True)
+    ck.pop("format")
+    ck["model_args"] = {**ck["model_args"], "in_channels": 3}  # the description no longer fits the weights
+    bad = tmp_path / "other.pt"
+    save_checkpoint(bad, ck)
+    out = tmp_path / "run"
+    for argv in (["eval", "--checkpoint", str(bad)], ["ptq", "--checkpoint", str(bad), "--out", str(out)]):
+        assert main([*argv, "--no-progress"]) == 2
+        err = _one_line_error(capsys, "does not match its model description: shape mismatch for")
+        assert "in the file" in err and "in the model" in err
+    assert not out.exists()
