@@ -178,6 +178,20 @@ def test_onnx_float_scales_codes_within_a_few_lsb(tmp_path):
     assert res["codes_diff"] <= 1e-3 * res["codes"] and res["max_code_lsb"] <= 1 and res["agree"] >= 90
 
 
+def test_onnx_bias_beyond_int32_is_an_error_naming_the_layer(pow2_resnet, tmp_path):
+    import copy
+
+    from hwquant.export.onnx import to_onnx
+
+    imodel = copy.deepcopy(pow2_resnet[1])
+    op = next(o for o in imodel.ops if o.kind == "conv2d" and o.params.get("bias") is not None)
+    op.params["bias"] = op.params["bias"].clone()
+    op.params["bias"][0] = 2**33
+    with pytest.raises(HwquantError, match=f"{op.name}: the bias needs 35-bit codes"):
+        to_onnx(imodel, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_onnx_opset_too_low(pow2_resnet, tmp_path):
     from hwquant.export.onnx import to_onnx
 

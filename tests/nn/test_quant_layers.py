@@ -193,3 +193,19 @@ def test_exact_float_sums_turns_tf32_off_and_restores_it():
             assert torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_per_channel_activation_quantizers_use_the_channel_axis_not_the_batch():
+    """granularity="channel" on an activation spec gives one step per channel (axis 1), whatever the batch."""
+    from hwquant.nn.swap import calibrate
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3)
+    q = QuantConv2d.from_float(conv, QuantSpec(bits=8, granularity="channel"),
+                               QuantSpec(bits=8, signed=True, granularity="channel"))
+    x = torch.randn(5, 3, 8, 8) * torch.tensor([0.1, 1.0, 10.0]).view(1, 3, 1, 1)
+    calibrate(q, [x])
+    s = q.input_quant.scale
+    assert s.shape == (3,)
+    torch.testing.assert_close(s, x.abs().amax(dim=(0, 2, 3)) / 127)  # min-max per input channel
+    q(torch.randn(2, 3, 8, 8))  # another batch size runs

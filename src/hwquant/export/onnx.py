@@ -230,12 +230,15 @@ def to_onnx(model, path: str | os.PathLike, example_input: torch.Tensor | None =
             if b is not None:
                 s_acc = op.scale.numpy().astype(np.float32).reshape(-1)
                 bi = b.numpy()
-                if bi.min() >= -(2**31) and bi.max() < 2**31:
-                    bq = g.const(f"{op.name}.bias", bi.astype(np.int32))
-                    bdq = g.node("DequantizeLinear", [bq, g.const(f"{op.name}.b_scale", s_acc),
-                                                      g.zp(TP.INT32, (s_acc.size,))], axis=0)
-                else:
-                    bdq = g.const(f"{op.name}.bias_f", (bi.astype(np.float64) * s_acc).astype(np.float32))
+                if bi.size and not (bi.min() >= -(2**31) and bi.max() < 2**31):
+                    # a float constant here would silently leave the integer datapath: refuse, naming the layer
+                    need = int(max(abs(int(bi.min())), abs(int(bi.max())))).bit_length() + 1
+                    raise ConfigError(f"{op.name}: the bias needs {need}-bit codes in accumulator units "
+                                      f"(s_x * s_w = {float(s_acc.min()):.3g}), beyond ONNX's int32 bias; "
+                                      "the layer's input or weight step is degenerate")
+                bq = g.const(f"{op.name}.bias", bi.astype(np.int32))
+                bdq = g.node("DequantizeLinear", [bq, g.const(f"{op.name}.b_scale", s_acc),
+                                                  g.zp(TP.INT32, (s_acc.size,))], axis=0)
                 inputs.append(bdq)
             names[op.name] = g.float_op(op, inputs)
         else:

@@ -32,6 +32,8 @@ from ..numerics.uniform import _shape_param, fake_quantize_trusted, qrange
 from ..spec import QuantSpec
 from .quantizer import FakeQuantizer
 
+ACT_AXIS = 1  # the channel axis of activations (N, C, H, W) and (N, F)
+
 
 @contextlib.contextmanager
 def exact_float_sums(on_cuda: bool):
@@ -58,7 +60,8 @@ class _QuantMixin:
 
     def _init_quant(self, weight_spec, act_spec, bias_bits, generator=None) -> None:
         self.weight_quant = FakeQuantizer(weight_spec, axis=0, generator=generator) if weight_spec else None
-        self.input_quant = FakeQuantizer(act_spec, generator=generator) if act_spec else None
+        # activations: per-channel means axis 1 (N, C, ...), never the batch axis 0
+        self.input_quant = FakeQuantizer(act_spec, axis=ACT_AXIS, generator=generator) if act_spec else None
         self.bias_bits = bias_bits
         self.bias_quant: FakeQuantizer | None = None
 
@@ -68,6 +71,8 @@ class _QuantMixin:
         if self.bias is None or self.bias_bits is None or iq is None or wq is None:
             return None
         if not (iq.enabled and iq.calibrated and wq.enabled and wq.calibrated):
+            return None
+        if iq.axis is not None:  # one step per input channel: the sum over channels has no common step
             return None
         s = iq.scale * wq.scale
         s = s.expand(self.bias.shape[0]).contiguous() if s.dim() == 0 else s
@@ -208,7 +213,7 @@ class QuantAct(nn.Module):
 
     def __init__(self, spec: QuantSpec, generator: torch.Generator | None = None):
         super().__init__()
-        self.quant = FakeQuantizer(spec, generator=generator)
+        self.quant = FakeQuantizer(spec, axis=ACT_AXIS, generator=generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant(x)
@@ -241,8 +246,8 @@ class QuantLUTAct(nn.Module):
             names = ", ".join(c.__name__ for c in LUT_ACTIVATIONS)
             raise TypeError(f"QuantLUTAct wraps one of {names}, got {type(act).__name__}")
         self.act = act
-        self.input_quant = FakeQuantizer(spec, generator=generator)
-        self.output_quant = FakeQuantizer(spec, generator=generator)
+        self.input_quant = FakeQuantizer(spec, axis=ACT_AXIS, generator=generator)
+        self.output_quant = FakeQuantizer(spec, axis=ACT_AXIS, generator=generator)
 
     def _calibrated(self) -> bool:
         iq, oq = self.input_quant, self.output_quant
