@@ -746,7 +746,7 @@ def run_ptq(cfg: PTQOptions) -> dict[str, Any]:
         source = cfg.model
     else:
         model, ck = load_model(cfg.checkpoint)
-        if "ptq" in ck:
+        if "ptq" in ck or "qat" in ck:
             raise CheckpointError(f"{cfg.checkpoint} is already quantized; give the float checkpoint")
         loaders = _loaders_for(ck, cfg.data_dir, cfg.batch_size)
         source = cfg.checkpoint

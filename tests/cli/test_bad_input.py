@@ -102,3 +102,14 @@ def test_checkpoint_of_another_architecture_names_the_mismatch(trained, tmp_path
         err = _one_line_error(capsys, "does not match its model description: shape mismatch for")
         assert "in the file" in err and "in the model" in err
     assert not out.exists()
+
+
+def test_ptq_of_a_qat_checkpoint_is_refused(trained, tmp_path, capsys):
+    qat = tmp_path / "qat"
+    assert main(["qat", "--checkpoint", str(trained / "model.pt"), "--epochs", "1", "--out", str(qat),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "ptq"
+    assert main(["ptq", "--checkpoint", str(qat / "model.pt"), "--out", str(out), "--no-progress"]) == 2
+    _one_line_error(capsys, "is already quantized; give the float checkpoint")
+    assert not out.exists()
