@@ -10,7 +10,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 BENCH_STAMP := $(VENV)/.installed-bench
 ARGS ?=
 
-.PHONY: demo test data install dev lint bench clean
+.PHONY: demo test data install dev lint bench results clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,9 @@ lint: $(DEV_STAMP)
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.run $(ARGS)
+
+results: $(STAMP)
+	$(BIN)/python scripts/readme_results.py
 
 clean:
 	rm -rf runs build dist src/*.egg-info .pytest_cache .ruff_cache
