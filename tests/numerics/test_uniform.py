@@ -148,3 +148,34 @@ def test_bad_arguments_raise_config_error():
         quantize(x, 0.0, 8)
     with pytest.raises(ConfigError, match="per-channel"):
         quantize(torch.randn(3, 4), torch.ones(4), 8, axis=0)
+
+
+def test_native_kernels_are_cached_and_loaded_only_from_private_places(tmp_path, monkeypatch):
+    """Never load native code another user could have written: a world-writable cache directory is not used,
+    and a cached library that others may write is rebuilt instead of loaded."""
+    import os
+
+    from hwquant.numerics import uniform
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv("HWQUANT_CACHE_DIR", str(shared))
+    assert uniform._cache_dir() != str(shared)
+    mine = tmp_path / "mine"
+    monkeypatch.setenv("HWQUANT_CACHE_DIR", str(mine))
+    assert uniform._cache_dir() == str(mine) and (os.stat(mine).st_mode & 0o777) == 0o700
+    if not uniform.native_status()["available"]:
+        pytest.skip("no C compiler: nothing is built or loaded")
+    so = uniform._build_native()
+    assert os.path.dirname(so) == str(mine)
+    good = open(so, "rb").read()
+    with open(so, "wb") as f:
+        f.write(b"planted")
+    os.chmod(so, 0o666)  # writable by anyone: must not be trusted
+    assert uniform._build_native() == so
+    assert open(so, "rb").read() == good  # rebuilt, not loaded as found
+    os.chmod(so, 0o644)
+    with open(so, "wb") as f:  # our own private file is trusted (the cache works)
+        f.write(b"ours")
+    assert uniform._build_native() == so and open(so, "rb").read() == b"ours"

@@ -38,7 +38,8 @@ consistent.
 
 **Speed.**  The per-tensor, round-to-nearest, float32 CPU case (every activation quantizer) runs a small C
 kernel compiled once at first use with the system C compiler (``$CC``, else ``cc``/``gcc``; OpenMP and
-``-march=native``; cached under ``$HWQUANT_CACHE_DIR`` or ``~/.cache/hwquant``): one pass writes the output
+``-march=native``; cached under ``$HWQUANT_CACHE_DIR`` or ``~/.cache/hwquant``, only where no other user can
+write): one pass writes the output
 and a one-byte mask state, and the backward is one pass over the gradient and the mask.  It computes the
 same float32 operations as the torch code (``x * r``, round half to even, clamp, ``* s``), and a self-test
 against the torch path runs before it is used; when no compiler is found, the build or the self-test fails,
@@ -332,18 +333,39 @@ _NATIVE_LOCK = threading.Lock()
 _NATIVE: dict = {"lib": None, "state": "unloaded", "reason": "", "path": None}
 
 
-def _cache_dir() -> str:
+def _private(path: str) -> bool:
+    """``path`` exists, is no symlink, belongs to this user and no one else may write it (POSIX).
+
+    The kernel library is native code that every hwquant process loads: it is cached and loaded only from
+    places no other local user can write (a shared ``/tmp/hwquant-<uid>`` that someone else created, or a
+    world-writable cache directory, could hold a planted ``.so``)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    if not hasattr(os, "getuid"):  # Windows: no POSIX ownership to check; the user's own profile directory
+        return True
+    import stat as _stat
+
+    return (not _stat.S_ISLNK(st.st_mode) and st.st_uid == os.getuid()
+            and not st.st_mode & (_stat.S_IWGRP | _stat.S_IWOTH))
+
+
+def _cache_dir() -> str | None:
+    """A private directory to cache the compiled kernels in (see :func:`_private`), or ``None`` when neither
+    ``$HWQUANT_CACHE_DIR`` / ``~/.cache/hwquant`` nor ``<tmp>/hwquant-<uid>`` is private: then the library is
+    built in a fresh private temporary directory and not cached."""
     explicit = os.environ.get("HWQUANT_CACHE_DIR")
     base = explicit or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hwquant")
-    try:
-        os.makedirs(base, exist_ok=True)
-        if os.access(base, os.W_OK):
-            return base
-    except OSError:
-        pass
     fallback = os.path.join(tempfile.gettempdir(), f"hwquant-{os.getuid() if hasattr(os, 'getuid') else 0}")
-    os.makedirs(fallback, exist_ok=True)
-    return fallback
+    for d in (base, fallback):
+        try:
+            os.makedirs(d, mode=0o700, exist_ok=True)
+        except OSError:
+            continue
+        if _private(d) and os.access(d, os.W_OK):
+            return d
+    return None
 
 
 def _cpu_flags() -> str:
@@ -366,9 +388,9 @@ def _build_native() -> str:
     common = ["-fno-math-errno", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c99"]
     key = hashlib.sha256("\0".join([_NATIVE_SRC, cc, _cpu_flags(), platform.machine(), repr(flag_sets),
                                     repr(common)]).encode()).hexdigest()[:16]
-    d = _cache_dir()
+    d = _cache_dir() or tempfile.mkdtemp(prefix="hwquant-build-")  # mkdtemp: private (0700), fresh
     so = os.path.join(d, f"hwquant_fq_{key}.so")
-    if os.path.exists(so):
+    if os.path.exists(so) and _private(so):
         return so
     with tempfile.TemporaryDirectory(dir=d) as tmp:
         src = os.path.join(tmp, "fq.c")
@@ -380,6 +402,7 @@ def _build_native() -> str:
             proc = subprocess.run([cc, *flags, *common, src, "-o", out, "-lm"], capture_output=True, text=True,
                                   timeout=120)
             if proc.returncode == 0:
+                os.chmod(out, 0o755)  # whatever the umask: only we may write it, so the cache is trusted later
                 os.replace(out, so)  # atomic: concurrent builders write the same bytes
                 return so
             err = proc.stderr.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
