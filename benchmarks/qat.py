@@ -226,9 +226,11 @@ def accuracy(quick: bool) -> dict[str, Any]:
             print(f"  {name}: {e}", flush=True)
             continue
         reused = res["train_seconds"] < 1.0  # resume found a finished run: nothing was trained now
+        # epoch times from the history: right also for a resumed or reused run (train_seconds is this call's)
+        train_s = sum(e.get("seconds", 0.0) for e in res["history"])
         rows.append({**row, "start_top1": res["start"]["top1"], "top1": res["final"]["top1"],
                      "top5": res["final"]["top5"], "checkpoint_top1": res["fp32"]["top1"],
-                     "train_s": res["train_seconds"], "note": "reused finished checkpoint" if reused else ""})
+                     "train_s": train_s, "note": "reused finished checkpoint" if reused else ""})
         curves[name] = res["step_loss"]
         print(f"  {name}: start {res['start']['top1']:.2f}% -> {res['final']['top1']:.2f}%", flush=True)
     control = rows[0].get("top1")
