@@ -40,6 +40,7 @@ from .models import create_model_from_args, list_models
 from .models.registry import build_model
 from .models.user import check_user_spec, is_user_spec, load_weights
 from .nn import fold_batchnorm, quantize_model
+from .numerics.gradient import GRAD_CLIPS
 from .train import TrainConfig, atomic_write_text, evaluate, fit, load_checkpoint, save_checkpoint
 from .train.checkpoint import state_dict_mismatch
 from .train.distributed import current, init_from_env, rank_device
@@ -122,8 +123,10 @@ class GradQuantOptions:
     grad_bits: int | None = field(default=None, metadata=_h(
         "ARC: quantize every conv/linear error and weight gradient to this many bits (none: float gradients)"))
     grad_rounding: str = field(default="zero", metadata=_h("ARC: gradient rounding", ("zero", "nearest", "stochastic")))
-    grad_quant_clip: str = field(default="zscore", metadata=_h("ARC: gradient clip policy", ("zscore", "max", "dsgc")))
+    grad_quant_clip: str = field(default="zscore", metadata=_h("ARC: gradient clip policy", GRAD_CLIPS))
     grad_k: float = field(default=3.0, metadata=_h("ARC: z-score clip c = min(max|g|, |mu| + k sigma)"))
+    grad_clip_fraction: float | None = field(default=None, metadata=_h(
+        "ARC search clip: share of elements it may saturate (default 1e-3 / (2^bits - 1))"))
     grad_skip_first_last: bool = field(default=True, metadata=_h("ARC: first conv / last FC gradients stay float"))
     grad_error: bool = field(default=True, metadata=_h(
         "ARC: quantize each layer's error gradient (before its backward: the input and weight gradients use it)"))
@@ -482,7 +485,8 @@ class DemoOptions:
 def arc_config(opts) -> ARCConfig | None:
     """The ARC gradient-quantization config of train/qat options (``None`` when ``grad_bits`` is unset)."""
     cfg = ARCConfig(bits=8 if opts.grad_bits is None else opts.grad_bits, rounding=opts.grad_rounding,
-                    clip=opts.grad_quant_clip, k=opts.grad_k, skip_first_last=opts.grad_skip_first_last,
+                    clip=opts.grad_quant_clip, k=opts.grad_k, fraction=opts.grad_clip_fraction,
+                    skip_first_last=opts.grad_skip_first_last,
                     error_grad=opts.grad_error, weight_grad=opts.grad_weight,
                     seed=opts.seed)  # validates every grad_* field, also when ARC is off
     return None if opts.grad_bits is None else cfg

@@ -128,3 +128,48 @@ def test_bad_input():
         quantize_gradient(torch.ones(3), out=torch.empty(3, dtype=torch.int16))
     codes, s = quantize_gradient(torch.zeros(10))
     assert codes.abs().sum() == 0 and float(s) > 0
+
+
+@pytest.mark.parametrize("layout", ["flat", "channels_last", "float64"])
+def test_one_pass_statistics_equal_torch(layout):
+    """mean, std, max and the log-bin histogram of gradient_hist equal torch's own ops (native and torch path)."""
+    from hwquant.numerics.gradient import gradient_hist
+
+    g = _g(4 * 8 * 40 * 40).reshape(4, 8, 40, 40)
+    if layout == "channels_last":
+        g = g.contiguous(memory_format=torch.channels_last)
+    if layout == "float64":
+        g = g.double()
+    mean, std, mx, hist = gradient_hist(g)
+    d = g.double()
+    assert mean == pytest.approx(float(d.mean()), rel=1e-9, abs=1e-15)
+    assert std == pytest.approx(float(d.std(correction=0)), rel=1e-9)
+    assert mx == float(g.abs().max())
+    # oracle: frexp gives |g| = m * 2^e, m in [0.5, 1): bin = 4 * (e + 126) + floor((2m - 1) * 4) for normals
+    m, e = torch.frexp(g.abs().float().reshape(-1))
+    bins = 4 * (e.long() + 126) + torch.floor((2 * m.double() - 1) * 4).long()
+    assert torch.equal(hist, torch.bincount(bins, minlength=1024))
+    assert int(hist.sum()) == g.numel()
+
+
+def test_search_clip_picks_the_documented_candidate_by_hand():
+    """1000 values: 990 at +-1 (sigma ~ 1), 10 outliers at 20; the clipped share allowed decides k."""
+    from hwquant.numerics.gradient import gradient_hist, search_clip
+
+    g = torch.cat([torch.ones(495), -torch.ones(495), torch.full((10,), 20.0)])
+    mean, std, mx, hist = gradient_hist(g)
+    assert mean == pytest.approx(0.2) and std == pytest.approx(math.sqrt(4.99 - 0.04))  # E[g^2] = 0.99 + 4
+    # p = 1%: the 10 outliers (1.0 %) may saturate: k = 3 gives c = 0.2 + 3 * 2.225 = 6.87 < 20, 10 above -> ok
+    c, k = search_clip(mean, std, mx, hist, 8, fraction=0.01)
+    assert k == 3.0 and c == pytest.approx(0.2 + 3 * std)
+    # p = 0.5 %: no candidate below max|g| = 20 clips fewer than the 10 outliers (k = 8: c = 18.0) -> max
+    c, k = search_clip(mean, std, mx, hist, 8, fraction=0.005)
+    assert k == math.inf and c == 20.0
+    # the default p at 8 bits is 1e-3 / 255: the same
+    assert gradient_clip(g, 8, "search") == 20.0
+    assert gradient_clip(g, 8, "search", fraction=0.01) == pytest.approx(0.2 + 3 * std)
+    # the histogram by hand: 1.0 and 20.0 are in the bins of their float32 bits >> 21
+    h = torch.zeros(1024, dtype=torch.int64)
+    h[int(torch.tensor([1.0]).view(torch.int32) >> 21)] = 990
+    h[int(torch.tensor([20.0]).view(torch.int32) >> 21)] = 10
+    assert torch.equal(h, hist)

@@ -45,7 +45,8 @@ class ARCConfig:
         bits: gradient code width (2..16).
         rounding: ``zero`` (RTZ, the paper's), ``nearest`` or ``stochastic``.
         clip: ``zscore`` (the paper's), ``max`` or ``dsgc``.
-        k: the z-score multiplier ``k`` in ``|mu| + k sigma``.
+        k: the z-score multiplier ``k`` in ``|mu| + k sigma`` (``zscore``).
+        fraction: ``search``: the share of elements its clip may saturate (default ``1e-3 / (2^bits - 1)``).
         skip_first_last: keep the first conv's and last linear's gradients in float.
         error_grad: quantize each layer's output gradient (the error).
         weight_grad: quantize each layer's weight gradient.
@@ -57,6 +58,7 @@ class ARCConfig:
     rounding: str = "zero"
     clip: str = "zscore"
     k: float = 3.0
+    fraction: float | None = None
     skip_first_last: bool = True
     error_grad: bool = True
     weight_grad: bool = True
@@ -72,6 +74,9 @@ class ARCConfig:
             raise ConfigError(f"gradient clip must be one of {', '.join(GRAD_CLIPS)}, got {self.clip!r}")
         if isinstance(self.k, bool) or not isinstance(self.k, (int, float)) or not self.k > 0:
             raise ConfigError(f"z-score k must be a positive number, got {self.k!r}")
+        if self.fraction is not None and (isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float))
+                                          or not 0 <= self.fraction < 1):
+            raise ConfigError(f"clip fraction must be a number in [0, 1), got {self.fraction!r}")
         if not (self.error_grad or self.weight_grad):
             raise ConfigError("ARC needs error_grad or weight_grad (or both)")
 
@@ -94,7 +99,8 @@ class ARCHandle:
 
     def _q(self, name: str, kind: str, g: torch.Tensor) -> torch.Tensor:
         cfg = self.config
-        gh, c = fake_quantize_gradient(g, cfg.bits, cfg.rounding, cfg.clip, cfg.k, self.generator)
+        gh, c = fake_quantize_gradient(g, cfg.bits, cfg.rounding, cfg.clip, cfg.k, self.generator,
+                                       fraction=cfg.fraction)
         if cfg.record:
             mx = gradient_stats(g)[2]
             self.clips.setdefault(name, []).append((self.step, kind, float(c), float(mx)))

@@ -13,6 +13,14 @@ Clip policies:
 
 ``zscore`` [paper, rec]  ``c = min(max|g|, |mu| + k * sigma)`` with ``mu, sigma`` the mean and (population)
     standard deviation of ``g``: values beyond ``k`` standard deviations are outliers and saturate.
+``search``  the z-score clip *searched* per tensor and step: the smallest ``k`` of :data:`SEARCH_K`
+    (3, 4, 6, 8, 12, 16, 24, 32, 48, 64 standard deviations) whose clip ``c_k = |mu| + k * sigma`` saturates at
+    most a fraction ``p`` of the elements, else ``max|g|``.  ``p`` defaults to ``1e-3 / (2^b - 1)``: only the
+    largest gradients matter after convergence, so almost none may saturate (the clip-fraction rule of LBT,
+    ECCV 2024, applied to the z-score candidates of ARC).  The clipped fraction is counted in the statistics
+    pass itself, with a histogram of ``|g|`` on log-spaced bins - the float32 exponent and the top two mantissa
+    bits of ``|g|``, ``bits(|g|) >> 21`` (4 bins per octave; a leading-one detector in hardware): the count for
+    ``c_k`` is every element in ``c_k``'s bin or above, an over-estimate, so at most ``p`` saturate.
 ``max``  ``c = max|g|`` (no clipping: the usual baseline).
 ``dsgc`` (direction-sensitive gradient clipping, Zhu et al., CVPR 2020)  ``c`` maximises the cosine similarity
     between ``g`` and its quantized version, searched over ``c = max|g| * 2^(-j/4)``, ``j = 0..39``, on a
@@ -47,18 +55,22 @@ __all__ = [
     "dequantize_gradient",
     "fake_quantize_gradient",
     "gradient_clip",
+    "gradient_hist",
     "gradient_stats",
+    "search_clip",
     "quantize_gradient",
 ]
 
-GRAD_CLIPS = ("zscore", "max", "dsgc")
+GRAD_CLIPS = ("zscore", "search", "max", "dsgc")
+SEARCH_K = (3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0)
+HIST_BINS = 1024  # bits(|g|) >> 21 of a float32
 GRAD_ROUNDINGS = ("zero", "nearest", "stochastic")
 _MODE = {"zero": 0, "nearest": 1, "stochastic": 2, "floor": 3}
 _DSGC_SAMPLES = 65536
 _DSGC_GRID = 40
 
 
-def _check(bits: int, rounding: str, clip: str, k: float) -> None:
+def _check(bits: int, rounding: str, clip: str, k: float, fraction: float | None = None) -> None:
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= MAX_BITS:
         raise ConfigError(f"gradient bits must be an integer in 2..{MAX_BITS}, got {bits!r}")
     if rounding not in GRAD_ROUNDINGS:
@@ -67,6 +79,9 @@ def _check(bits: int, rounding: str, clip: str, k: float) -> None:
         raise ConfigError(f"gradient clip must be one of {', '.join(GRAD_CLIPS)}, got {clip!r}")
     if isinstance(k, bool) or not isinstance(k, (int, float)) or not k > 0 or not math.isfinite(k):
         raise ConfigError(f"z-score k must be a positive number, got {k!r}")
+    if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+                                 or not 0 <= fraction < 1):
+        raise ConfigError(f"clip fraction must be a number in [0, 1), got {fraction!r}")
 
 
 def _fast(g: torch.Tensor) -> bool:
@@ -99,6 +114,57 @@ def gradient_stats(g: torch.Tensor) -> tuple[float, float, float]:
     mean = s / n
     var = max(ss / n - mean * mean, 0.0)
     return mean, math.sqrt(var), mx
+
+
+def _hist_bins(a: torch.Tensor) -> torch.Tensor:
+    """``bits(a) >> 21`` of non-negative float32 values: the log-spaced bin index (see the module docstring)."""
+    return a.float().contiguous().view(torch.int32) >> 21
+
+
+def gradient_hist(g: torch.Tensor) -> tuple[float, float, float, torch.Tensor]:
+    """``(mean, population std, max|g|, hist)`` in one pass; ``hist[b]`` (int64, 1024 bins) counts the elements
+    with ``bits(|g|) >> 21 == b``.  Raises :class:`~hwquant.errors.DataError` on NaN or infinity."""
+    n = g.numel()
+    if n == 0:
+        return 0.0, 0.0, 0.0, torch.zeros(HIST_BINS, dtype=torch.int64)
+    lib = _native() if _fast(g) else None
+    if lib is not None:
+        out = torch.empty(3, dtype=torch.float64)
+        hist = torch.empty(HIST_BINS, dtype=torch.int64)
+        lib.hwq_stats_hist(g.data_ptr(), n, out.data_ptr(), hist.data_ptr(), _threads())
+        s, ss, mx = out.tolist()
+    else:
+        d = g.detach().double()
+        s, ss, mx = float(d.sum()), float((d * d).sum()), float(d.abs().max())
+        hist = torch.bincount(_hist_bins(g.detach().abs()).reshape(-1).cpu().long(), minlength=HIST_BINS)
+    if not (math.isfinite(s) and math.isfinite(ss) and math.isfinite(mx)):
+        raise DataError("gradient holds NaN or infinite values (the training diverged)")
+    mean = s / n
+    return mean, math.sqrt(max(ss / n - mean * mean, 0.0)), mx, hist
+
+
+def default_fraction(bits: int) -> float:
+    """``1e-3 / (2^b - 1)``: the share of elements the ``search`` clip may saturate at ``b`` bits."""
+    return 1e-3 / (2**bits - 1)
+
+
+def search_clip(mean: float, std: float, mx: float, hist: torch.Tensor, bits: int,
+                fraction: float | None = None) -> tuple[float, float]:
+    """``(c, k)`` of the ``search`` rule (see the module docstring) from one pass's statistics; ``k = inf`` when
+    no candidate qualifies and ``c = max|g|``."""
+    p = default_fraction(bits) if fraction is None else fraction
+    n = int(hist.sum())
+    if n == 0 or std == 0.0:
+        return mx, math.inf
+    above = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])  # above[b] = #elements in bin >= b
+    for k in SEARCH_K:
+        c = abs(mean) + k * std
+        if c >= mx:
+            break
+        b = int(_hist_bins(torch.tensor([c], dtype=torch.float32)))
+        if int(above[b]) <= p * n:
+            return c, k
+    return mx, math.inf
 
 
 def _codes_torch(g: torch.Tensor, r: float, q: int, rounding: str, generator) -> torch.Tensor:
@@ -134,9 +200,12 @@ def _dsgc_clip(g: torch.Tensor, bits: int, mx: float, rounding: str) -> float:
 
 
 def gradient_clip(g: torch.Tensor, bits: int = 8, clip: str = "zscore", k: float = 3.0,
-                  rounding: str = "zero") -> float:
-    """The clip value ``c`` of ``g`` under ``clip`` (see the module docstring)."""
-    _check(bits, rounding, clip, k)
+                  rounding: str = "zero", *, fraction: float | None = None) -> float:
+    """The clip value ``c`` of ``g`` under ``clip`` (see the module docstring; ``fraction``: ``search``'s
+    ``p``)."""
+    _check(bits, rounding, clip, k, fraction)
+    if clip == "search":
+        return search_clip(*gradient_hist(g), bits, fraction)[0]
     mean, std, mx = gradient_stats(g)
     if clip == "max":
         return mx
@@ -158,10 +227,10 @@ def _seed_from(generator: torch.Generator | None) -> int:
     return int(torch.randint(0, 2**62, (1,), generator=generator))
 
 
-def _quantize(g, bits, rounding, clip, k, generator, kind, c=None, out=None):
-    _check(bits, rounding, clip, k)
+def _quantize(g, bits, rounding, clip, k, generator, kind, c=None, out=None, fraction=None):
+    _check(bits, rounding, clip, k, fraction)
     if c is None:
-        c = gradient_clip(g, bits, clip, k, rounding)
+        c = gradient_clip(g, bits, clip, k, rounding, fraction=fraction)
     q = 2 ** (bits - 1) - 1
     if c <= 0:  # an all-zero gradient: codes 0 with the smallest normal step
         c = torch.finfo(torch.float32).tiny * q
@@ -190,7 +259,8 @@ def _quantize(g, bits, rounding, clip, k, generator, kind, c=None, out=None):
 
 def quantize_gradient(g: torch.Tensor, bits: int = 8, rounding: str = "zero", clip: str = "zscore",
                       k: float = 3.0, generator: torch.Generator | None = None, *,
-                      out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      out: torch.Tensor | None = None, fraction: float | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor gradient codes and step: ``(codes, scale)``, ``codes`` int8 (``bits <= 8``) or int16 in
     ``[-(2^(b-1)-1), 2^(b-1)-1]``, ``scale`` a 0-d float32 tensor; ``g ~ codes * scale``.  ``out``: a
     buffer for the codes (reused across steps it saves the page faults of a fresh tensor).
@@ -199,7 +269,7 @@ def quantize_gradient(g: torch.Tensor, bits: int = 8, rounding: str = "zero", cl
     >>> codes.tolist(), float(s)
     ([3, -1, 0, 7], 0.1428571492433548)
     """
-    return _quantize(g, bits, rounding, clip, k, generator, "codes", out=out)
+    return _quantize(g, bits, rounding, clip, k, generator, "codes", out=out, fraction=fraction)
 
 
 def dequantize_gradient(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -209,12 +279,13 @@ def dequantize_gradient(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
 
 def fake_quantize_gradient(g: torch.Tensor, bits: int = 8, rounding: str = "zero", clip: str = "zscore",
                            k: float = 3.0, generator: torch.Generator | None = None,
-                           clip_value: float | None = None) -> tuple[torch.Tensor, float]:
+                           clip_value: float | None = None, *, fraction: float | None = None
+                           ) -> tuple[torch.Tensor, float]:
     """``(codes * scale, c)`` in ``g``'s dtype, in one pass after the statistics (what training uses).
 
     ``clip_value`` skips the statistics and uses that ``c``.
     """
     if clip_value is None:
-        clip_value = gradient_clip(g, bits, clip, k, rounding)
-    out, _ = _quantize(g, bits, rounding, clip, k, generator, "float", c=clip_value)
+        clip_value = gradient_clip(g, bits, clip, k, rounding, fraction=fraction)
+    out, _ = _quantize(g, bits, rounding, clip, k, generator, "float", c=clip_value, fraction=fraction)
     return out, clip_value

@@ -288,6 +288,37 @@ void hwq_stats(const float *restrict x, int64_t n, double *restrict out, int nt)
   out[0] = s; out[1] = ss; out[2] = (double)mx;
 }
 
+/* hwq_stats and, in the same pass, hist[b] += 1 for b = bits(|x|) >> 21 (float32 exponent and the top two
+   mantissa bits: 1024 log-spaced bins, 4 per octave) - the z-score clip search's clipped-fraction counts */
+void hwq_stats_hist(const float *restrict x, int64_t n, double *restrict out, int64_t *restrict hist, int nt) {
+  double s = 0.0, ss = 0.0;
+  float mx = 0.0f;
+  for (int b = 0; b < 1024; b++) hist[b] = 0;
+  _Pragma("omp parallel num_threads(nt) if(n > 32768)")
+  {
+    int64_t h[1024];
+    for (int b = 0; b < 1024; b++) h[b] = 0;
+    double ls = 0.0, lss = 0.0;
+    float lmx = 0.0f;
+    _Pragma("omp for schedule(static) nowait")
+    for (int64_t i = 0; i < n; i++) {
+      float v = x[i];
+      double d = (double)v;
+      ls += d; lss += d * d;
+      union { float f; uint32_t u; } a;
+      a.f = fabsf(v);
+      lmx = a.f > lmx ? a.f : lmx;
+      h[a.u >> 21]++;
+    }
+    _Pragma("omp critical")
+    {
+      s += ls; ss += lss; mx = lmx > mx ? lmx : mx;
+      for (int b = 0; b < 1024; b++) hist[b] += h[b];
+    }
+  }
+  out[0] = s; out[1] = ss; out[2] = (double)mx;
+}
+
 /* counter-based uniform in [0, 1): splitmix64 of (seed, index), 24 bits; independent of thread count */
 static inline float u01(uint64_t seed, uint64_t i) {
   uint64_t z = seed + (i + 1) * 0x9E3779B97F4A7C15ULL;
@@ -424,6 +455,8 @@ def _load_native():
     lib.hwq_scale_bwd.restype = D
     lib.hwq_stats.argtypes = [P, I64, P, I]
     lib.hwq_stats.restype = None
+    lib.hwq_stats_hist.argtypes = [P, I64, P, P, I]
+    lib.hwq_stats_hist.restype = None
     lib.hwq_gq.argtypes = [P, P, I64, F, F, F, I, I, ctypes.c_uint64, I]
     lib.hwq_gq.restype = None
     return lib, path
