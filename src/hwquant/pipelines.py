@@ -127,6 +127,8 @@ class GradQuantOptions:
     grad_k: float = field(default=3.0, metadata=_h("ARC: z-score clip c = min(max|g|, |mu| + k sigma)"))
     grad_clip_fraction: float | None = field(default=None, metadata=_h(
         "ARC search clip: share of elements it may saturate (default 1e-3 / (2^bits - 1))"))
+    grad_error_scale: str = field(default="tensor", metadata=_h(
+        "ARC: one error-gradient step per tensor or per sample", ("tensor", "sample")))
     grad_skip_first_last: bool = field(default=True, metadata=_h("ARC: first conv / last FC gradients stay float"))
     grad_error: bool = field(default=True, metadata=_h(
         "ARC: quantize each layer's error gradient (before its backward: the input and weight gradients use it)"))
@@ -486,6 +488,7 @@ def arc_config(opts) -> ARCConfig | None:
     """The ARC gradient-quantization config of train/qat options (``None`` when ``grad_bits`` is unset)."""
     cfg = ARCConfig(bits=8 if opts.grad_bits is None else opts.grad_bits, rounding=opts.grad_rounding,
                     clip=opts.grad_quant_clip, k=opts.grad_k, fraction=opts.grad_clip_fraction,
+                    error_scale=opts.grad_error_scale,
                     skip_first_last=opts.grad_skip_first_last,
                     error_grad=opts.grad_error, weight_grad=opts.grad_weight,
                     seed=opts.seed)  # validates every grad_* field, also when ARC is off
@@ -506,7 +509,8 @@ def _install_arc(model: nn.Module, opts, out: Path, extra_state: dict[str, Any])
     handle = prepare_arc(model, acfg)
     what = " and ".join(w for w, on in (("error", acfg.error_grad), ("weight", acfg.weight_grad)) if on)
     _say(f"ARC: {acfg.bits}-bit {what} gradients ({acfg.rounding}, {acfg.clip} clip"
-         f"{f', k = {acfg.k:g}' if acfg.clip == 'zscore' else ''}) in {len(handle.layers)} layers")
+         f"{f', k = {acfg.k:g}' if acfg.clip == 'zscore' else ''}"
+         f"{', error steps per sample' if acfg.error_scale == 'sample' else ''}) in {len(handle.layers)} layers")
     last = out / "last.pt"
     if opts.resume and last.exists():
         saved = load_checkpoint(last).get("arc") or {}

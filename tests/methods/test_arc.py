@@ -105,3 +105,40 @@ def test_config_errors(kw, needle):
 def test_no_layer_to_quantize():
     with pytest.raises(ConfigError, match="no conv/linear"):
         prepare_arc(nn.Sequential(nn.Linear(2, 2)), ARCConfig())
+
+
+def test_error_scale_sample_two_layer_case_by_hand():
+    """error_scale="sample": each sample's error row gets its own clip and step (the per-tensor quantizer on
+    that row alone); the weight gradient is quantized per tensor as before."""
+    net = _two_layer()
+    x = torch.randn(6, 5, generator=torch.Generator().manual_seed(1))
+    w_out = torch.randn(6, 3, generator=torch.Generator().manual_seed(2))
+    w_out[:3] *= 1e-3  # three easy samples
+    cfg = ARCConfig(bits=4, rounding="zero", clip="zscore", k=2.0, skip_first_last=False, error_scale="sample")
+    handle = prepare_arc(net, cfg)
+    (net(x) * w_out).sum().backward()
+    handle.remove()
+
+    def Q(g):
+        return fake_quantize_gradient(g.contiguous(), 4, "zero", "zscore", 2.0)[0]
+
+    def Qrows(e):
+        return torch.stack([Q(row) for row in e])
+
+    l1, l2 = net[0], net[2]
+    with torch.no_grad():
+        z1 = x @ l1.weight.T + l1.bias
+        h = torch.relu(z1)
+        e2 = Qrows(w_out)
+        dw2 = Q(e2.T @ h)
+        e1 = Qrows((e2 @ l2.weight) * (z1 > 0))
+        dw1 = Q(e1.T @ x)
+    for got, ref in ((l2.weight.grad, dw2), (l2.bias.grad, e2.sum(0)), (l1.weight.grad, dw1),
+                     (l1.bias.grad, e1.sum(0))):
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-12)
+    assert (e2[:3] != 0).any()  # the easy samples' errors survive (one per-tensor step would zero them)
+    assert not (Q(w_out)[:3] != 0).any()
+    with pytest.raises(ConfigError, match="error_scale"):
+        ARCConfig(error_scale="channel")
+    with pytest.raises(ConfigError, match="not dsgc"):
+        ARCConfig(clip="dsgc", error_scale="sample")

@@ -173,3 +173,24 @@ def test_search_clip_picks_the_documented_candidate_by_hand():
     h[int(torch.tensor([1.0]).view(torch.int32) >> 21)] = 990
     h[int(torch.tensor([20.0]).view(torch.int32) >> 21)] = 10
     assert torch.equal(h, hist)
+
+
+@pytest.mark.parametrize("clip", ["zscore", "max", "search"])
+@pytest.mark.parametrize("rounding", ["zero", "nearest"])
+def test_per_sample_rows_equal_each_row_quantized_alone(clip, rounding):
+    """Per-sample scaling = the per-tensor quantizer applied to every row on its own (the oracle)."""
+    from hwquant.numerics.gradient import fake_quantize_gradient_rows
+
+    g = torch.randn(6, 8, 5, 5, generator=torch.Generator().manual_seed(1))
+    g[:3] *= 1e-3  # easy samples: errors 1000x smaller
+    g[4, 0, 0, 0] = 40.0  # an outlier in one sample only
+    gh, c = fake_quantize_gradient_rows(g, 8, rounding, clip)
+    for i in range(6):
+        row = g[i].contiguous()
+        assert float(c[i]) == pytest.approx(gradient_clip(row, 8, clip, 3.0, rounding), rel=1e-12)
+        ref, _ = fake_quantize_gradient(row, 8, rounding, clip, clip_value=float(c[i]))
+        assert torch.equal(gh[i], ref), i
+    if rounding == "zero":  # the easy samples keep their gradient (per tensor, truncation zeroes them)
+        per_tensor, _ = fake_quantize_gradient(g, 8, "zero", clip)
+        assert (gh[:3] != 0).float().mean() > 0.9
+        assert (per_tensor[:3] != 0).float().mean() < 0.05

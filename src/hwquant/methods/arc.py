@@ -32,9 +32,17 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..nn.graph import layer_positions
-from ..numerics.gradient import GRAD_CLIPS, GRAD_ROUNDINGS, fake_quantize_gradient, gradient_stats
+from ..numerics.gradient import (
+    GRAD_CLIPS,
+    GRAD_ROUNDINGS,
+    fake_quantize_gradient,
+    fake_quantize_gradient_rows,
+    gradient_stats,
+)
 
-__all__ = ["ARCConfig", "ARCHandle", "prepare_arc"]
+__all__ = ["ERROR_SCALES", "ARCConfig", "ARCHandle", "prepare_arc"]
+
+ERROR_SCALES = ("tensor", "sample")
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,9 @@ class ARCConfig:
         clip: ``zscore`` (the paper's), ``max`` or ``dsgc``.
         k: the z-score multiplier ``k`` in ``|mu| + k sigma`` (``zscore``).
         fraction: ``search``: the share of elements its clip may saturate (default ``1e-3 / (2^bits - 1)``).
+        error_scale: ``tensor`` (one step per error tensor) or ``sample`` (one step per sample, i.e. per row
+            of the batch axis, each with its own clip: the error of an easy sample is orders of magnitude below
+            a hard one's, and one per-tensor step truncates it to zero).  Weight gradients are per tensor.
         skip_first_last: keep the first conv's and last linear's gradients in float.
         error_grad: quantize each layer's output gradient (the error).
         weight_grad: quantize each layer's weight gradient.
@@ -59,6 +70,7 @@ class ARCConfig:
     clip: str = "zscore"
     k: float = 3.0
     fraction: float | None = None
+    error_scale: str = "tensor"
     skip_first_last: bool = True
     error_grad: bool = True
     weight_grad: bool = True
@@ -77,6 +89,10 @@ class ARCConfig:
         if self.fraction is not None and (isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float))
                                           or not 0 <= self.fraction < 1):
             raise ConfigError(f"clip fraction must be a number in [0, 1), got {self.fraction!r}")
+        if self.error_scale not in ERROR_SCALES:
+            raise ConfigError(f"error_scale must be one of {', '.join(ERROR_SCALES)}, got {self.error_scale!r}")
+        if self.error_scale == "sample" and self.clip == "dsgc":
+            raise ConfigError("error_scale='sample' supports the zscore, search and max clips, not dsgc")
         if not (self.error_grad or self.weight_grad):
             raise ConfigError("ARC needs error_grad or weight_grad (or both)")
 
@@ -99,8 +115,13 @@ class ARCHandle:
 
     def _q(self, name: str, kind: str, g: torch.Tensor) -> torch.Tensor:
         cfg = self.config
-        gh, c = fake_quantize_gradient(g, cfg.bits, cfg.rounding, cfg.clip, cfg.k, self.generator,
-                                       fraction=cfg.fraction)
+        if kind == "error" and cfg.error_scale == "sample" and g.dim() >= 2:
+            gh, cs = fake_quantize_gradient_rows(g, cfg.bits, cfg.rounding, cfg.clip, cfg.k, self.generator,
+                                                 fraction=cfg.fraction)
+            c = float(cs.max())  # recorded: the largest sample's clip
+        else:
+            gh, c = fake_quantize_gradient(g, cfg.bits, cfg.rounding, cfg.clip, cfg.k, self.generator,
+                                           fraction=cfg.fraction)
         if cfg.record:
             mx = gradient_stats(g)[2]
             self.clips.setdefault(name, []).append((self.step, kind, float(c), float(mx)))

@@ -289,3 +289,59 @@ def fake_quantize_gradient(g: torch.Tensor, bits: int = 8, rounding: str = "zero
         clip_value = gradient_clip(g, bits, clip, k, rounding, fraction=fraction)
     out, _ = _quantize(g, bits, rounding, clip, k, generator, "float", c=clip_value, fraction=fraction)
     return out, clip_value
+
+
+def row_clips(g: torch.Tensor, bits: int = 8, clip: str = "zscore", k: float = 3.0, *,
+              fraction: float | None = None) -> torch.Tensor:
+    """Per-sample clip values ``[N]`` (float64) of ``g`` (``N`` = ``g.shape[0]``): each row's own ``zscore``,
+    ``search`` or ``max`` clip, computed exactly as :func:`gradient_clip` would on that row alone."""
+    if clip == "dsgc":
+        raise ConfigError("per-sample gradient scaling supports the zscore, search and max clips, not dsgc")
+    n = g.shape[0]
+    d = g.detach().reshape(n, -1).double()
+    if not torch.isfinite(d).all():
+        raise DataError("gradient holds NaN or infinite values (the training diverged)")
+    mean = d.mean(1)
+    std = (d.pow(2).mean(1) - mean.pow(2)).clamp_min(0).sqrt()
+    mx = d.abs().amax(1)
+    if clip == "max":
+        return mx
+    if clip == "zscore":
+        return torch.minimum(mx, mean.abs() + k * std)
+    p = default_fraction(bits) if fraction is None else fraction
+    m = d.shape[1]
+    bins = _hist_bins(g.detach().reshape(n, -1).abs()).long()
+    hist = torch.zeros(n, HIST_BINS, dtype=torch.int64).scatter_add_(1, bins, torch.ones_like(bins))
+    above = torch.flip(torch.cumsum(torch.flip(hist, [1]), 1), [1])
+    c_out = mx.clone()
+    done = (std == 0) | (m == 0)
+    for kk in SEARCH_K:
+        c = mean.abs() + kk * std
+        b = _hist_bins(c.float()).long().clamp(0, HIST_BINS - 1)
+        ok = ~done & (c < mx) & (above.gather(1, b[:, None])[:, 0] <= p * m)
+        c_out = torch.where(ok, c, c_out)
+        done |= ok | (c >= mx)
+    return c_out
+
+
+def fake_quantize_gradient_rows(g: torch.Tensor, bits: int = 8, rounding: str = "zero", clip: str = "zscore",
+                                k: float = 3.0, generator: torch.Generator | None = None, *,
+                                fraction: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample scaling: ``(codes * scale, c)`` with one clip ``c[n]`` (and step ``c[n] / Q``) per row of
+    ``g`` (the batch axis 0 of an error gradient), each row quantized as :func:`fake_quantize_gradient` would
+    quantize it alone (same multiplier rule, rounding and clamp)."""
+    _check(bits, rounding, clip, k, fraction)
+    q = 2 ** (bits - 1) - 1
+    c = row_clips(g, bits, clip, k, fraction=fraction)
+    c = torch.where(c > 0, c, torch.full_like(c, torch.finfo(torch.float32).tiny * q))
+    s = (c / q).float()
+    r = (q / c).float()
+    low = c.float() * r < q  # one ulp up where fl32(c * r) < Q, as _multiplier
+    r = torch.where(low, torch.nextafter(r, torch.full_like(r, math.inf)), r)
+    shape = (-1,) + (1,) * (g.dim() - 1)
+    t = g.detach().float() * r.view(shape)
+    if rounding == "zero":
+        t = t.clamp_(-q, q).trunc_()
+    else:
+        t = round_(t, rounding, generator).clamp_(-q, q)
+    return t.mul_(s.view(shape)).to(g.dtype), c
