@@ -10,10 +10,14 @@ eager SR.
 **Training step**: ResNet-20 (28x28, batch 128, channels-last), FP32 vs the same model with ARC G8 (RTZ,
 z-score, first/last float), interleaved, ``x fp32`` = median per-round ratio.
 
-**Accuracy** (skipped in quick mode and when ``HWQUANT_ARC_ACCURACY=0``): ResNet-20 on Fashion-MNIST from
-scratch, same seed, data order and epochs (``HWQUANT_ARC_EPOCHS``, default 2): FP32; G8/G6/G4 with RTZ +
-z-score, SR + max, nearest + max, RTZ + DSGC.  The RTZ + z-score and DSGC runs record their clip values; the
-plot ``arc_clip.png`` shows the clip per layer over training.
+**Accuracy** (skipped in quick mode and when ``HWQUANT_ARC_ACCURACY=0``): ResNet-20 on Fashion-MNIST, two
+protocols: from scratch (``HWQUANT_ARC_EPOCHS``, default 2) and fine-tuning the seed-0 FP32 run for
+``HWQUANT_ARC_FT_EPOCHS`` (1) epoch at lr 0.005; same seed, data order and epochs within a protocol.  Rows:
+FP32, then at G8/G6/G4 SR + max, nearest + max, RTZ + max, RTZ + z-score k = 3 (the literal reading), RTZ with
+ARCConfig's default rule, RTZ + DSGC; seeds 0 and 1 for FP32, SR and the default at 8 bits.  Finished runs are
+read back (an interrupted benchmark resumes) and the results file is rewritten after every run;
+``HWQUANT_ARC_ONLY=scratch:8`` runs a subset.  The plot ``arc_clip.png`` shows the clip per layer over
+training: the default rule next to k = 3 and DSGC.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch.nn.functional as F
 
 from hwquant.methods import ARCConfig, prepare_arc
 from hwquant.models import create_model
-from hwquant.numerics.gradient import quantize_gradient
+from hwquant.numerics.gradient import fake_quantize_gradient_rows, quantize_gradient
 
 from .common import markdown_table, paired_ratio, time_interleaved, write_results
 
@@ -59,6 +63,9 @@ def _contenders(g, buf, codes, gen) -> dict[str, Any]:
         "hwquant rtz+zscore": lambda: quantize_gradient(g, out=codes),
         "hwquant nearest+zscore": lambda: quantize_gradient(g, rounding="nearest", out=codes),
         "hwquant sr+max": lambda: quantize_gradient(g, rounding="stochastic", clip="max", generator=gen, out=codes),
+        "hwquant rtz+search": lambda: quantize_gradient(g, clip="search", out=codes),
+        "hwquant rtz+max per sample (128 rows, torch ops)": lambda: fake_quantize_gradient_rows(
+            g.view(128, -1), clip="max"),
         "hwquant rtz+zscore (fresh output)": lambda: quantize_gradient(g),
         "eager rtz+zscore": lambda: _eager_rtz(g),
         "eager sr+max": lambda: _eager_sr(g, gen),
@@ -107,49 +114,114 @@ def train_step(quick: bool) -> dict[str, Any]:
                                       "x_fp32": paired_ratio(v, t["fp32"])} for k, v in t.items()]}
 
 
-RUNS = [("fp32", None)] + [
-    (f"g{b} {name}", {"grad_bits": b, **kw})
-    for b in (8, 6, 4)
-    for name, kw in (("rtz+zscore", {"grad_rounding": "zero", "grad_quant_clip": "zscore"}),
-                     ("sr+max", {"grad_rounding": "stochastic", "grad_quant_clip": "max"}),
-                     ("nearest+max", {"grad_rounding": "nearest", "grad_quant_clip": "max"}),
-                     ("rtz+dsgc", {"grad_rounding": "zero", "grad_quant_clip": "dsgc"}))
-] + [  # where the z-score rule loses accuracy: the clip (k) vs the rounding, and error vs weight gradients
-    ("g8 nearest+zscore", {"grad_bits": 8, "grad_rounding": "nearest", "grad_quant_clip": "zscore"}),
-    ("g8 rtz+zscore k=6", {"grad_bits": 8, "grad_rounding": "zero", "grad_quant_clip": "zscore", "grad_k": 6.0}),
-    ("g8 rtz+zscore k=10", {"grad_bits": 8, "grad_rounding": "zero", "grad_quant_clip": "zscore", "grad_k": 10.0}),
-    ("g8 rtz+zscore weight grads only", {"grad_bits": 8, "grad_rounding": "zero", "grad_quant_clip": "zscore",
-                                         "grad_error": False}),
-]
+# the gradient variants of the accuracy table (train/qat options); "RTZ default" is ARCConfig's default rule
+VARIANTS: dict[str, dict[str, Any]] = {
+    "SR+max": {"grad_rounding": "stochastic", "grad_quant_clip": "max"},
+    "nearest+max": {"grad_rounding": "nearest", "grad_quant_clip": "max"},
+    "RTZ+max": {"grad_rounding": "zero", "grad_quant_clip": "max"},
+    "RTZ+DSGC": {"grad_rounding": "zero", "grad_quant_clip": "dsgc"},
+    "RTZ+zscore k=3 (literal)": {"grad_rounding": "zero", "grad_quant_clip": "zscore", "grad_k": 3.0,
+                                 "grad_error_scale": "tensor"},
+    "RTZ default": {},
+}
+BITS = (8, 6, 4)
+SEEDS_8 = (0, 1)  # FP32, SR and the default at 8 bits: two seeds, so the noise is visible
+TWO_SEEDS = ("fp32", "SR+max", "RTZ default")
+PROTOCOLS = {"scratch": "from scratch", "finetune": "fine-tune from the FP32 checkpoint"}
+FINETUNE_LR = 0.005
 
 
-def accuracy(quick: bool) -> dict[str, Any] | None:
+def plan() -> list[tuple[str, str, int, int]]:
+    """``(protocol, variant, bits, seed)`` in the order they run: what the bar rests on first (8 bits, both
+    seeds), then 6 and 4 bits, DSGC (slowest) last within each protocol."""
+    out = []
+    for proto in PROTOCOLS:
+        out += [(proto, "fp32", 32, s) for s in SEEDS_8]
+        for b in BITS:
+            for v in VARIANTS:
+                if v == "RTZ+DSGC":
+                    continue
+                seeds = SEEDS_8 if b == 8 and v in TWO_SEEDS else (0,)
+                out += [(proto, v, b, s) for s in seeds]
+        out += [(proto, "RTZ+DSGC", b, 0) for b in BITS]
+    return out
+
+
+def _slug(proto: str, variant: str, bits: int, seed: int) -> str:
+    v = variant.lower().replace(" (literal)", "").replace(" ", "_").replace("+", "-").replace("=", "")
+    return f"{proto}_{v}_g{bits}_s{seed}" if variant != "fp32" else f"{proto}_fp32_s{seed}"
+
+
+def _run_one(proto: str, variant: str, bits: int, seed: int, epochs: dict[str, int], runs_dir: Path):
+    from hwquant.pipelines import QATOptions, TrainOptions, resumable, run_qat, run_train
+
+    out = runs_dir / _slug(proto, variant, bits, seed)
+    kw = {} if variant == "fp32" else {"grad_bits": bits, **VARIANTS[variant]}
+    if proto == "scratch":
+        res = run_train(TrainOptions(model="resnet20", dataset="fashion_mnist", epochs=epochs[proto], seed=seed,
+                                     out=str(out), resume=resumable(out), progress=False, **kw))
+        test = res["test"]
+    else:
+        base = runs_dir / _slug("scratch", "fp32", 32, 0) / "model.pt"
+        res = run_qat(QATOptions(checkpoint=str(base), method="fp32", epochs=epochs[proto], lr=FINETUNE_LR,
+                                 seed=seed, out=str(out), resume=resumable(out), progress=False, **kw))
+        test = res["final"]
+    arc = res.get("arc") or {}
+    return {"protocol": proto, "run": variant, "bits": bits, "seed": seed, "top1": test["top1"],
+            "top5": test["top5"], "train_s": sum(e["seconds"] for e in res["history"]),
+            "clip": arc.get("clip"), "error_scale": arc.get("error_scale")}
+
+
+def accuracy(quick: bool, write=None) -> dict[str, Any] | None:
+    """Every run of :func:`plan` (finished runs are read back, so an interrupted benchmark resumes); ``write``
+    is called with the partial result after each run, so a partial table lands on disk."""
     if quick or os.environ.get("HWQUANT_ARC_ACCURACY", "1") == "0":
         return None
-    from hwquant.pipelines import TrainOptions, resumable, run_train
-
-    epochs = int(os.environ.get("HWQUANT_ARC_EPOCHS", "2"))
+    epochs = {"scratch": int(os.environ.get("HWQUANT_ARC_EPOCHS", "2")),
+              "finetune": int(os.environ.get("HWQUANT_ARC_FT_EPOCHS", "1"))}
+    only = os.environ.get("HWQUANT_ARC_ONLY")  # e.g. "scratch:8" to run a subset
     runs_dir = Path(os.environ.get("HWQUANT_BENCH_RUNS", "runs")) / "bench_arc"
-    rows = []
-    for name, kw in RUNS:
-        out = runs_dir / name.replace(" ", "_").replace("+", "-")
-        opts = TrainOptions(model="resnet20", dataset="fashion_mnist", epochs=epochs, out=str(out),
-                            resume=resumable(out), progress=False, **(kw or {}))
-        res = run_train(opts)
-        rows.append({"run": name, "bits": kw["grad_bits"] if kw else 32, "top1": res["test"]["top1"],
-                     "top5": res["test"]["top5"],  # epoch times from the history: right also for resumed runs
-                     "train_s": sum(e["seconds"] for e in res["history"])})
-        print(f"  {name}: {res['test']['top1']:.2f}%", flush=True)
-    fp32 = rows[0]["top1"]
-    for r in rows:
-        r["drop_vs_fp32"] = fp32 - r["top1"]
-    plot = _clip_plot(runs_dir, Path(os.environ.get("HWQUANT_BENCH_RESULTS", Path(__file__).parent / "results")))
-    return {"epochs": epochs, "rows": rows, "clip_plot": plot}
+    acc = {"epochs": epochs, "finetune_lr": FINETUNE_LR, "default": _default_rule(), "rows": []}
+    for proto, variant, bits, seed in plan():
+        if only and not any(f"{proto}:{bits}".startswith(o) or (variant == "fp32" and o.startswith(proto))
+                            for o in only.split(",")):
+            continue
+        row = _run_one(proto, variant, bits, seed, epochs, runs_dir)
+        acc["rows"].append(row)
+        print(f"  {proto} {variant} G{bits} seed {seed}: {row['top1']:.2f}%", flush=True)
+        _summarise(acc)
+        if write is not None:
+            write(acc)
+    acc["clip_plot"] = _clip_plot(runs_dir, Path(os.environ.get("HWQUANT_BENCH_RESULTS",
+                                                                Path(__file__).parent / "results")))
+    return acc
 
 
-def _arc_kw(kw: dict[str, Any]) -> ARCConfig:
-    return ARCConfig(bits=kw["grad_bits"], rounding=kw["grad_rounding"], clip=kw["grad_quant_clip"],
-                     k=kw.get("grad_k", 3.0), error_grad=kw.get("grad_error", True))
+def _default_rule() -> dict[str, Any]:
+    cfg = ARCConfig()
+    return {"rounding": cfg.rounding, "clip": cfg.clip, "k": cfg.k, "fraction": cfg.fraction,
+            "error_scale": cfg.error_scale}
+
+
+def _summarise(acc: dict[str, Any]) -> None:
+    """Per protocol, variant and bits: mean over seeds, spread (max - min), drop vs the FP32 mean."""
+    groups: dict[tuple, list[float]] = {}
+    for r in acc["rows"]:
+        groups.setdefault((r["protocol"], r["run"], r["bits"]), []).append(r["top1"])
+    fp32 = {p: sum(v) / len(v) for (p, run, _), v in groups.items() if run == "fp32"}
+    summary = []
+    for (p, run, bits), v in groups.items():
+        mean = sum(v) / len(v)
+        summary.append({"protocol": p, "run": run, "bits": bits, "seeds": len(v), "top1_mean": mean,
+                        "spread": max(v) - min(v), "drop_vs_fp32": fp32[p] - mean if p in fp32 else None})
+    acc["summary"] = summary
+
+
+def _arc_kw(bits: int, kw: dict[str, Any]) -> ARCConfig:
+    d = ARCConfig()
+    return ARCConfig(bits=bits, rounding=kw.get("grad_rounding", d.rounding),
+                     clip=kw.get("grad_quant_clip", d.clip), k=kw.get("grad_k", d.k),
+                     error_scale=kw.get("grad_error_scale", d.error_scale))
 
 
 def fidelity(quick: bool, runs_dir: Path) -> dict[str, Any] | None:
@@ -168,7 +240,7 @@ def fidelity(quick: bool, runs_dir: Path) -> dict[str, Any] | None:
     loaders = make_loaders("fashion_mnist", batch_size=128, augment=False, seed=0, fallback=False)
     x, y = next(iter(loaders.train))
     states = {"init": create_model("resnet20", in_channels=1, num_classes=10)}
-    ck = runs_dir / "fp32" / "model.pt"
+    ck = runs_dir / _slug("scratch", "fp32", 32, 0) / "model.pt"
     if ck.exists():
         states["trained (FP32, 2 epochs)"] = load_model(ck)[0]
     rows = []
@@ -181,10 +253,8 @@ def fidelity(quick: bool, runs_dir: Path) -> dict[str, Any] | None:
             return {n: p.grad for n, p in m.named_parameters() if p.dim() > 1}, names
 
         ref, _ = grads(None)
-        for name, kw in RUNS:
-            if not kw or kw["grad_bits"] != 8:
-                continue
-            got, layers = grads(_arc_kw(kw))
+        for name, kw in VARIANTS.items():
+            got, layers = grads(_arc_kw(8, kw))
             picks = {"first block": layers[0], "middle": layers[len(layers) // 2], "last quantized": layers[-1]}
             row = {"state": state, "run": name}
             for where, layer in picks.items():
@@ -204,21 +274,24 @@ def _clip_plot(runs_dir: Path, out_dir: Path) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("g8 rtz+zscore", "z-score (k = 3)"), ("g8 rtz+dsgc", "DSGC (error-based)")]
+    panels = [("RTZ default", "default rule"), ("RTZ+zscore k=3 (literal)", "z-score k = 3 (literal)"),
+              ("RTZ+DSGC", "DSGC (error-based)")]
     data = {}
     for run, _ in panels:
-        f = runs_dir / run.replace(" ", "_").replace("+", "-") / "arc_clips.json"
+        f = runs_dir / _slug("scratch", run, 8, 0) / "arc_clips.json"
         if f.exists():
             data[run] = json.loads(f.read_text())
     if not data:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(11, 4), sharey=True)
+    panels = [pn for pn in panels if pn[0] in data]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), sharey=True, squeeze=False)
+    axes = axes[0]
     for ax, (run, title) in zip(axes, panels, strict=True):
         for layer, kinds in sorted(data.get(run, {}).items()):
             rows = kinds.get("error", [])
             if rows:
                 ax.plot([r[0] for r in rows], [r[1] / r[2] for r in rows], lw=0.6, label=layer)
-        ax.set_title(f"{title}: clip / max|g|, error gradients")
+        ax.set_title(f"G8 {title}: clip / max|g|, error gradients", fontsize=9)
         ax.set_xlabel("training step")
     axes[0].set_ylabel("c / max|g|")
     axes[0].set_yscale("log")
@@ -239,10 +312,18 @@ def table(results: dict[str, Any]) -> str:
                                                        ("x_fp32", "x fp32")])
     md = f"## Quantizer latency\n\n{q}\n\n## Training step (batch {results['train_step']['batch']})\n\n{t}\n"
     acc = results.get("accuracy")
-    if acc:
-        a = markdown_table(acc["rows"], [("run", "run"), ("bits", "G bits"), ("top1", "top-1"), ("top5", "top-5"),
-                                         ("drop_vs_fp32", "drop vs FP32 (pt)"), ("train_s", "train s")])
-        md += f"\n## Accuracy from scratch ({acc['epochs']} epochs, same seed)\n\n{a}\n"
+    if acc and acc.get("summary"):
+        d = acc["default"]
+        md += (f"\n## Accuracy (ResNet-20, Fashion-MNIST; from scratch {acc['epochs']['scratch']} epochs, fine-tune "
+               f"{acc['epochs']['finetune']} epoch at lr {acc['finetune_lr']} from the seed-0 FP32 run)\n\n"
+               f"`RTZ default` = ARCConfig's default: rounding {d['rounding']}, clip {d['clip']}, error steps per "
+               f"{d['error_scale']}. Mean over seeds; spread = max - min.\n\n")
+        md += markdown_table(acc["summary"], [("protocol", "protocol"), ("run", "run"), ("bits", "G bits"),
+                                              ("seeds", "seeds"), ("top1_mean", "top-1"), ("spread", "spread"),
+                                              ("drop_vs_fp32", "drop vs FP32 (pt)")]) + "\n"
+        md += "\n### Every run\n\n" + markdown_table(acc["rows"], [
+            ("protocol", "protocol"), ("run", "run"), ("bits", "G bits"), ("seed", "seed"), ("top1", "top-1"),
+            ("top5", "top-5"), ("train_s", "train s")]) + "\n"
     fid = results.get("fidelity")
     if fid:
         cols = [(k, k) for k in fid["rows"][0]]
@@ -253,7 +334,12 @@ def table(results: dict[str, Any]) -> str:
 
 def main(quick: bool = False, out_dir: str | os.PathLike | Path | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"quantizer": quantizer(quick), "train_step": train_step(quick)}
-    results["accuracy"] = accuracy(quick)
+
+    def write(partial_acc):  # after every accuracy run: a partial table on disk
+        write_results(NAME, {**results, "accuracy": partial_acc}, table({**results, "accuracy": partial_acc}),
+                      out_dir=out_dir)
+
+    results["accuracy"] = accuracy(quick, write)
     results["fidelity"] = fidelity(quick, Path(os.environ.get("HWQUANT_BENCH_RUNS", "runs")) / "bench_arc")
     md = table(results)
     jp, mp = write_results(NAME, results, md, out_dir=out_dir)

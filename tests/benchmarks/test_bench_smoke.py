@@ -136,3 +136,27 @@ def test_qat_and_ggd_fit_quick(tmp_path, monkeypatch):
         if r["fit"] == "hwquant mle (all)":
             assert r["dll"] > -1e-3, r  # the exact MLE on all samples is at least as likely as scipy's fit
             assert abs(r["alpha"] - r["true_alpha"]) < 0.1 * r["true_alpha"], r
+
+
+def test_arc_plan_covers_the_issue_protocol():
+    """Both protocols; FP32 and every variant at 8, 6 and 4 bits; two seeds for FP32, SR and the default at 8."""
+    from benchmarks import arc
+
+    plan = arc.plan()
+    assert len(plan) == len(set(plan)) and len({arc._slug(*p) for p in plan}) == len(plan)
+    for proto in ("scratch", "finetune"):
+        assert {(v, b) for p, v, b, _ in plan if p == proto} == {("fp32", 32)} | {
+            (v, b) for v in arc.VARIANTS for b in (8, 6, 4)}
+        for v in ("fp32", "SR+max", "RTZ default"):
+            b = 32 if v == "fp32" else 8
+            assert sorted(s for p, vv, bb, s in plan if (p, vv, bb) == (proto, v, b)) == [0, 1]
+    # the fine-tune runs start from the seed-0 scratch FP32 run, which comes first
+    assert plan[0] == ("scratch", "fp32", 32, 0)
+    acc = {"rows": [{"protocol": "scratch", "run": "fp32", "bits": 32, "top1": 90.0},
+                    {"protocol": "scratch", "run": "fp32", "bits": 32, "top1": 91.0},
+                    {"protocol": "scratch", "run": "SR+max", "bits": 8, "top1": 89.5}]}
+    arc._summarise(acc)
+    sr = next(r for r in acc["summary"] if r["run"] == "SR+max")
+    fp = next(r for r in acc["summary"] if r["run"] == "fp32")
+    assert fp["top1_mean"] == 90.5 and fp["spread"] == 1.0 and fp["seeds"] == 2
+    assert sr["drop_vs_fp32"] == 1.0
