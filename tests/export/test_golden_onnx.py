@@ -175,7 +175,8 @@ def test_onnx_float_scales_codes_within_a_few_lsb(tmp_path):
     im = integer_model(qm.eval(), _batches(1)[0][0][:1])
     path = to_onnx(im, tmp_path / "m.onnx", codes_outputs=True)
     res = check_onnx(path, im, _batches(2, seed=6))
-    assert res["codes_diff"] <= 1e-3 * res["codes"] and res["max_code_lsb"] <= 1 and res["agree"] >= 90
+    # the contract: codes move only at float ties, by 1 LSB (measured: 0 of 41984 codes, 100 % agreement)
+    assert res["codes_diff"] <= 1e-3 * res["codes"] and res["max_code_lsb"] <= 1 and res["agree"] == 100.0
 
 
 def test_onnx_bias_beyond_int32_is_an_error_naming_the_layer(pow2_resnet, tmp_path):

@@ -217,3 +217,37 @@ def test_grad_scale_is_one_over_sqrt_n_qmax():
     q(x).sum().backward()
     expected = 8 * 7 / math.sqrt(8 * 7)
     assert torch.allclose(q.step.grad, torch.tensor([expected, expected]))
+
+
+def test_cqat_headline_step_is_the_mse_clip_for_the_clipped_codes(digits_small_cnn):
+    """CQAT's default (step="mse"): every inner activation step is the clip that minimises the 4-bit codes'
+    MSE on the calibration activations (numpy brute force over all of them), well inside the observed peak -
+    not the min-max step (peak / 15) of plain STE nor the literal 8-bit step (peak / 255, codes clipped)."""
+    import numpy as np
+
+    model, loaders = digits_small_cnn
+    qmodel = hq.prepare_qat(model, hq.CQATConfig(w_bits=5, a_bits=4), loaders.calib)
+    inner = list(quant_layers(qmodel))[1:-1]
+    seen: dict[str, list] = {}
+    hooks = [lay.register_forward_pre_hook(lambda m, a, n=n: seen.setdefault(n, []).append(a[0].detach()))
+             for n, lay in inner]
+    qmodel.eval()
+    with torch.no_grad():
+        for x, _ in loaders.calib:
+            qmodel(x)
+    for h in hooks:
+        h.remove()
+
+    def mse(v, step):
+        return float(np.mean((v - np.clip(np.round(v / step), 0, 15) * step) ** 2))
+
+    for name, lay in inner:
+        v = torch.cat([t.reshape(-1) for t in seen[name]]).double().numpy()
+        v = np.maximum(v, 0)
+        peak = v.max()
+        grid = np.linspace(0.2, 1.0, 100) * peak / 15
+        best = min(mse(v, s) for s in grid)
+        step = float(lay.input_quant.scale)
+        assert mse(v, step) <= best * 1.05, name  # the MSE-optimal clip (sampled reservoir: within 5 %)
+        assert mse(v, peak / 15) > mse(v, step) * 1.2, name  # not the min-max step
+        assert mse(v, peak / 255) > mse(v, step) * 5, name  # not the literal 8-bit step
