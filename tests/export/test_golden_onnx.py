@@ -1,6 +1,7 @@
 """Golden vectors (numpy replay from the files alone) and ONNX QDQ export (onnxruntime), against the integer
 model; malformed manifests and files give clear errors."""
 
+import importlib.util
 import json
 
 import numpy as np
@@ -115,11 +116,16 @@ def test_golden_write_is_atomic(pow2_resnet, tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------- ONNX
-onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
+# only these tests need onnx/onnxruntime (a module-level importorskip would hide the ones above)
+needs_onnx = pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxruntime")),
+                                reason="onnx / onnxruntime not installed")
 
 
+@needs_onnx
 def test_onnx_int4_graph_runs_bit_exact_in_onnxruntime_with_default_options(pow2_resnet, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
     from hwquant.export.onnx import check_onnx, to_onnx
 
     _, im = pow2_resnet
@@ -132,7 +138,6 @@ def test_onnx_int4_graph_runs_bit_exact_in_onnxruntime_with_default_options(pow2
     assert res["codes"] > 0 and res["codes_diff"] == 0 and res["max_logit_lsb"] == 0.0
     assert res["optimize"] == "all" and res["agree"] == 100.0
     # a plain onnxruntime session with default SessionOptions loads and runs the file
-    import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = _batches(1, seed=5)[0][0]
@@ -141,7 +146,10 @@ def test_onnx_int4_graph_runs_bit_exact_in_onnxruntime_with_default_options(pow2
     assert np.array_equal(logits, v.float().numpy())
 
 
+@needs_onnx
 def test_onnx_int4_activations_option(pow2_resnet, tmp_path):
+    import onnx
+
     from hwquant.export.onnx import check_onnx, to_onnx
 
     _, im = pow2_resnet
@@ -152,6 +160,7 @@ def test_onnx_int4_activations_option(pow2_resnet, tmp_path):
     assert res["codes_diff"] == 0 and res["max_logit_lsb"] == 0.0 and res["optimize"] == "basic"
 
 
+@needs_onnx
 def test_onnx_int8_fuses_to_qlinearconv_within_one_lsb(tmp_path):
     from hwquant.export.onnx import check_onnx, fused_ops, to_onnx
 
@@ -166,6 +175,7 @@ def test_onnx_int8_fuses_to_qlinearconv_within_one_lsb(tmp_path):
     assert res["optimize"] == "all" and res["max_code_lsb"] <= 1
 
 
+@needs_onnx
 def test_onnx_float_scales_codes_within_a_few_lsb(tmp_path):
     from hwquant.export.onnx import check_onnx, to_onnx
 
@@ -179,6 +189,7 @@ def test_onnx_float_scales_codes_within_a_few_lsb(tmp_path):
     assert res["codes_diff"] <= 1e-3 * res["codes"] and res["max_code_lsb"] <= 1 and res["agree"] == 100.0
 
 
+@needs_onnx
 def test_onnx_bias_beyond_int32_is_an_error_naming_the_layer(pow2_resnet, tmp_path):
     import copy
 
@@ -193,6 +204,7 @@ def test_onnx_bias_beyond_int32_is_an_error_naming_the_layer(pow2_resnet, tmp_pa
     assert not (tmp_path / "m.onnx").exists()
 
 
+@needs_onnx
 def test_onnx_opset_too_low(pow2_resnet, tmp_path):
     from hwquant.export.onnx import to_onnx
 

@@ -8,6 +8,7 @@ integer model (onnxruntime and the QONNX executors agree with it code for code),
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import numpy as np
@@ -261,13 +262,17 @@ def test_input_quantizers_must_agree():
 
 
 # ---------------------------------------------------------------------------------------- ONNX / QONNX
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
+# only these tests need onnx/onnxruntime (a module-level importorskip would hide the ones above)
+needs_onnx = pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxruntime")),
+                                reason="onnx / onnxruntime not installed")
 
 
+@needs_onnx
 @pytest.mark.parametrize("bits", [(8, 8, None), (4, 4, 8)])
 @pytest.mark.parametrize("name", list(USER_MODELS))
 def test_onnxruntime_default_options_equal_integer_model(name, bits, tmp_path):
+    import onnxruntime as ort
+
     from hwquant.export.onnx import check_onnx, to_onnx
     from hwquant.export.qonnx import check_qonnx, to_qonnx
 
@@ -289,5 +294,6 @@ def test_onnxruntime_default_options_equal_integer_model(name, bits, tmp_path):
     assert r["codes_diff"] == 0 and r["max_logit_lsb"] == 0.0
 
 
+@needs_onnx
 def test_user_models_module_is_not_the_bundled_models():
     assert all(not hasattr(c, "hwquant_args") for c in (Stack, MobileBlockNet, TwoBranch))
