@@ -195,9 +195,18 @@ def fit(
             optimiser is built, and every batch is moved there; ``None`` (default) leaves the model where it is.
             Checkpoints are written from CPU copies.
     """
+    # seeded from cfg.seed inside, and the caller's global RNG state restored afterwards (a library call
+    # must not reseed or advance the user's random streams)
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(cfg.seed)
+        return _fit(model, train_loader, cfg, eval_loader=eval_loader, out_dir=out_dir, resume=resume,
+                    progress=progress, extra_state=extra_state, step_hook=step_hook, device=device)
+
+
+def _fit(model, train_loader, cfg, *, eval_loader, out_dir, resume, progress, extra_state, step_hook, device):
     dist_info = current()
     dev = _run_device(model, device)
-    torch.manual_seed(cfg.seed)
     steps_per_epoch = _steps_per_epoch(train_loader, 0)
     if steps_per_epoch == 0:
         raise DataError("training loader is empty (dataset smaller than one batch?)")
