@@ -74,6 +74,11 @@ def _models(quick: bool) -> list[tuple[str, str, dict[str, Any]]]:
         ("CQAT W5A4 pow2 (fixed point)", "qat", {"method": "cqat", "pow2": True, "_dir": "cqat_w5a4_pow2"}),
         ("CQAT W5A4 pow2 (fixed point), 2 epochs", "qat", {"method": "cqat", "pow2": True,
                                                            "_dir": "cqat_w5a4_pow2_2ep", "_epochs": 2}),
+        ("CQAT W5A4 pow2, MSE-best power of two (fixed point)", "qat",
+         {"method": "cqat", "pow2": True, "pow2_step": "search", "_dir": "cqat_w5a4_pow2_search"}),
+        ("CQAT W5A4 pow2, MSE-best power of two (fixed point), 2 epochs", "qat",
+         {"method": "cqat", "pow2": True, "pow2_step": "search", "_dir": "cqat_w5a4_pow2_search_2ep",
+          "_epochs": 2}),
     ]
 
 

@@ -298,6 +298,8 @@ class QATOptions(GradQuantOptions):
     pow2: bool = field(default=False, metadata=_h(
         "power-of-two steps (fixed point: requantization is a shift and the integer model is bit-exact; "
         "cqat/ste only)"))
+    pow2_step: str = field(default="round", metadata=_h(
+        "cqat --pow2: the MSE step rounded to a power of two, or the MSE-best power of two", ("round", "search")))
     epochs: int = field(default=2, metadata=_h("fine-tuning epochs"))
     batch_size: int = field(default=128, metadata=_h("training batch size (per process)"))
     lr: float = field(default=0.005, metadata=_h("peak learning rate (cosine decay to 0)"))
@@ -333,7 +335,8 @@ class QATOptions(GradQuantOptions):
         common = {"w_bits": self.w_bits, "a_bits": self.a_bits, "first_last_bits": self.first_last_bits,
                   "per_channel": self.per_channel, "calib_batches": self.calib_batches, "pow2": self.pow2}
         if self.method == "cqat":
-            return CQATConfig(**common, base_bits=self.base_bits, step=self.step, act_range=self.act_range)
+            return CQATConfig(**common, base_bits=self.base_bits, step=self.step, act_range=self.act_range,
+                              pow2_step=self.pow2_step)
         if self.method == "mpq":
             return MPQConfig(**common, flag_at=self.mpq_flag_at, window=self.mpq_window, min_flips=self.mpq_min_flips,
                              max_extra=self.mpq_max_extra, eps=self.mpq_eps, gamma=self.mpq_gamma)

@@ -251,3 +251,23 @@ def test_cqat_headline_step_is_the_mse_clip_for_the_clipped_codes(digits_small_c
         assert mse(v, step) <= best * 1.05, name  # the MSE-optimal clip (sampled reservoir: within 5 %)
         assert mse(v, peak / 15) > mse(v, step) * 1.2, name  # not the min-max step
         assert mse(v, peak / 255) > mse(v, step) * 5, name  # not the literal 8-bit step
+
+
+def test_cqat_pow2_step_round_or_search(digits_small_cnn):
+    """--pow2: "round" (default) rounds the free MSE step in the log domain; "search" takes the MSE-best power
+    of two; both install exact powers of two, and they differ somewhere on this model."""
+    model, loaders = digits_small_cnn
+    steps = {}
+    for how in ("round", "search"):
+        cfg = hq.CQATConfig(pow2=True, pow2_step=how)
+        assert dict(cfg.recipe().default.act.observer_args) == {"pow2_search": how == "search"}
+        q = hq.prepare_qat(model, cfg, loaders.calib)
+        inner = list(quant_layers(q))[1:-1]
+        steps[how] = torch.cat([torch.cat([lay.input_quant.scale.reshape(-1), lay.weight_quant.scale.reshape(-1)])
+                                for _, lay in inner])
+    for how, s in steps.items():
+        assert torch.equal(s.log2(), s.log2().round()), how
+    assert not torch.equal(steps["round"], steps["search"])  # per-channel weight steps: some differ
+    assert hq.CQATConfig().pow2_step == "round"
+    with pytest.raises(ConfigError, match="pow2_step"):
+        hq.CQATConfig(pow2=True, pow2_step="ceil")

@@ -23,11 +23,13 @@ class MSEObserver(SamplingObserver):
     what :meth:`params_from_clip` would install; ties keep the smaller clip.  Arguments: ``grid`` (100),
     ``min_frac`` (0.2), ``reservoir_size``, ``seed``.
 
-    With ``spec.pow2`` (symmetric specs) the candidates are the power-of-two steps instead: every
+    With ``spec.pow2`` (symmetric specs) and ``pow2_search`` (default) the candidates are the power-of-two
+    steps instead: every
     ``s = 2^k`` from the largest power of two at or below ``min_frac * peak / Q`` to the smallest at or
     above ``peak / Q`` (clip ``c = s * Q``, ``Q = spec.clip_levels``), so the step is the MSE-best power of
     two rather than the best free step rounded in the log domain (which can be the worse neighbour: the
-    error is not symmetric in ``log s`` - clipping grows faster than rounding noise).
+    error is not symmetric in ``log s`` - clipping grows faster than rounding noise).  ``pow2_search=False``
+    keeps the free grid, and the quantizer then rounds the chosen step in the log domain.
     """
 
     def __init__(
@@ -37,6 +39,7 @@ class MSEObserver(SamplingObserver):
         *,
         grid: int = 100,
         min_frac: float = 0.2,
+        pow2_search: bool = True,
         reservoir_size: int = DEFAULT_RESERVOIR,
         seed: int = 0,
         **unknown,
@@ -46,6 +49,9 @@ class MSEObserver(SamplingObserver):
         if isinstance(min_frac, bool) or not isinstance(min_frac, (int, float)) or not 0 < min_frac <= 1:
             raise ConfigError(f"observer argument min_frac must be a number in (0, 1], got {min_frac!r}")
         self.min_frac = float(min_frac)
+        if not isinstance(pow2_search, bool):
+            raise ConfigError(f"observer argument pow2_search must be true or false, got {pow2_search!r}")
+        self.pow2_search = pow2_search
         super().__init__(spec, axis, reservoir_size=reservoir_size, seed=seed)
         self.seed = seed
 
@@ -67,7 +73,7 @@ class MSEObserver(SamplingObserver):
 
     def candidates(self, peak: torch.Tensor, signed: bool) -> list[torch.Tensor]:
         """Candidate clips, each ``[R]`` float32: fractions of the peak, or power-of-two steps (``pow2``)."""
-        if not (self.spec.pow2 and self.spec.symmetric):
+        if not (self.spec.pow2 and self.spec.symmetric and self.pow2_search):
             return [(peak * f).float() for f in self.fractions().tolist()]
         q = float(self.spec.clip_levels(signed))
         pos = peak > 0
