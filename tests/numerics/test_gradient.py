@@ -194,3 +194,26 @@ def test_per_sample_rows_equal_each_row_quantized_alone(clip, rounding):
         per_tensor, _ = fake_quantize_gradient(g, 8, "zero", clip)
         assert (gh[:3] != 0).float().mean() > 0.9
         assert (per_tensor[:3] != 0).float().mean() < 0.05
+
+
+@pytest.mark.parametrize("clip", ["max", "search", "zscore"])
+def test_per_sample_native_kernel_equals_torch_path(clip, monkeypatch):
+    """The row kernels (statistics + histogram per sample, quantize per sample) against the torch ops, for a
+    channels-last error gradient; the native path must actually run."""
+    from hwquant.numerics import gradient as G
+    from hwquant.numerics.uniform import native_status
+
+    if not native_status()["available"]:
+        pytest.skip("no C compiler")
+    g = torch.randn(32, 8, 9, 9, generator=torch.Generator().manual_seed(3))
+    g[:12] *= 1e-3
+    g = g.contiguous(memory_format=torch.channels_last)
+    calls = []
+    real = G._native
+    monkeypatch.setattr(G, "_native", lambda: calls.append(1) or real())
+    y, c = G.fake_quantize_gradient_rows(g, 8, "zero", clip)
+    assert calls  # the kernels ran
+    monkeypatch.setattr(G, "_native", lambda: None)
+    y_t, c_t = G.fake_quantize_gradient_rows(g, 8, "zero", clip)
+    torch.testing.assert_close(c, c_t, rtol=1e-12, atol=0)
+    assert torch.equal(y, y_t) and y.is_contiguous(memory_format=torch.channels_last)

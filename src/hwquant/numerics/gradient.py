@@ -291,6 +291,12 @@ def fake_quantize_gradient(g: torch.Tensor, bits: int = 8, rounding: str = "zero
     return out, clip_value
 
 
+def _rows_dense(g: torch.Tensor) -> bool:
+    """Each row (index of dim 0) of ``g`` is one contiguous block of memory, rows one after another: true for
+    contiguous and channels-last tensors (the batch axis is outermost in both)."""
+    return g.dim() >= 1 and g.shape[0] > 0 and (g.shape[0] == 1 or g.stride(0) == g.numel() // g.shape[0])
+
+
 def row_clips(g: torch.Tensor, bits: int = 8, clip: str = "zscore", k: float = 3.0, *,
               fraction: float | None = None) -> torch.Tensor:
     """Per-sample clip values ``[N]`` (float64) of ``g`` (``N`` = ``g.shape[0]``): each row's own ``zscore``,
@@ -298,20 +304,30 @@ def row_clips(g: torch.Tensor, bits: int = 8, clip: str = "zscore", k: float = 3
     if clip == "dsgc":
         raise ConfigError("per-sample gradient scaling supports the zscore, search and max clips, not dsgc")
     n = g.shape[0]
-    d = g.detach().reshape(n, -1).double()
-    if not torch.isfinite(d).all():
+    m = g.numel() // n if n else 0
+    lib = _native() if _fast(g) and _rows_dense(g) else None
+    hist = None
+    if lib is not None:
+        out = torch.empty(n, 3, dtype=torch.float64)
+        if clip == "search":
+            hist = torch.empty(n, HIST_BINS, dtype=torch.int64)
+        lib.hwq_row_stats(g.data_ptr(), n, m, out.data_ptr(), 0 if hist is None else hist.data_ptr(), _threads())
+        sums, sq, mx = out[:, 0], out[:, 1], out[:, 2]
+    else:
+        d = g.detach().reshape(n, -1).double()
+        sums, sq, mx = d.sum(1), d.pow(2).sum(1), d.abs().amax(1)
+    if not (torch.isfinite(sums).all() and torch.isfinite(sq).all() and torch.isfinite(mx).all()):
         raise DataError("gradient holds NaN or infinite values (the training diverged)")
-    mean = d.mean(1)
-    std = (d.pow(2).mean(1) - mean.pow(2)).clamp_min(0).sqrt()
-    mx = d.abs().amax(1)
+    mean = sums / max(m, 1)
+    std = (sq / max(m, 1) - mean.pow(2)).clamp_min(0).sqrt()
     if clip == "max":
         return mx
     if clip == "zscore":
         return torch.minimum(mx, mean.abs() + k * std)
     p = default_fraction(bits) if fraction is None else fraction
-    m = d.shape[1]
-    bins = _hist_bins(g.detach().reshape(n, -1).abs()).long()
-    hist = torch.zeros(n, HIST_BINS, dtype=torch.int64).scatter_add_(1, bins, torch.ones_like(bins))
+    if hist is None:
+        bins = _hist_bins(g.detach().reshape(n, -1).abs()).long()
+        hist = torch.zeros(n, HIST_BINS, dtype=torch.int64).scatter_add_(1, bins, torch.ones_like(bins))
     above = torch.flip(torch.cumsum(torch.flip(hist, [1]), 1), [1])
     c_out = mx.clone()
     done = (std == 0) | (m == 0)
@@ -338,6 +354,12 @@ def fake_quantize_gradient_rows(g: torch.Tensor, bits: int = 8, rounding: str = 
     r = (q / c).float()
     low = c.float() * r < q  # one ulp up where fl32(c * r) < Q, as _multiplier
     r = torch.where(low, torch.nextafter(r, torch.full_like(r, math.inf)), r)
+    lib = _native() if _fast(g) and _rows_dense(g) and rounding in ("zero", "nearest") else None
+    if lib is not None:
+        y = torch.empty_like(g)  # same layout: every row is one contiguous block of y as of g
+        lib.hwq_gq_rows(g.data_ptr(), y.data_ptr(), g.shape[0], g.numel() // g.shape[0], r.data_ptr(), s.data_ptr(),
+                        float(q), _MODE[rounding], _threads())
+        return y, c
     shape = (-1,) + (1,) * (g.dim() - 1)
     t = g.detach().float() * r.view(shape)
     if rounding == "zero":

@@ -319,6 +319,43 @@ void hwq_stats_hist(const float *restrict x, int64_t n, double *restrict out, in
   out[0] = s; out[1] = ss; out[2] = (double)mx;
 }
 
+/* per row (sample) r of x[rows][len]: out[3r..3r+2] = sum, sum of squares, max|x| of the row and, when hist is
+   given, hist[1024 r + (bits(|x|) >> 21)] += 1; rows in parallel (no reduction across threads) */
+void hwq_row_stats(const float *restrict x, int64_t rows, int64_t len, double *restrict out, int64_t *restrict hist,
+                   int nt) {
+  _Pragma("omp parallel for schedule(static) num_threads(nt) if(rows * len > 32768)")
+  for (int64_t r = 0; r < rows; r++) {
+    const float *restrict xr = x + r * len;
+    int64_t *restrict h = hist ? hist + 1024 * r : 0;
+    if (h) for (int b = 0; b < 1024; b++) h[b] = 0;
+    double s = 0.0, ss = 0.0;
+    float mx = 0.0f;
+    for (int64_t j = 0; j < len; j++) {
+      float v = xr[j];
+      double d = (double)v;
+      s += d; ss += d * d;
+      union { float f; uint32_t u; } a;
+      a.f = fabsf(v);
+      mx = a.f > mx ? a.f : mx;
+      if (h) h[a.u >> 21]++;
+    }
+    out[3 * r] = s; out[3 * r + 1] = ss; out[3 * r + 2] = (double)mx;
+  }
+}
+
+/* y = clamp(R(x * r[row]), -qm, qm) * s[row] per row of x[rows][len]; R: 0 toward zero, 1 nearest even */
+void hwq_gq_rows(const float *restrict x, float *restrict y, int64_t rows, int64_t len, const float *restrict rr,
+                 const float *restrict sr, float qm, int mode, int nt) {
+  _Pragma("omp parallel for schedule(static) num_threads(nt) if(rows * len > 32768)")
+  for (int64_t r = 0; r < rows; r++) {
+    const float *restrict xr = x + r * len;
+    float *restrict yr = y + r * len;
+    float m = rr[r], s = sr[r];
+    if (mode == 0) { for (int64_t j = 0; j < len; j++) yr[j] = truncf(clampf(xr[j] * m, -qm, qm)) * s; }
+    else { for (int64_t j = 0; j < len; j++) yr[j] = clampf(rintf(xr[j] * m), -qm, qm) * s; }
+  }
+}
+
 /* counter-based uniform in [0, 1): splitmix64 of (seed, index), 24 bits; independent of thread count */
 static inline float u01(uint64_t seed, uint64_t i) {
   uint64_t z = seed + (i + 1) * 0x9E3779B97F4A7C15ULL;
@@ -457,6 +494,10 @@ def _load_native():
     lib.hwq_stats.restype = None
     lib.hwq_stats_hist.argtypes = [P, I64, P, P, I]
     lib.hwq_stats_hist.restype = None
+    lib.hwq_row_stats.argtypes = [P, I64, I64, P, P, I]
+    lib.hwq_row_stats.restype = None
+    lib.hwq_gq_rows.argtypes = [P, P, I64, I64, P, P, F, I, I]
+    lib.hwq_gq_rows.restype = None
     lib.hwq_gq.argtypes = [P, P, I64, F, F, F, I, I, ctypes.c_uint64, I]
     lib.hwq_gq.restype = None
     return lib, path
