@@ -123,11 +123,13 @@ class GradQuantOptions:
     grad_bits: int | None = field(default=None, metadata=_h(
         "ARC: quantize every conv/linear error and weight gradient to this many bits (none: float gradients)"))
     grad_rounding: str = field(default="zero", metadata=_h("ARC: gradient rounding", ("zero", "nearest", "stochastic")))
-    grad_quant_clip: str = field(default="zscore", metadata=_h("ARC: gradient clip policy", GRAD_CLIPS))
+    grad_quant_clip: str = field(default="search", metadata=_h(
+        "ARC: gradient clip policy (search: the z-score clip searched per tensor and step; zscore: one fixed k, "
+        "the paper read literally)", GRAD_CLIPS))
     grad_k: float = field(default=3.0, metadata=_h("ARC: z-score clip c = min(max|g|, |mu| + k sigma)"))
     grad_clip_fraction: float | None = field(default=None, metadata=_h(
         "ARC search clip: share of elements it may saturate (default 1e-3 / (2^bits - 1))"))
-    grad_error_scale: str = field(default="tensor", metadata=_h(
+    grad_error_scale: str = field(default="sample", metadata=_h(
         "ARC: one error-gradient step per tensor or per sample", ("tensor", "sample")))
     grad_skip_first_last: bool = field(default=True, metadata=_h("ARC: first conv / last FC gradients stay float"))
     grad_error: bool = field(default=True, metadata=_h(

@@ -19,7 +19,7 @@ def test_two_layer_case_by_hand():
     net = _two_layer()
     x = torch.randn(6, 5, generator=torch.Generator().manual_seed(1))
     w_out = torch.randn(6, 3, generator=torch.Generator().manual_seed(2))
-    cfg = ARCConfig(bits=4, rounding="zero", clip="zscore", k=2.0, skip_first_last=False)
+    cfg = ARCConfig(bits=4, rounding="zero", clip="zscore", k=2.0, skip_first_last=False, error_scale="tensor")
     handle = prepare_arc(net, cfg)
     (net(x) * w_out).sum().backward()
     handle.remove()
@@ -52,7 +52,7 @@ def test_one_layer_weight_gradient_is_quantize_gradient_of_float_gradient():
     lin.weight.grad = None
     h = prepare_arc(lin, ARCConfig(bits=8, skip_first_last=False, error_grad=False))
     lin(x).pow(2).sum().backward()
-    codes, s = quantize_gradient(g_float)
+    codes, s = quantize_gradient(g_float, clip="search")  # the default rule; weight gradients are per tensor
     assert torch.equal(lin.weight.grad, dequantize_gradient(codes, s))
     h.remove()
     lin.weight.grad = None
@@ -142,3 +142,27 @@ def test_error_scale_sample_two_layer_case_by_hand():
         ARCConfig(error_scale="channel")
     with pytest.raises(ConfigError, match="not dsgc"):
         ARCConfig(clip="dsgc", error_scale="sample")
+
+
+def test_default_rule_is_the_searched_clip_with_one_error_step_per_sample():
+    """ARCConfig()'s headline rule: RTZ, searched z-score clip, per-sample error steps.  The layer's error is
+    each sample's row quantized alone with the search clip (fails if the default falls back to one per-tensor
+    step or to the fixed k = 3 clip: the easy samples would then lose their error)."""
+    from hwquant.numerics.gradient import fake_quantize_gradient_rows
+
+    net = _two_layer()
+    x = torch.randn(6, 5, generator=torch.Generator().manual_seed(1))
+    w_out = torch.randn(6, 3, generator=torch.Generator().manual_seed(2))
+    w_out[:3] *= 1e-3
+    cfg = ARCConfig(bits=4, skip_first_last=False)
+    assert (cfg.rounding, cfg.clip, cfg.error_scale) == ("zero", "search", "sample")
+    handle = prepare_arc(net, cfg)
+    (net(x) * w_out).sum().backward()
+    handle.remove()
+    e2 = fake_quantize_gradient_rows(w_out, 4, "zero", "search")[0]
+    h = torch.relu(x @ net[0].weight.T + net[0].bias).detach()
+    dw2 = fake_quantize_gradient((e2.T @ h).contiguous(), 4, "zero", "search")[0]
+    torch.testing.assert_close(net[2].weight.grad, dw2, rtol=1e-6, atol=1e-12)
+    assert (e2[:3] != 0).all(dim=1).any()
+    literal = fake_quantize_gradient(w_out.contiguous(), 4, "zero", "zscore", 3.0)[0]
+    assert not (literal[:3] != 0).any()  # what one per-tensor step does to the easy samples
