@@ -42,7 +42,7 @@ from .models.user import check_user_spec, is_user_spec, load_weights
 from .nn import fold_batchnorm, quantize_model
 from .numerics.gradient import GRAD_CLIPS
 from .train import TrainConfig, atomic_write_text, evaluate, fit, load_checkpoint, save_checkpoint
-from .train.checkpoint import state_dict_mismatch
+from .train.checkpoint import nonfinite_tensor, state_dict_mismatch
 from .train.distributed import current, init_from_env, rank_device
 
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "digits", "synthetic", "folder")
@@ -587,6 +587,9 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         problem = state_dict_mismatch(model, ck["model"])
         if problem:
             raise CheckpointError(f"{path} does not match its model description: {problem}")
+        bad = nonfinite_tensor(ck["model"])
+        if bad:
+            raise CheckpointError(f"{path}: {bad} holds NaN or infinite values (a diverged training?)")
         model.load_state_dict(ck["model"])
     except (RuntimeError, KeyError, TypeError, ConfigError) as e:
         raise CheckpointError(f"{path} does not match its model description: {str(e).splitlines()[0]}") from None

@@ -113,3 +113,61 @@ def test_ptq_of_a_qat_checkpoint_is_refused(trained, tmp_path, capsys):
     assert main(["ptq", "--checkpoint", str(qat / "model.pt"), "--out", str(out), "--no-progress"]) == 2
     _one_line_error(capsys, "is already quantized; give the float checkpoint")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["ptq", "--w-bits", "abc"], "invalid int value: 'abc'"),
+    (["train", "--lr", "-1"], "lr"),
+    (["train", "--batch-size", "0"], "batch_size"),
+    (["train", "--epochs", "1.5"], "invalid int value"),
+    (["qat", "--method", "nope"], "invalid choice"),
+    (["export", "--format", "verilog2"], "invalid choice"),
+    (["train", "--grad-bits", "1"], "gradient bits must be an integer in 2..16"),
+    (["train", "--grad-bits", "8", "--grad-clip-fraction", "1.5"], "clip fraction must be a number in [0, 1)"),
+    (["train", "--grad-error-scale", "channel"], "invalid choice"),
+    (["qat", "--pow2-step", "ceil"], "invalid choice"),
+    (["train", "--device", "tpu"], "invalid choice"),
+])
+def test_bad_flags_one_line_exit_2(argv, needle, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main([*argv, "--out", str(out)]) == 2
+    _one_line_error(capsys, needle)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("epochs: many\n", "epochs"),
+    ("- a\n- b\n", "mapping"),
+    ("epochs: [1\n", "YAML"),
+    ("lr: .nan\n", "lr"),
+])
+def test_bad_yaml_one_line_exit_2(text, needle, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    out = tmp_path / "out"
+    assert main(["train", "--config", str(cfg), "--out", str(out)]) == 2
+    _one_line_error(capsys, needle)
+    assert not out.exists()
+
+
+def test_truncated_checkpoint(trained, tmp_path, capsys):
+    data = (trained / "model.pt").read_bytes()
+    bad = tmp_path / "half.pt"
+    bad.write_bytes(data[: len(data) // 2])
+    assert main(["eval", "--checkpoint", str(bad), "--no-progress"]) == 2
+    _one_line_error(capsys, f"cannot read checkpoint {bad}")
+
+
+def test_checkpoint_with_nan_weights_is_refused(trained, tmp_path, capsys):
+    ck = torch.load(trained / "model.pt", weights_only=True)
+    ck.pop("format")
+    name = next(k for k, v in ck["model"].items() if v.is_floating_point() and v.dim() > 1)
+    ck["model"][name] = ck["model"][name].clone()
+    ck["model"][name].view(-1)[0] = float("nan")
+    bad = tmp_path / "nan.pt"
+    save_checkpoint(bad, ck)
+    out = tmp_path / "run"
+    for argv in (["eval", "--checkpoint", str(bad)], ["ptq", "--checkpoint", str(bad), "--out", str(out)]):
+        assert main([*argv, "--no-progress"]) == 2
+        _one_line_error(capsys, f"{name} holds NaN or infinite values")
+    assert not out.exists()

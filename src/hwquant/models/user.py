@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..train.checkpoint import state_dict_mismatch
+from ..train.checkpoint import nonfinite_tensor, state_dict_mismatch
 
 __all__ = ["check_user_spec", "is_user_spec", "load_user_model", "load_weights", "parse_user_spec",
            "user_model_from_args"]
@@ -284,6 +284,9 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     problem = state_dict_mismatch(model, sd)
     if problem:
         raise ConfigError(f"{p} does not match the model: {problem}")
+    bad = nonfinite_tensor(sd)
+    if bad:
+        raise ConfigError(f"{p}: {bad} holds NaN or infinite values")
     try:
         model.load_state_dict(sd)
     except (RuntimeError, ValueError) as e:

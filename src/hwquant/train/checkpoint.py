@@ -94,6 +94,14 @@ def state_dict_mismatch(model: torch.nn.Module, sd: dict[str, Any]) -> str | Non
     return first + more
 
 
+def nonfinite_tensor(sd: dict[str, Any]) -> str | None:
+    """The name of the first floating-point tensor of ``sd`` holding NaN or infinity, or ``None``."""
+    for k, v in sd.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            return k
+    return None
+
+
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     """Save ``payload`` (tensors, dicts, lists, numbers, strings) atomically with a format tag.
 
