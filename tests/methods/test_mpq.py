@@ -85,6 +85,7 @@ def test_flips_only_counted_inside_the_window():
 def test_lower_gradient_near_a_rounding_threshold():
     q = _quantizer([1.0], 6, eps=0.1, gamma=0.1)
     q.extra[0, 5] = True  # an extra weight: its thresholds are at (k + 1/2) / 2
+    q.flag_step.fill_(0)  # scheduled, the extra bits already assigned
     q.train()
     w = torch.tensor([[0.45, 0.3, 1.55, 0.7, 10.0, 0.26]], requires_grad=True)
     q(w).sum().backward()
@@ -187,3 +188,28 @@ def test_config_validation(kw, needle):
         MPQConfig(**kw)
     with pytest.raises(ConfigError, match="at least 2"):
         schedule_mpq(nn.Sequential(), 1, MPQConfig())
+
+
+def test_training_without_a_schedule_fails_loudly():
+    """Without schedule_mpq no weight would ever get the extra bit: MPQ would silently be uniform QAT."""
+    q = _quantizer([1.0], 4)
+    q.train()
+    w = torch.randn(1, 4, requires_grad=True)
+    with pytest.raises(ConfigError, match="schedule_mpq"):
+        q(w)
+    q.eval()
+    q(w)  # evaluation needs no schedule
+
+
+def test_wide_codes_do_not_wrap():
+    """w_bits = 8: coarse codes reach +-127 and fine codes +-255; int8 would wrap them."""
+    spec = QuantSpec(bits=8, signed=True, granularity="channel", narrow=True)
+    q = MixedWeightQuantizer(spec, axis=0)
+    s = torch.tensor([1.0])
+    q.set_params(QuantParams(s, torch.zeros_like(s, dtype=torch.int32), 8, True, 0))
+    w = torch.tensor([[127.0, -127.0, 3.0, 300.0]])
+    q._ensure(w)
+    q.extra[0, 2] = True
+    assert q._coarse_codes(w).tolist() == [[127, -127, 3, 127]]
+    codes = q.codes(w)
+    assert codes.dtype == torch.int16 and codes.tolist() == [[254, -254, 6, 254]]

@@ -44,6 +44,11 @@ from .qat import QAT_CONFIGS, _QATCommon
 __all__ = ["MPQConfig", "MixedWeightQuantizer", "mpq_summary", "schedule_mpq"]
 
 
+def _code_dtype(bits: int) -> torch.dtype:
+    """The narrowest signed integer type that holds ``bits``-bit codes (int8 wraps from 9 bits on)."""
+    return torch.int8 if bits <= 8 else torch.int16
+
+
 class MixedWeightQuantizer(FakeQuantizer):
     """Weight quantizer with a per-weight extra bit and flip tracking (see the module docstring).
 
@@ -88,7 +93,7 @@ class MixedWeightQuantizer(FakeQuantizer):
         if self.extra.shape != w.shape:
             self.extra = torch.zeros(w.shape, dtype=torch.bool, device=w.device)
             self.flips = torch.zeros(w.shape, dtype=torch.int32, device=w.device)
-            self.prev_codes = torch.zeros(w.shape, dtype=torch.int8, device=w.device)
+            self.prev_codes = torch.zeros(w.shape, dtype=_code_dtype(self.spec.bits), device=w.device)
             self.last_dir = torch.zeros(w.shape, dtype=torch.int8, device=w.device)
 
     def weight_widths(self) -> torch.Tensor:
@@ -99,17 +104,20 @@ class MixedWeightQuantizer(FakeQuantizer):
     def _coarse_codes(self, w: torch.Tensor) -> torch.Tensor:
         qmin, qmax = qrange(self.spec.bits, True, self.spec.narrow)
         s = _shape_param(2 * self.scale.to(w.dtype), w, self.axis)
-        return torch.round(w.detach() / s).clamp_(qmin, qmax).to(torch.int8)
+        return torch.round(w.detach() / s).clamp_(qmin, qmax).to(_code_dtype(self.spec.bits))
 
     @torch.no_grad()
     def _track(self, w: torch.Tensor) -> None:
-        if int(self.flag_step) < 0 or int(self.step) >= int(self.flag_step):
-            return  # not scheduled, or the extra bits are assigned already
+        if int(self.flag_step) < 0:  # training without a schedule would silently be uniform QAT
+            raise ConfigError("MPQ needs its schedule before training: call hq.schedule_mpq(qmodel, total_steps, "
+                              "config) (hwquant qat does)")
+        if int(self.step) >= int(self.flag_step):
+            return  # the extra bits are assigned already
         self.step += 1
         step = int(self.step)
         q = self._coarse_codes(w)
         if step > int(self.count_from) + 1:
-            d = torch.sign(q.to(torch.int16) - self.prev_codes.to(torch.int16)).to(torch.int8)
+            d = torch.sign(q.to(torch.int32) - self.prev_codes.to(torch.int32)).to(torch.int8)
             self.flips += ((d != 0) & (d == -self.last_dir)).to(torch.int32)
             self.last_dir = torch.where(d != 0, d, self.last_dir)
         if step > int(self.count_from):
@@ -161,7 +169,7 @@ class MixedWeightQuantizer(FakeQuantizer):
                 y = self.forward(x)
             finally:
                 self.train(was)
-        return torch.round(y / _shape_param(self.scale.to(y.dtype), y, self.axis)).to(torch.int8)
+        return torch.round(y / _shape_param(self.scale.to(y.dtype), y, self.axis)).to(_code_dtype(self.code_bits))
 
     def extra_repr(self) -> str:
         n = self.extra.numel()
