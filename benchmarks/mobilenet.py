@@ -15,7 +15,8 @@ Rows (one float checkpoint, seed 0; the same 1000 held-out calibration images fo
   depthwise kernels with per-channel ranges that differ by up to 4000x, which a per-layer FL cannot hold;
 * ``CQAT W5A4`` (the method's default MSE step, float scales) and ``CQAT W5A4 pow2`` (fixed point): one epoch
   of QAT from the FP32 checkpoint (lr 0.005, the qat defaults otherwise), first/last 8-bit; both also for two
-  epochs (cosine schedule over the two).
+  epochs (cosine schedule over the two); pow2 also with ``--pow2-step search`` (the MSE-best power of two
+  instead of the rounded MSE step).
 
 Top-1 is on the whole test set (what ``hwquant ptq`` / ``qat`` report); the export checks of
 :func:`benchmarks.export._row` (fake quant vs integer model, onnxruntime vs integer model, top-1 of each) run
