@@ -148,27 +148,37 @@ def default_fraction(bits: int) -> float:
     return 1e-3 / (2**bits - 1)
 
 
+def _search_rows(mean: torch.Tensor, std: torch.Tensor, mx: torch.Tensor, hist: torch.Tensor,
+                 p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``search`` rule for ``R`` rows at once: statistics ``[R]`` (float64), histograms ``[R, 1024]``;
+    returns the clips ``[R]`` (float64) and the chosen ``k`` (``inf`` where none qualifies: ``c = max|g|``)."""
+    n = hist.sum(1)
+    above = torch.flip(torch.cumsum(torch.flip(hist, [1]), 1), [1])  # above[r, b] = #elements in bin >= b
+    c_out, k_out = mx.clone(), torch.full_like(mx, math.inf)
+    done = (std == 0) | (n == 0)
+    for k in SEARCH_K:
+        c = mean.abs() + k * std
+        b = _hist_bins(c.float()).long().clamp(0, HIST_BINS - 1)
+        ok = ~done & (c < mx) & (above.gather(1, b[:, None])[:, 0] <= p * n)
+        c_out = torch.where(ok, c, c_out)
+        k_out = torch.where(ok, torch.full_like(k_out, k), k_out)
+        done |= ok | (c >= mx)
+    return c_out, k_out
+
+
 def search_clip(mean: float, std: float, mx: float, hist: torch.Tensor, bits: int,
                 fraction: float | None = None) -> tuple[float, float]:
     """``(c, k)`` of the ``search`` rule (see the module docstring) from one pass's statistics; ``k = inf`` when
     no candidate qualifies and ``c = max|g|``."""
     p = default_fraction(bits) if fraction is None else fraction
-    n = int(hist.sum())
-    if n == 0 or std == 0.0:
-        return mx, math.inf
-    above = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])  # above[b] = #elements in bin >= b
-    for k in SEARCH_K:
-        c = abs(mean) + k * std
-        if c >= mx:
-            break
-        b = int(_hist_bins(torch.tensor([c], dtype=torch.float32)))
-        if int(above[b]) <= p * n:
-            return c, k
-    return mx, math.inf
+    one = [torch.tensor([v], dtype=torch.float64) for v in (mean, std, mx)]
+    c, k = _search_rows(*one, hist.reshape(1, -1), p)
+    return float(c[0]), float(k[0])
 
 
-def _codes_torch(g: torch.Tensor, r: float, q: int, rounding: str, generator) -> torch.Tensor:
-    t = g.detach().float() * torch.tensor(r, dtype=torch.float32)
+def _codes_torch(g: torch.Tensor, r: float | torch.Tensor, q: int, rounding: str, generator) -> torch.Tensor:
+    """Codes ``clamp(R(g * r), -q, q)`` as float32 (``r``: a float, or float32 multipliers broadcast to ``g``)."""
+    t = g.detach().float() * (r if isinstance(r, torch.Tensor) else torch.tensor(r, dtype=torch.float32))
     if rounding == "zero":
         return t.clamp_(-q, q).trunc_()
     return round_(t, rounding, generator).clamp_(-q, q)
@@ -214,13 +224,16 @@ def gradient_clip(g: torch.Tensor, bits: int = 8, clip: str = "zscore", k: float
     return _dsgc_clip(g, bits, mx, rounding)
 
 
+def _multipliers(c: torch.Tensor, q: int) -> torch.Tensor:
+    """``fl32(q / c)`` per element of the clips ``c`` (float64), raised by one ulp where ``fl32(c) * r < q``
+    (see the module docstring); float32."""
+    r = (q / c).float()
+    return torch.where(c.float() * r < q, torch.nextafter(r, torch.full_like(r, math.inf)), r)
+
+
 def _multiplier(c: float, q: int) -> float:
-    """``fl32(q / c)``, raised by one ulp when ``fl32(c * r) < q`` (see the module docstring)."""
-    r = torch.tensor(q / c, dtype=torch.float32)
-    cf = torch.tensor(c, dtype=torch.float32)
-    if float(cf * r) < q:
-        r = torch.nextafter(r, torch.tensor(float("inf")))
-    return float(r)
+    """:func:`_multipliers` of one clip value."""
+    return float(_multipliers(torch.tensor([c], dtype=torch.float64), q)[0])
 
 
 def _seed_from(generator: torch.Generator | None) -> int:
@@ -324,20 +337,10 @@ def row_clips(g: torch.Tensor, bits: int = 8, clip: str = "zscore", k: float = 3
         return mx
     if clip == "zscore":
         return torch.minimum(mx, mean.abs() + k * std)
-    p = default_fraction(bits) if fraction is None else fraction
     if hist is None:
         bins = _hist_bins(g.detach().reshape(n, -1).abs()).long()
         hist = torch.zeros(n, HIST_BINS, dtype=torch.int64).scatter_add_(1, bins, torch.ones_like(bins))
-    above = torch.flip(torch.cumsum(torch.flip(hist, [1]), 1), [1])
-    c_out = mx.clone()
-    done = (std == 0) | (m == 0)
-    for kk in SEARCH_K:
-        c = mean.abs() + kk * std
-        b = _hist_bins(c.float()).long().clamp(0, HIST_BINS - 1)
-        ok = ~done & (c < mx) & (above.gather(1, b[:, None])[:, 0] <= p * m)
-        c_out = torch.where(ok, c, c_out)
-        done |= ok | (c >= mx)
-    return c_out
+    return _search_rows(mean, std, mx, hist, default_fraction(bits) if fraction is None else fraction)[0]
 
 
 def fake_quantize_gradient_rows(g: torch.Tensor, bits: int = 8, rounding: str = "zero", clip: str = "zscore",
@@ -351,9 +354,7 @@ def fake_quantize_gradient_rows(g: torch.Tensor, bits: int = 8, rounding: str = 
     c = row_clips(g, bits, clip, k, fraction=fraction)
     c = torch.where(c > 0, c, torch.full_like(c, torch.finfo(torch.float32).tiny * q))
     s = (c / q).float()
-    r = (q / c).float()
-    low = c.float() * r < q  # one ulp up where fl32(c * r) < Q, as _multiplier
-    r = torch.where(low, torch.nextafter(r, torch.full_like(r, math.inf)), r)
+    r = _multipliers(c, q)
     lib = _native() if _fast(g) and _rows_dense(g) and rounding in ("zero", "nearest") else None
     if lib is not None:
         y = torch.empty_like(g)  # same layout: every row is one contiguous block of y as of g
@@ -361,9 +362,4 @@ def fake_quantize_gradient_rows(g: torch.Tensor, bits: int = 8, rounding: str = 
                         float(q), _MODE[rounding], _threads())
         return y, c
     shape = (-1,) + (1,) * (g.dim() - 1)
-    t = g.detach().float() * r.view(shape)
-    if rounding == "zero":
-        t = t.clamp_(-q, q).trunc_()
-    else:
-        t = round_(t, rounding, generator).clamp_(-q, q)
-    return t.mul_(s.view(shape)).to(g.dtype), c
+    return _codes_torch(g, r.view(shape), q, rounding, generator).mul_(s.view(shape)).to(g.dtype), c
