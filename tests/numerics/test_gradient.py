@@ -160,10 +160,10 @@ def test_search_clip_picks_the_documented_candidate_by_hand():
     mean, std, mx, hist = gradient_hist(g)
     assert mean == pytest.approx(0.2) and std == pytest.approx(math.sqrt(4.99 - 0.04))  # E[g^2] = 0.99 + 4
     # p = 1%: the 10 outliers (1.0 %) may saturate: k = 3 gives c = 0.2 + 3 * 2.225 = 6.87 < 20, 10 above -> ok
-    c, k = search_clip(mean, std, mx, hist, 8, fraction=0.01)
+    c, k = search_clip(mean, std, mx, hist, 8, fraction=0.01, n=1000)
     assert k == 3.0 and c == pytest.approx(0.2 + 3 * std)
     # p = 0.5 %: no candidate below max|g| = 20 clips fewer than the 10 outliers (k = 8: c = 18.0) -> max
-    c, k = search_clip(mean, std, mx, hist, 8, fraction=0.005)
+    c, k = search_clip(mean, std, mx, hist, 8, fraction=0.005, n=1000)
     assert k == math.inf and c == 20.0
     # the default p at 8 bits is 1e-3 / 255: the same
     assert gradient_clip(g, 8, "search") == 20.0

@@ -148,11 +148,11 @@ def default_fraction(bits: int) -> float:
     return 1e-3 / (2**bits - 1)
 
 
-def _search_rows(mean: torch.Tensor, std: torch.Tensor, mx: torch.Tensor, hist: torch.Tensor,
-                 p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``search`` rule for ``R`` rows at once: statistics ``[R]`` (float64), histograms ``[R, 1024]``;
-    returns the clips ``[R]`` (float64) and the chosen ``k`` (``inf`` where none qualifies: ``c = max|g|``)."""
-    n = hist.sum(1)
+def _search_rows(mean: torch.Tensor, std: torch.Tensor, mx: torch.Tensor, hist: torch.Tensor, p: float,
+                 n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``search`` rule for ``R`` rows of ``n`` elements at once: statistics ``[R]`` (float64), histograms
+    ``[R, 1024]``; returns the clips ``[R]`` (float64) and the chosen ``k`` (``inf`` where none qualifies:
+    ``c = max|g|``)."""
     above = torch.flip(torch.cumsum(torch.flip(hist, [1]), 1), [1])  # above[r, b] = #elements in bin >= b
     c_out, k_out = mx.clone(), torch.full_like(mx, math.inf)
     done = (std == 0) | (n == 0)
@@ -167,12 +167,12 @@ def _search_rows(mean: torch.Tensor, std: torch.Tensor, mx: torch.Tensor, hist: 
 
 
 def search_clip(mean: float, std: float, mx: float, hist: torch.Tensor, bits: int,
-                fraction: float | None = None) -> tuple[float, float]:
-    """``(c, k)`` of the ``search`` rule (see the module docstring) from one pass's statistics; ``k = inf`` when
-    no candidate qualifies and ``c = max|g|``."""
+                fraction: float | None = None, *, n: int) -> tuple[float, float]:
+    """``(c, k)`` of the ``search`` rule (see the module docstring) from one pass's statistics over ``n``
+    elements; ``k = inf`` when no candidate qualifies and ``c = max|g|``."""
     p = default_fraction(bits) if fraction is None else fraction
     one = [torch.tensor([v], dtype=torch.float64) for v in (mean, std, mx)]
-    c, k = _search_rows(*one, hist.reshape(1, -1), p)
+    c, k = _search_rows(*one, hist.reshape(1, -1), p, n)
     return float(c[0]), float(k[0])
 
 
@@ -215,7 +215,7 @@ def gradient_clip(g: torch.Tensor, bits: int = 8, clip: str = "zscore", k: float
     ``p``)."""
     _check(bits, rounding, clip, k, fraction)
     if clip == "search":
-        return search_clip(*gradient_hist(g), bits, fraction)[0]
+        return search_clip(*gradient_hist(g), bits, fraction, n=g.numel())[0]
     mean, std, mx = gradient_stats(g)
     if clip == "max":
         return mx
@@ -340,7 +340,7 @@ def row_clips(g: torch.Tensor, bits: int = 8, clip: str = "zscore", k: float = 3
     if hist is None:
         bins = _hist_bins(g.detach().reshape(n, -1).abs()).long()
         hist = torch.zeros(n, HIST_BINS, dtype=torch.int64).scatter_add_(1, bins, torch.ones_like(bins))
-    return _search_rows(mean, std, mx, hist, default_fraction(bits) if fraction is None else fraction)[0]
+    return _search_rows(mean, std, mx, hist, default_fraction(bits) if fraction is None else fraction, m)[0]
 
 
 def fake_quantize_gradient_rows(g: torch.Tensor, bits: int = 8, rounding: str = "zero", clip: str = "zscore",

@@ -288,12 +288,42 @@ void hwq_stats(const float *restrict x, int64_t n, double *restrict out, int nt)
   out[0] = s; out[1] = ss; out[2] = (double)mx;
 }
 
-/* hwq_stats and, in the same pass, hist[b] += 1 for b = bits(|x|) >> 21 (float32 exponent and the top two
-   mantissa bits: 1024 log-spaced bins, 4 per octave) - the z-score clip search's clipped-fraction counts */
+/* |x| -> log-spaced bin: the float32 exponent and the top two mantissa bits (1024 bins, 4 per octave) */
+static inline uint32_t hbin(float v) { union { float f; uint32_t u; } a; a.f = fabsf(v); return a.u >> 21; }
+
+/* add the bins of x[0..n) to hist: four sub-histograms, so that runs of equal bins (most elements of a
+   gradient share a few) do not serialise on one counter's load-increment-store */
+static void hist_add(const float *restrict x, int64_t n, int64_t *restrict hist) {
+  uint32_t h[4][1024];
+  for (int b = 0; b < 1024; b++) h[0][b] = h[1][b] = h[2][b] = h[3][b] = 0;
+  for (int64_t j = 0; j < n; j++) h[j & 3][hbin(x[j])]++;
+  for (int b = 0; b < 1024; b++) hist[b] += (int64_t)h[0][b] + h[1][b] + h[2][b] + h[3][b];
+}
+
+/* sum, sum of squares (double) and max|x| of x[0..n), vectorised */
+static inline void stats_block(const float *restrict x, int64_t n, double *s, double *ss, float *mx) {
+  double ls = 0.0, lss = 0.0;
+  float lmx = 0.0f;
+  _Pragma("omp simd reduction(+:ls,lss) reduction(max:lmx)")
+  for (int64_t j = 0; j < n; j++) {
+    float v = x[j];
+    double d = (double)v;
+    ls += d; lss += d * d;
+    float a = fabsf(v);
+    lmx = a > lmx ? a : lmx;
+  }
+  *s += ls; *ss += lss; *mx = lmx > *mx ? lmx : *mx;
+}
+
+#define HBLOCK 16384  /* elements per block: the histogram pass re-reads a block from L1/L2, not memory */
+
+/* hwq_stats and, in the same pass over memory, hist[b] = #{i : bin(|x_i|) == b} - the z-score clip search's
+   clipped-fraction counts; blocks of HBLOCK elements (statistics, then the histogram of the cached block) */
 void hwq_stats_hist(const float *restrict x, int64_t n, double *restrict out, int64_t *restrict hist, int nt) {
   double s = 0.0, ss = 0.0;
   float mx = 0.0f;
   for (int b = 0; b < 1024; b++) hist[b] = 0;
+  int64_t nb = (n + HBLOCK - 1) / HBLOCK;
   _Pragma("omp parallel num_threads(nt) if(n > 32768)")
   {
     int64_t h[1024];
@@ -301,14 +331,10 @@ void hwq_stats_hist(const float *restrict x, int64_t n, double *restrict out, in
     double ls = 0.0, lss = 0.0;
     float lmx = 0.0f;
     _Pragma("omp for schedule(static) nowait")
-    for (int64_t i = 0; i < n; i++) {
-      float v = x[i];
-      double d = (double)v;
-      ls += d; lss += d * d;
-      union { float f; uint32_t u; } a;
-      a.f = fabsf(v);
-      lmx = a.f > lmx ? a.f : lmx;
-      h[a.u >> 21]++;
+    for (int64_t k = 0; k < nb; k++) {
+      int64_t lo = k * HBLOCK, len = n - lo < HBLOCK ? n - lo : HBLOCK;
+      stats_block(x + lo, len, &ls, &lss, &lmx);
+      hist_add(x + lo, len, h);
     }
     _Pragma("omp critical")
     {
@@ -320,24 +346,19 @@ void hwq_stats_hist(const float *restrict x, int64_t n, double *restrict out, in
 }
 
 /* per row (sample) r of x[rows][len]: out[3r..3r+2] = sum, sum of squares, max|x| of the row and, when hist is
-   given, hist[1024 r + (bits(|x|) >> 21)] += 1; rows in parallel (no reduction across threads) */
+   given, hist[1024 r + bin] = the row's histogram; rows in parallel (no reduction across threads) */
 void hwq_row_stats(const float *restrict x, int64_t rows, int64_t len, double *restrict out, int64_t *restrict hist,
                    int nt) {
   _Pragma("omp parallel for schedule(static) num_threads(nt) if(rows * len > 32768)")
   for (int64_t r = 0; r < rows; r++) {
     const float *restrict xr = x + r * len;
-    int64_t *restrict h = hist ? hist + 1024 * r : 0;
-    if (h) for (int b = 0; b < 1024; b++) h[b] = 0;
     double s = 0.0, ss = 0.0;
     float mx = 0.0f;
-    for (int64_t j = 0; j < len; j++) {
-      float v = xr[j];
-      double d = (double)v;
-      s += d; ss += d * d;
-      union { float f; uint32_t u; } a;
-      a.f = fabsf(v);
-      mx = a.f > mx ? a.f : mx;
-      if (h) h[a.u >> 21]++;
+    if (hist) for (int b = 0; b < 1024; b++) hist[1024 * r + b] = 0;
+    for (int64_t lo = 0; lo < len; lo += HBLOCK) {
+      int64_t n = len - lo < HBLOCK ? len - lo : HBLOCK;
+      stats_block(xr + lo, n, &s, &ss, &mx);
+      if (hist) hist_add(xr + lo, n, hist + 1024 * r);
     }
     out[3 * r] = s; out[3 * r + 1] = ss; out[3 * r + 2] = (double)mx;
   }
@@ -351,8 +372,13 @@ void hwq_gq_rows(const float *restrict x, float *restrict y, int64_t rows, int64
     const float *restrict xr = x + r * len;
     float *restrict yr = y + r * len;
     float m = rr[r], s = sr[r];
-    if (mode == 0) { for (int64_t j = 0; j < len; j++) yr[j] = truncf(clampf(xr[j] * m, -qm, qm)) * s; }
-    else { for (int64_t j = 0; j < len; j++) yr[j] = clampf(rintf(xr[j] * m), -qm, qm) * s; }
+    if (mode == 0) {
+      _Pragma("omp simd")
+      for (int64_t j = 0; j < len; j++) yr[j] = truncf(clampf(xr[j] * m, -qm, qm)) * s;
+    } else {
+      _Pragma("omp simd")
+      for (int64_t j = 0; j < len; j++) yr[j] = clampf(rintf(xr[j] * m), -qm, qm) * s;
+    }
   }
 }
 
