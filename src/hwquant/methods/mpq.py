@@ -39,7 +39,7 @@ from ..nn.quantizer import FakeQuantizer, _GradScale
 from ..nn.swap import quant_layers
 from ..numerics.uniform import _shape_param, fake_quantize_trusted, qrange
 from ..spec import QuantParams, QuantSpec
-from .qat import QAT_CONFIGS, _QATCommon
+from .qat import _QATCommon, register_qat
 
 __all__ = ["MPQConfig", "MixedWeightQuantizer", "mpq_summary", "schedule_mpq"]
 
@@ -177,6 +177,7 @@ class MixedWeightQuantizer(FakeQuantizer):
         return super().extra_repr() + f", mixed (+1 bit){frac}"
 
 
+@register_qat("mpq")
 @dataclass(frozen=True)
 class MPQConfig(_QATCommon):
     """MPQ retraining (see the module docstring).
@@ -237,7 +238,6 @@ class MPQConfig(_QATCommon):
         return qmodel
 
 
-QAT_CONFIGS["mpq"] = MPQConfig  # hwquant qat --method mpq; checkpoints rebuild through the registry
 
 
 def schedule_mpq(qmodel: nn.Module, total_steps: int, config: MPQConfig) -> tuple[int, int]:

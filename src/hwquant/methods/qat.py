@@ -53,6 +53,17 @@ ACT_RANGES = ("ema", "static")
 CQAT_STEPS = ("max", "mse")
 
 
+QAT_CONFIGS: dict[str, type] = {}  # method name -> config class (``hwquant qat --method``, checkpoint rebuild)
+
+
+def register_qat(name: str):
+    """Class decorator: register a QAT config under ``name`` in :data:`QAT_CONFIGS` (as observers register)."""
+    def deco(cls):
+        QAT_CONFIGS[name] = cls
+        return cls
+    return deco
+
+
 @dataclass(frozen=True)
 class _QATCommon(abc.ABC):
     """Fields every QAT method shares.
@@ -125,6 +136,7 @@ class _QATCommon(abc.ABC):
         return "channel" if self.per_channel else "tensor"
 
 
+@register_qat("cqat")
 @dataclass(frozen=True)
 class CQATConfig(_QATCommon):
     """CQAT: an 8-bit (``base_bits``) step, codes clipped to ``w_bits`` / ``a_bits`` (see the module docstring).
@@ -168,6 +180,7 @@ class CQATConfig(_QATCommon):
         return w, a
 
 
+@register_qat("ste")
 @dataclass(frozen=True)
 class STEConfig(_QATCommon):
     """Plain min-max QAT with the straight-through estimator: ``s = max|W| / q_max`` every step, activations
@@ -180,6 +193,7 @@ class STEConfig(_QATCommon):
         return self._minmax_specs(wb, ab)
 
 
+@register_qat("pact")
 @dataclass(frozen=True)
 class PACTConfig(_QATCommon):
     """PACT (Choi et al. 2018): activations with a trained clip ``alpha`` (initialised from the MSE clip on
@@ -193,6 +207,7 @@ class PACTConfig(_QATCommon):
         return w, QuantSpec(bits=ab, signed=None, observer="mse", range_mode="pact")
 
 
+@register_qat("lsq")
 @dataclass(frozen=True)
 class LSQConfig(_QATCommon):
     """LSQ (Esser et al. 2020): weights and activations with a trained step (LSQ gradient scaled by
@@ -207,8 +222,6 @@ class LSQConfig(_QATCommon):
         return w, a
 
 
-QAT_CONFIGS: dict[str, type[_QATCommon]] = {"cqat": CQATConfig, "ste": STEConfig, "pact": PACTConfig,
-                                             "lsq": LSQConfig}
 
 
 def build_qat_model(model: nn.Module, config: _QATCommon) -> nn.Module:
@@ -280,6 +293,7 @@ __all__ = [
     "PACTConfig",
     "QAT_CONFIGS",
     "STEConfig",
+    "register_qat",
     "build_qat_model",
     "prepare_qat",
     "qat_summary",
