@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..train.checkpoint import atomic_write_text
+from ..fileio import atomic_write_text
 
 
 def _fmt(v: Any, digits: int = 2) -> str:

@@ -1,7 +1,8 @@
 """Training loop, checkpoints, devices, and torch.distributed helpers."""
 
 from ..device import DEVICES, DeviceLoader, model_device, on_device, resolve_device, to_device
-from .checkpoint import atomic_write, atomic_write_text, load_checkpoint, save_checkpoint
+from ..fileio import atomic_write, atomic_write_text
+from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistInfo, init_from_env, rank_device
 from .loop import TrainConfig, evaluate, fit, make_optimizer, make_scheduler
 
