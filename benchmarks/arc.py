@@ -64,7 +64,7 @@ def _contenders(g, buf, codes, gen) -> dict[str, Any]:
         "hwquant nearest+zscore": lambda: quantize_gradient(g, rounding="nearest", out=codes),
         "hwquant sr+max": lambda: quantize_gradient(g, rounding="stochastic", clip="max", generator=gen, out=codes),
         "hwquant rtz+search": lambda: quantize_gradient(g, clip="search", out=codes),
-        "hwquant rtz+max per sample (128 rows, torch ops)": lambda: fake_quantize_gradient_rows(
+        "hwquant rtz+max per sample (128 rows, float output)": lambda: fake_quantize_gradient_rows(
             g.view(128, -1), clip="max"),
         "hwquant rtz+zscore (fresh output)": lambda: quantize_gradient(g),
         "eager rtz+zscore": lambda: _eager_rtz(g),

@@ -217,3 +217,17 @@ def test_per_sample_native_kernel_equals_torch_path(clip, monkeypatch):
     y_t, c_t = G.fake_quantize_gradient_rows(g, 8, "zero", clip)
     torch.testing.assert_close(c, c_t, rtol=1e-12, atol=0)
     assert torch.equal(y, y_t) and y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_search_with_fewer_than_one_over_p_elements_is_max(monkeypatch):
+    """p * n < 1: the search's answer is max|g| (shown by the full rule), and no histogram is computed."""
+    from hwquant.numerics import gradient as G
+
+    g = torch.randn(8, 2000, generator=torch.Generator().manual_seed(4))
+    g[:, 0] = 9.0  # a clear outlier per row: k = 3..6 would clip it if allowed
+    mean, std, mx, hist = G.gradient_hist(g[0].contiguous())
+    assert G.search_clip(mean, std, mx, hist, 8, n=2000)[0] == mx == 9.0  # the full rule: max
+    assert G.gradient_clip(g[0].contiguous(), 8, "search", fraction=0.01) < 9.0  # p * n = 20: a real search
+    monkeypatch.setattr(G, "gradient_hist", lambda *a: pytest.fail("histogram computed"))
+    assert G.gradient_clip(g[0].contiguous(), 8, "search") == 9.0
+    assert torch.equal(G.row_clips(g, 8, "search"), G.row_clips(g, 8, "max"))

@@ -20,7 +20,9 @@ Clip policies:
     ECCV 2024, applied to the z-score candidates of ARC).  The clipped fraction is counted in the statistics
     pass itself, with a histogram of ``|g|`` on log-spaced bins - the float32 exponent and the top two mantissa
     bits of ``|g|``, ``bits(|g|) >> 21`` (4 bins per octave; a leading-one detector in hardware): the count for
-    ``c_k`` is every element in ``c_k``'s bin or above, an over-estimate, so at most ``p`` saturate.
+    ``c_k`` is every element in ``c_k``'s bin or above, an over-estimate, so at most ``p`` saturate.  With
+    ``p * n < 1`` (a per-sample row of fewer than ``1 / p`` elements) no candidate below ``max|g|`` can qualify,
+    so the clip is ``max|g|`` and the histogram is skipped.
 ``max``  ``c = max|g|`` (no clipping: the usual baseline).
 ``dsgc`` (direction-sensitive gradient clipping, Zhu et al., CVPR 2020)  ``c`` maximises the cosine similarity
     between ``g`` and its quantized version, searched over ``c = max|g| * 2^(-j/4)``, ``j = 0..39``, on a
@@ -166,6 +168,12 @@ def _search_rows(mean: torch.Tensor, std: torch.Tensor, mx: torch.Tensor, hist: 
     return c_out, k_out
 
 
+def _search_is_max(n: int, bits: int, fraction: float | None) -> bool:
+    """``p * n < 1``: then no candidate below ``max|g|`` can qualify (the largest element lies in its bin or
+    above, so at least one would saturate), the search returns ``max|g|`` and needs no histogram."""
+    return (default_fraction(bits) if fraction is None else fraction) * n < 1
+
+
 def search_clip(mean: float, std: float, mx: float, hist: torch.Tensor, bits: int,
                 fraction: float | None = None, *, n: int) -> tuple[float, float]:
     """``(c, k)`` of the ``search`` rule (see the module docstring) from one pass's statistics over ``n``
@@ -215,6 +223,8 @@ def gradient_clip(g: torch.Tensor, bits: int = 8, clip: str = "zscore", k: float
     ``p``)."""
     _check(bits, rounding, clip, k, fraction)
     if clip == "search":
+        if _search_is_max(g.numel(), bits, fraction):
+            return gradient_stats(g)[2]
         return search_clip(*gradient_hist(g), bits, fraction, n=g.numel())[0]
     mean, std, mx = gradient_stats(g)
     if clip == "max":
@@ -318,6 +328,8 @@ def row_clips(g: torch.Tensor, bits: int = 8, clip: str = "zscore", k: float = 3
         raise ConfigError("per-sample gradient scaling supports the zscore, search and max clips, not dsgc")
     n = g.shape[0]
     m = g.numel() // n if n else 0
+    if clip == "search" and _search_is_max(m, bits, fraction):
+        clip = "max"  # the same result without the histogram
     lib = _native() if _fast(g) and _rows_dense(g) else None
     hist = None
     if lib is not None:
