@@ -16,8 +16,9 @@ protocols: from scratch (``HWQUANT_ARC_EPOCHS``, default 2) and fine-tuning the 
 FP32, then at G8/G6/G4 SR + max, nearest + max, RTZ + max, RTZ + z-score k = 3 (the literal reading), RTZ with
 ARCConfig's default rule, RTZ + DSGC; seeds 0 and 1 for FP32, SR and the default at 8 bits.  Finished runs are
 read back (an interrupted benchmark resumes) and the results file is rewritten after every run;
-``HWQUANT_ARC_ONLY=scratch:8`` runs a subset.  The plot ``arc_clip.png`` shows the clip per layer over
-training: the default rule next to k = 3 and DSGC.
+``HWQUANT_ARC_ONLY=scratch:8`` runs a subset; ``HWQUANT_ARC_FINISHED_ONLY=1`` only reads back finished runs
+(the tables of a partial benchmark, with fresh latency figures).  The plot ``arc_clip.png`` shows the clip
+per layer over training: the default rule next to k = 3 and DSGC.
 """
 
 from __future__ import annotations
@@ -185,11 +186,14 @@ def accuracy(quick: bool, write=None) -> dict[str, Any] | None:
     epochs = {"scratch": int(os.environ.get("HWQUANT_ARC_EPOCHS", "2")),
               "finetune": int(os.environ.get("HWQUANT_ARC_FT_EPOCHS", "1"))}
     only = os.environ.get("HWQUANT_ARC_ONLY")  # e.g. "scratch:8" to run a subset
+    finished_only = os.environ.get("HWQUANT_ARC_FINISHED_ONLY") == "1"  # tables of the runs done so far
     runs_dir = Path(os.environ.get("HWQUANT_BENCH_RUNS", "runs")) / "bench_arc"
     acc = {"epochs": epochs, "finetune_lr": FINETUNE_LR, "default": _default_rule(), "rows": []}
     for proto, variant, bits, seed in plan():
         if only and not any(f"{proto}:{bits}".startswith(o) or (variant == "fp32" and o.startswith(proto))
                             for o in only.split(",")):
+            continue
+        if finished_only and not (runs_dir / _slug(proto, variant, bits, seed) / "model.pt").exists():
             continue
         row = _run_one(proto, variant, bits, seed, epochs, runs_dir)
         acc["rows"].append(row)
