@@ -178,9 +178,51 @@ def _run_one(proto: str, variant: str, bits: int, seed: int, epochs: dict[str, i
             "clip": arc.get("clip"), "error_scale": arc.get("error_scale")}
 
 
-def accuracy(quick: bool, write=None) -> dict[str, Any] | None:
+def _key(r: dict[str, Any]) -> tuple:
+    return r["protocol"], r["run"], r["bits"], r["seed"]
+
+
+def _selected(only: str | None, proto: str, variant: str, bits: int, seed: int) -> bool:
+    """Whether ``HWQUANT_ARC_ONLY`` (``proto:bits`` prefixes, comma-separated) selects a run: the FP32 run of
+    seed 0 with any row of its protocol (the reference every drop is measured from, and the fine-tuning
+    start), seed 1 with the protocol's 8-bit rows."""
+    if not only:
+        return True
+    sel = only.split(",")
+    if variant == "fp32":
+        return any(o.startswith(proto) and (seed == 0 or f"{proto}:8".startswith(o)) for o in sel)
+    return any(f"{proto}:{bits}".startswith(o) for o in sel)
+
+
+def _kept_rows(earlier: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of an earlier results file that this (partial) run did not make, kept per protocol when this run's
+    seed-0 FP32 accuracy equals the earlier one (same code, same data: the runs are deterministic), or when
+    this run did not retrain it."""
+    have = {_key(r) for r in rows}
+    now = {r["protocol"]: r["top1"] for r in rows if r["run"] == "fp32" and r["seed"] == 0}
+    then = {r["protocol"]: r["top1"] for r in earlier if r["run"] == "fp32" and r["seed"] == 0}
+    return [r for r in earlier if _key(r) not in have and now.get(r["protocol"], then.get(r["protocol"]))
+            == then.get(r["protocol"])]
+
+
+def _earlier_file(out_dir) -> dict[str, Any]:
+    """The earlier results file (``{}`` when there is none)."""
+    import json
+
+    from .common import results_dir
+
+    path = results_dir(out_dir) / f"{NAME}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _earlier_rows(out_dir) -> list[dict[str, Any]]:
+    return list(((_earlier_file(out_dir).get("results") or {}).get("accuracy") or {}).get("rows", []))
+
+
+def accuracy(quick: bool, write=None, out_dir=None) -> dict[str, Any] | None:
     """Every run of :func:`plan` (finished runs are read back, so an interrupted benchmark resumes); ``write``
-    is called with the partial result after each run, so a partial table lands on disk."""
+    is called with the partial result after each run, so a partial table lands on disk.  With
+    ``HWQUANT_ARC_ONLY`` the earlier results file's other rows are kept (see :func:`_kept_rows`)."""
     if quick or os.environ.get("HWQUANT_ARC_ACCURACY", "1") == "0":
         return None
     epochs = {"scratch": int(os.environ.get("HWQUANT_ARC_EPOCHS", "2")),
@@ -189,20 +231,32 @@ def accuracy(quick: bool, write=None) -> dict[str, Any] | None:
     finished_only = os.environ.get("HWQUANT_ARC_FINISHED_ONLY") == "1"  # tables of the runs done so far
     runs_dir = Path(os.environ.get("HWQUANT_BENCH_RUNS", "runs")) / "bench_arc"
     acc = {"epochs": epochs, "finetune_lr": FINETUNE_LR, "default": _default_rule(), "rows": []}
+    earlier = _earlier_rows(out_dir) if only else []
+    order = {k: i for i, k in enumerate(plan())}
+    made: list[dict[str, Any]] = []
+
+    def merge():
+        acc["rows"] = sorted(made + _kept_rows(earlier, made), key=lambda r: order.get(_key(r), len(order)))
+        _summarise(acc)
+
     for proto, variant, bits, seed in plan():
-        if only and not any(f"{proto}:{bits}".startswith(o) or (variant == "fp32" and o.startswith(proto))
-                            for o in only.split(",")):
+        if not _selected(only, proto, variant, bits, seed):
             continue
         if finished_only and not (runs_dir / _slug(proto, variant, bits, seed) / "model.pt").exists():
             continue
         row = _run_one(proto, variant, bits, seed, epochs, runs_dir)
-        acc["rows"].append(row)
+        made.append(row)
         print(f"  {proto} {variant} G{bits} seed {seed}: {row['top1']:.2f}%", flush=True)
-        _summarise(acc)
+        merge()
         if write is not None:
             write(acc)
-    acc["clip_plot"] = _clip_plot(runs_dir, Path(os.environ.get("HWQUANT_BENCH_RESULTS",
-                                                                Path(__file__).parent / "results")))
+    merge()
+    if earlier and len(acc["rows"]) < len(made) + len(earlier):
+        print("  some earlier rows were not kept: their protocol's FP32 run now gives another accuracy", flush=True)
+    results = Path(os.environ.get("HWQUANT_BENCH_RESULTS", Path(__file__).parent / "results"))
+    # the plot needs the 8-bit runs' clip logs; without them an earlier plot stays
+    acc["clip_plot"] = _clip_plot(runs_dir, results) or (
+        str(results / "arc_clip.png") if only and (results / "arc_clip.png").exists() else None)
     return acc
 
 
@@ -326,7 +380,9 @@ def table(results: dict[str, Any]) -> str:
         md += (f"\n## Accuracy (ResNet-20, Fashion-MNIST; from scratch {acc['epochs']['scratch']} epochs, fine-tune "
                f"{acc['epochs']['finetune']} epoch at lr {acc['finetune_lr']} from the seed-0 FP32 run)\n\n"
                f"`RTZ default` = ARCConfig's default: rounding {d['rounding']}, clip {d['clip']}, error steps per "
-               f"{d['error_scale']}. Mean over seeds; spread = max - min.\n\n")
+               f"{d['error_scale']}. Mean over seeds; spread = max - min."
+               + (f" Measured {acc['measured']} (not rerun with this file's latency tables)." if acc.get("measured")
+                  else "") + "\n\n")
         md += markdown_table(acc["summary"], [("protocol", "protocol"), ("run", "run"), ("bits", "G bits"),
                                               ("seeds", "seeds"), ("top1_mean", "top-1"), ("spread", "spread"),
                                               ("drop_vs_fp32", "drop vs FP32 (pt)")]) + "\n"
@@ -336,8 +392,9 @@ def table(results: dict[str, Any]) -> str:
     fid = results.get("fidelity")
     if fid:
         cols = [(k, k) for k in fid["rows"][0]]
+        when = f"Measured {fid['measured']}.\n\n" if fid.get("measured") else ""
         md += ("\n## Weight-gradient fidelity, 8 bits (one training batch; cos and projection onto the float "
-               f"gradient)\n\n{markdown_table(fid['rows'], cols, digits=3)}\n")
+               f"gradient)\n\n{when}{markdown_table(fid['rows'], cols, digits=3)}\n")
     return md
 
 
@@ -348,8 +405,18 @@ def main(quick: bool = False, out_dir: str | os.PathLike | Path | None = None) -
         write_results(NAME, {**results, "accuracy": partial_acc}, table({**results, "accuracy": partial_acc}),
                       out_dir=out_dir)
 
-    results["accuracy"] = accuracy(quick, write)
-    results["fidelity"] = fidelity(quick, Path(os.environ.get("HWQUANT_BENCH_RUNS", "runs")) / "bench_arc")
+    results["accuracy"] = accuracy(quick, write, out_dir)
+    runs = Path(os.environ.get("HWQUANT_BENCH_RUNS", "runs")) / "bench_arc"
+    results["fidelity"] = fidelity(quick, runs)
+    if not quick:  # what this run did not measure stays as the earlier file measured it, and says so
+        earlier = _earlier_file(out_dir)
+        if results["accuracy"] is None and (earlier.get("results") or {}).get("accuracy"):
+            results["accuracy"] = {**earlier["results"]["accuracy"], "measured": earlier["machine"]["utc"]}
+        trained = (runs / _slug("scratch", "fp32", 32, 0) / "model.pt").exists()
+        if not trained and (earlier.get("results") or {}).get("fidelity"):
+            results["fidelity"] = {**earlier["results"]["fidelity"],
+                                   "measured": earlier["results"]["fidelity"].get("measured",
+                                                                                   earlier["machine"]["utc"])}
     md = table(results)
     jp, mp = write_results(NAME, results, md, out_dir=out_dir)
     return {"results": results, "table": md, "json": str(jp), "md": str(mp)}

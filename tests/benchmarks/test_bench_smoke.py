@@ -160,3 +160,25 @@ def test_arc_plan_covers_the_issue_protocol():
     fp = next(r for r in acc["summary"] if r["run"] == "fp32")
     assert fp["top1_mean"] == 90.5 and fp["spread"] == 1.0 and fp["seeds"] == 2
     assert sr["drop_vs_fp32"] == 1.0
+
+
+def test_arc_partial_runs_select_and_keep_rows():
+    """``HWQUANT_ARC_ONLY=scratch:6`` runs the 6-bit scratch rows and the seed-0 FP32 reference; the earlier
+    file's other rows are kept only while that reference reproduces."""
+    from benchmarks import arc
+
+    picked = [p for p in arc.plan() if arc._selected("scratch:6", *p)]
+    assert ("scratch", "fp32", 32, 0) in picked and ("scratch", "fp32", 32, 1) not in picked
+    assert {b for p, v, b, s in picked if v != "fp32"} == {6} and {p for p, *_ in picked} == {"scratch"}
+    assert ("scratch", "fp32", 32, 1) in [p for p in arc.plan() if arc._selected("scratch:8", *p)]
+    assert all(arc._selected(None, *p) for p in arc.plan())
+
+    def row(proto, run, bits, seed, top1):
+        return {"protocol": proto, "run": run, "bits": bits, "seed": seed, "top1": top1}
+
+    earlier = [row("scratch", "fp32", 32, 0, 90.0), row("scratch", "SR+max", 8, 0, 89.0),
+               row("finetune", "fp32", 32, 0, 91.0), row("finetune", "SR+max", 8, 0, 90.5)]
+    same = [row("scratch", "fp32", 32, 0, 90.0), row("scratch", "SR+max", 6, 0, 88.0)]
+    assert arc._kept_rows(earlier, same) == earlier[1:]  # the rerun FP32 replaces its earlier row
+    other = [row("scratch", "fp32", 32, 0, 90.3)]
+    assert arc._kept_rows(earlier, other) == earlier[2:]  # scratch changed: only the fine-tune rows stay

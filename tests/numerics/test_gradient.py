@@ -152,6 +152,36 @@ def test_one_pass_statistics_equal_torch(layout):
     assert int(hist.sum()) == g.numel()
 
 
+@pytest.mark.parametrize("need", [1, 7, 66, 1000])
+def test_histogram_tail_is_exact_where_the_search_looks(need):
+    """gradient_hist(g, need): exact counts from a floor F up (at least ``need`` elements there, F at most the
+    bin of the need-th largest |g|), 0 below; every "fewer than need at or above bin b" answer of the full
+    histogram is unchanged, so the search picks the same clip.  The oracle is torch's bincount."""
+    from hwquant.numerics import gradient as G
+
+    gen = torch.Generator().manual_seed(need)
+    g = torch.randn(300_000, generator=gen) * 1e-3  # several threads' blocks, so the per-thread floors merge
+    g[torch.randperm(g.numel(), generator=gen)[:500]] *= torch.logspace(0, 2, 500)  # a tail of outliers
+    full = torch.bincount(G._hist_bins(g.abs()).long(), minlength=1024)
+    *stats, tail = G.gradient_hist(g, need)
+    assert stats == list(G.gradient_hist(g)[:3])
+    nz = torch.nonzero(tail)
+    f = int(nz.min())
+    assert torch.equal(tail[f:], full[f:]) and int(tail[:f].sum()) == 0
+    assert int(tail.sum()) >= need
+    kth = int(G._hist_bins(g.abs().reshape(-1).topk(need).values[-1:]))  # the need-th largest element's bin
+    assert f <= kth
+    above = lambda h: torch.flip(torch.cumsum(torch.flip(h, [0]), 0), [0])  # noqa: E731
+    assert torch.equal(above(tail) <= need - 1, above(full) <= need - 1)
+    p = (need - 1 + 0.5) / g.numel()  # floor(p * n) = need - 1
+    assert G._tail_need(g.numel(), 8, p) == need
+    c, k = G.search_clip(*stats, tail, 8, p, n=g.numel())
+    assert (c, k) == G.search_clip(*stats, full, 8, p, n=g.numel())
+    # the one-tensor rule (Python floats) is the rows rule (tensor ops) on one row
+    rows = G._search_rows(*(torch.tensor([v], dtype=torch.float64) for v in stats), full[None], p, g.numel())
+    assert (c, k) == (float(rows[0][0]), float(rows[1][0]))
+
+
 def test_search_clip_picks_the_documented_candidate_by_hand():
     """1000 values: 990 at +-1 (sigma ~ 1), 10 outliers at 20; the clipped share allowed decides k."""
     from hwquant.numerics.gradient import gradient_hist, search_clip

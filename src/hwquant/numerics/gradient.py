@@ -22,7 +22,12 @@ Clip policies:
     bits of ``|g|``, ``bits(|g|) >> 21`` (4 bins per octave; a leading-one detector in hardware): the count for
     ``c_k`` is every element in ``c_k``'s bin or above, an over-estimate, so at most ``p`` saturate.  With
     ``p * n < 1`` (a per-sample row of fewer than ``1 / p`` elements) no candidate below ``max|g|`` can qualify,
-    so the clip is ``max|g|`` and the histogram is skipped.
+    so the clip is ``max|g|`` and the histogram is skipped.  The rule only asks whether at most
+    ``m = floor(p * n)`` elements lie in a bin or above, so the fused kernel counts only the histogram's tail
+    from the bin of the ``(m + 1)``-th largest element up (a floor that rises while ``m + 1`` counted elements
+    lie above it; chunks of 64 elements below the floor are skipped after one vectorised max): the same answer
+    as the full histogram, at about the cost of the statistics alone.  In hardware: the same counters, or a
+    ``m + 1``-entry buffer of the largest bins.
 ``max``  ``c = max|g|`` (no clipping: the usual baseline).
 ``dsgc`` (direction-sensitive gradient clipping, Zhu et al., CVPR 2020)  ``c`` maximises the cosine similarity
     between ``g`` and its quantized version, searched over ``c = max|g| * 2^(-j/4)``, ``j = 0..39``, on a
@@ -43,7 +48,9 @@ The torch path (other dtypes / devices, ``HWQUANT_NATIVE=0``) computes the same 
 
 from __future__ import annotations
 
+import itertools
 import math
+import struct
 
 import torch
 
@@ -123,9 +130,15 @@ def _hist_bins(a: torch.Tensor) -> torch.Tensor:
     return a.float().contiguous().view(torch.int32) >> 21
 
 
-def gradient_hist(g: torch.Tensor) -> tuple[float, float, float, torch.Tensor]:
+def gradient_hist(g: torch.Tensor, need: int = 0) -> tuple[float, float, float, torch.Tensor]:
     """``(mean, population std, max|g|, hist)`` in one pass; ``hist[b]`` (int64, 1024 bins) counts the elements
-    with ``bits(|g|) >> 21 == b``.  Raises :class:`~hwquant.errors.DataError` on NaN or infinity."""
+    with ``bits(|g|) >> 21 == b``.  Raises :class:`~hwquant.errors.DataError` on NaN or infinity.
+
+    ``need > 0``: only the tail that can hold the ``need``-th largest ``|g|`` is counted (the fused kernel
+    skips the rest): the counts are exact from some bin ``F`` up, ``F`` at most the bin of the ``need``-th
+    largest element, with at least ``need`` elements at or above ``F``, and 0 below ``F``.  Every
+    "at most ``need - 1`` elements at or above bin ``b``" test - the search rule's - then answers as on the
+    full histogram (see :func:`_tail_need`)."""
     n = g.numel()
     if n == 0:
         return 0.0, 0.0, 0.0, torch.zeros(HIST_BINS, dtype=torch.int64)
@@ -133,7 +146,7 @@ def gradient_hist(g: torch.Tensor) -> tuple[float, float, float, torch.Tensor]:
     if lib is not None:
         out = torch.empty(3, dtype=torch.float64)
         hist = torch.empty(HIST_BINS, dtype=torch.int64)
-        lib.hwq_stats_hist(g.data_ptr(), n, out.data_ptr(), hist.data_ptr(), _threads())
+        lib.hwq_stats_hist(g.data_ptr(), n, out.data_ptr(), hist.data_ptr(), int(need), _threads())
         s, ss, mx = out.tolist()
     else:
         d = g.detach().double()
@@ -168,6 +181,13 @@ def _search_rows(mean: torch.Tensor, std: torch.Tensor, mx: torch.Tensor, hist: 
     return c_out, k_out
 
 
+def _tail_need(n: int, bits: int, fraction: float | None) -> int:
+    """``floor(p * n) + 1``: a candidate qualifies when at most ``floor(p * n)`` elements lie in its bin or above,
+    so only the histogram from the bin of the ``(floor(p * n) + 1)``-th largest element up decides the rule: below
+    it every candidate fails, whatever the exact counts (what :func:`gradient_hist` ``need`` prunes)."""
+    return math.floor((default_fraction(bits) if fraction is None else fraction) * n) + 1
+
+
 def _search_is_max(n: int, bits: int, fraction: float | None) -> bool:
     """``p * n < 1``: then no candidate below ``max|g|`` can qualify (the largest element lies in its bin or
     above, so at least one would saturate), the search returns ``max|g|`` and needs no histogram."""
@@ -179,9 +199,25 @@ def search_clip(mean: float, std: float, mx: float, hist: torch.Tensor, bits: in
     """``(c, k)`` of the ``search`` rule (see the module docstring) from one pass's statistics over ``n``
     elements; ``k = inf`` when no candidate qualifies and ``c = max|g|``."""
     p = default_fraction(bits) if fraction is None else fraction
-    one = [torch.tensor([v], dtype=torch.float64) for v in (mean, std, mx)]
-    c, k = _search_rows(*one, hist.reshape(1, -1), p, n)
-    return float(c[0]), float(k[0])
+    if std == 0 or n == 0:
+        return mx, math.inf
+    # the rule of _search_rows on Python floats (one tensor: no per-candidate tensor ops)
+    above = list(itertools.accumulate(reversed(hist.tolist())))[::-1]  # above[b] = #elements in bin >= b
+    for k in SEARCH_K:
+        c = abs(mean) + k * std
+        if c >= mx:
+            break
+        if above[min(_bin32(c), HIST_BINS - 1)] <= p * n:
+            return c, k
+    return mx, math.inf
+
+
+def _bin32(v: float) -> int:
+    """``bits(fl32(v)) >> 21`` for ``v >= 0`` (``inf`` above the float32 range, as a float64 -> float32 cast)."""
+    try:
+        return struct.unpack("<I", struct.pack("<f", v))[0] >> 21
+    except OverflowError:
+        return 0x7F800000 >> 21
 
 
 def _codes_torch(g: torch.Tensor, r: float | torch.Tensor, q: int, rounding: str, generator) -> torch.Tensor:
@@ -225,7 +261,7 @@ def gradient_clip(g: torch.Tensor, bits: int = 8, clip: str = "zscore", k: float
     if clip == "search":
         if _search_is_max(g.numel(), bits, fraction):
             return gradient_stats(g)[2]
-        return search_clip(*gradient_hist(g), bits, fraction, n=g.numel())[0]
+        return search_clip(*gradient_hist(g, _tail_need(g.numel(), bits, fraction)), bits, fraction, n=g.numel())[0]
     mean, std, mx = gradient_stats(g)
     if clip == "max":
         return mx
@@ -336,7 +372,8 @@ def row_clips(g: torch.Tensor, bits: int = 8, clip: str = "zscore", k: float = 3
         out = torch.empty(n, 3, dtype=torch.float64)
         if clip == "search":
             hist = torch.empty(n, HIST_BINS, dtype=torch.int64)
-        lib.hwq_row_stats(g.data_ptr(), n, m, out.data_ptr(), 0 if hist is None else hist.data_ptr(), _threads())
+        lib.hwq_row_stats(g.data_ptr(), n, m, out.data_ptr(), 0 if hist is None else hist.data_ptr(),
+                          _tail_need(m, bits, fraction), _threads())
         sums, sq, mx = out[:, 0], out[:, 1], out[:, 2]
     else:
         d = g.detach().reshape(n, -1).double()

@@ -288,16 +288,34 @@ void hwq_stats(const float *restrict x, int64_t n, double *restrict out, int nt)
   out[0] = s; out[1] = ss; out[2] = (double)mx;
 }
 
-/* |x| -> log-spaced bin: the float32 exponent and the top two mantissa bits (1024 bins, 4 per octave) */
-static inline uint32_t hbin(float v) { union { float f; uint32_t u; } a; a.f = fabsf(v); return a.u >> 21; }
+/* the log-spaced bin of |x|: bits(|x|) >> 21, the float32 exponent and the top two mantissa bits (1024 bins, 4 per
+   octave); on the raw bits, so that NaN and inf land in the top bins (the statistics report them) */
+#define HBIN(u) (((u) & 0x7fffffffu) >> 21)
 
-/* add the bins of x[0..n) to hist: four sub-histograms, so that runs of equal bins (most elements of a
-   gradient share a few) do not serialise on one counter's load-increment-store */
-static void hist_add(const float *restrict x, int64_t n, int64_t *restrict hist) {
-  uint32_t h[4][1024];
-  for (int b = 0; b < 1024; b++) h[0][b] = h[1][b] = h[2][b] = h[3][b] = 0;
-  for (int64_t j = 0; j < n; j++) h[j & 3][hbin(x[j])]++;
-  for (int b = 0; b < 1024; b++) hist[b] += (int64_t)h[0][b] + h[1][b] + h[2][b] + h[3][b];
+/* The tail of the histogram: counts of the bins at or above a floor.  With need > 0 the floor rises while at
+   least `need` counted elements lie in the bins above it (a bin below the need-th largest element's cannot
+   change which bin holds that element), so the counts are exact from the need-th largest element's bin up and
+   0 below; a chunk whose largest |x| lies below the floor is skipped after one vectorised max.  need <= 0:
+   every bin (the full histogram). */
+typedef struct { int64_t h[1024]; int64_t tail; uint32_t floor; } tailhist;
+
+static void tail_init(tailhist *t) { for (int b = 0; b < 1024; b++) t->h[b] = 0; t->tail = 0; t->floor = 0; }
+
+#define TCHUNK 64
+static void tail_add(const float *restrict x, int64_t n, tailhist *restrict t, int64_t need) {
+  const uint32_t *restrict u = (const uint32_t *)x;
+  for (int64_t lo = 0; lo < n; lo += TCHUNK) {
+    int64_t len = n - lo < TCHUNK ? n - lo : TCHUNK;
+    uint32_t top = 0;
+    _Pragma("omp simd reduction(max:top)")
+    for (int64_t j = 0; j < len; j++) { uint32_t a = u[lo + j] & 0x7fffffffu; top = a > top ? a : top; }
+    if ((top >> 21) < t->floor) continue;
+    for (int64_t j = 0; j < len; j++) {
+      uint32_t b = HBIN(u[lo + j]);
+      if (b >= t->floor) { t->h[b]++; t->tail++; }
+    }
+    while (need > 0 && t->tail - t->h[t->floor] >= need) { t->tail -= t->h[t->floor]; t->h[t->floor] = 0; t->floor++; }
+  }
 }
 
 /* sum, sum of squares (double) and max|x| of x[0..n), vectorised */
@@ -317,49 +335,56 @@ static inline void stats_block(const float *restrict x, int64_t n, double *s, do
 
 #define HBLOCK 16384  /* elements per block: the histogram pass re-reads a block from L1/L2, not memory */
 
-/* hwq_stats and, in the same pass over memory, hist[b] = #{i : bin(|x_i|) == b} - the z-score clip search's
+/* hwq_stats and, in the same pass over memory, hist = the histogram tail of |x| (see tail_add; bins below the
+   largest per-thread floor are 0, the sum of the threads' exact counts above it) - the z-score clip search's
    clipped-fraction counts; blocks of HBLOCK elements (statistics, then the histogram of the cached block) */
-void hwq_stats_hist(const float *restrict x, int64_t n, double *restrict out, int64_t *restrict hist, int nt) {
+void hwq_stats_hist(const float *restrict x, int64_t n, double *restrict out, int64_t *restrict hist, int64_t need,
+                    int nt) {
   double s = 0.0, ss = 0.0;
   float mx = 0.0f;
+  uint32_t floor = 0;
   for (int b = 0; b < 1024; b++) hist[b] = 0;
   int64_t nb = (n + HBLOCK - 1) / HBLOCK;
   _Pragma("omp parallel num_threads(nt) if(n > 32768)")
   {
-    int64_t h[1024];
-    for (int b = 0; b < 1024; b++) h[b] = 0;
+    tailhist t;
+    tail_init(&t);
     double ls = 0.0, lss = 0.0;
     float lmx = 0.0f;
     _Pragma("omp for schedule(static) nowait")
     for (int64_t k = 0; k < nb; k++) {
       int64_t lo = k * HBLOCK, len = n - lo < HBLOCK ? n - lo : HBLOCK;
       stats_block(x + lo, len, &ls, &lss, &lmx);
-      hist_add(x + lo, len, h);
+      tail_add(x + lo, len, &t, need);
     }
     _Pragma("omp critical")
     {
       s += ls; ss += lss; mx = lmx > mx ? lmx : mx;
-      for (int b = 0; b < 1024; b++) hist[b] += h[b];
+      floor = t.floor > floor ? t.floor : floor;
+      for (int b = 0; b < 1024; b++) hist[b] += t.h[b];
     }
   }
+  for (uint32_t b = 0; b < floor; b++) hist[b] = 0;  /* exact only from the highest floor up */
   out[0] = s; out[1] = ss; out[2] = (double)mx;
 }
 
 /* per row (sample) r of x[rows][len]: out[3r..3r+2] = sum, sum of squares, max|x| of the row and, when hist is
-   given, hist[1024 r + bin] = the row's histogram; rows in parallel (no reduction across threads) */
+   given, hist[1024 r + bin] = the row's histogram tail (need as in tail_add); rows in parallel */
 void hwq_row_stats(const float *restrict x, int64_t rows, int64_t len, double *restrict out, int64_t *restrict hist,
-                   int nt) {
+                   int64_t need, int nt) {
   _Pragma("omp parallel for schedule(static) num_threads(nt) if(rows * len > 32768)")
   for (int64_t r = 0; r < rows; r++) {
     const float *restrict xr = x + r * len;
     double s = 0.0, ss = 0.0;
     float mx = 0.0f;
-    if (hist) for (int b = 0; b < 1024; b++) hist[1024 * r + b] = 0;
+    tailhist t;
+    if (hist) tail_init(&t);
     for (int64_t lo = 0; lo < len; lo += HBLOCK) {
       int64_t n = len - lo < HBLOCK ? len - lo : HBLOCK;
       stats_block(xr + lo, n, &s, &ss, &mx);
-      if (hist) hist_add(xr + lo, n, hist + 1024 * r);
+      if (hist) tail_add(xr + lo, n, &t, need);
     }
+    if (hist) for (int b = 0; b < 1024; b++) hist[1024 * r + b] = t.h[b];
     out[3 * r] = s; out[3 * r + 1] = ss; out[3 * r + 2] = (double)mx;
   }
 }
@@ -518,9 +543,9 @@ def _load_native():
     lib.hwq_scale_bwd.restype = D
     lib.hwq_stats.argtypes = [P, I64, P, I]
     lib.hwq_stats.restype = None
-    lib.hwq_stats_hist.argtypes = [P, I64, P, P, I]
+    lib.hwq_stats_hist.argtypes = [P, I64, P, P, I64, I]
     lib.hwq_stats_hist.restype = None
-    lib.hwq_row_stats.argtypes = [P, I64, I64, P, P, I]
+    lib.hwq_row_stats.argtypes = [P, I64, I64, P, P, I64, I]
     lib.hwq_row_stats.restype = None
     lib.hwq_gq_rows.argtypes = [P, P, I64, I64, P, P, F, I, I]
     lib.hwq_gq_rows.restype = None
