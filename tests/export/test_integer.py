@@ -218,3 +218,28 @@ def test_errors_name_the_problem():
         from hwquant.methods import LSQConfig
 
         LSQConfig(pow2=True)
+
+
+def test_integer_model_moves_with_to_and_round_trips_its_state_dict(tmp_path):
+    """The ops' tensors follow .to(device) (here the meta device, which any machine has) and live in
+    state_dict: another network's integer model of the same structure loads them and then computes exactly
+    what the first one does; a dtype conversion is refused before anything changes."""
+    cfg = STEConfig(w_bits=4, a_bits=4, first_last_bits=8, pow2=True)
+    x = _batches(1, seed=7)[0][0]
+    a = integer_model(prepare_qat(_net("small_cnn", seed=0), cfg, _batches()).eval(), x[:1])
+    b = integer_model(prepare_qat(_net("small_cnn", seed=3), cfg, _batches(seed=4)).eval(), x[:1])
+    want = a.run(x)
+    assert not torch.equal(b.run(x), want)
+    torch.save(a.state_dict(), tmp_path / "int.pt")
+    b.load_state_dict(torch.load(tmp_path / "int.pt", weights_only=True))
+    assert torch.equal(b.run(x), want)
+    with pytest.raises(ConfigError, match="keeps its dtypes"):
+        a.half()
+    assert torch.equal(a.run(x), want)  # unchanged by the refused conversion
+    a.to("meta")
+    tensors = [v for op in a.ops for v in op.params.values() if isinstance(v, torch.Tensor)]
+    assert tensors and all(t.is_meta for t in tensors) and a.input_scale.is_meta
+    assert all(op.scale is None or op.scale.is_meta for op in a.ops)
+    other = integer_model(prepare_qat(_net("resnet20"), cfg, _batches()).eval(), x[:1])
+    with pytest.raises(ConfigError, match="another network"):
+        other.load_state_dict(b.state_dict())

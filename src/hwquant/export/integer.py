@@ -77,6 +77,7 @@ from ..nn.graph import trace as _trace
 from ..nn.layers import LUT_ACTIVATIONS, QUANT_LAYERS, QuantAct, QuantConv2d, QuantLinear, QuantLUTAct, exact_float_sums
 from ..nn.quantizer import FakeQuantizer
 from ..numerics.uniform import qrange
+from .tally import Tally, labelled_batches
 
 __all__ = ["IntegerModel", "IntOp", "compare", "integer_model", "requant_params", "rshift_rne"]
 
@@ -249,7 +250,8 @@ class IntegerModel(nn.Module):
     """A quantized network as a list of :class:`IntOp` on int64 tensors (see the module docstring).
 
     ``model(codes)`` runs from input codes to the output accumulator; :meth:`run` starts from a float
-    input.  :meth:`trace` returns every intermediate value (for golden vectors).
+    input.  :meth:`trace` returns every intermediate value (for golden vectors).  ``.to(device)`` moves every
+    op's tensors and ``state_dict`` holds them (the extra state); dtype conversions are refused.
     """
 
     def __init__(self, ops: list[IntOp], input_quant: FakeQuantizer, input_name: str, output_name: str,
@@ -268,6 +270,58 @@ class IntegerModel(nn.Module):
     @property
     def output_scale(self) -> torch.Tensor:
         return self._by_name[self.output_name].scale
+
+    # The ops' tensors live in their ``params`` dicts (an op list, not submodules), so the two nn.Module hooks
+    # that visit buffers are implemented here: ``_apply`` (``.to(device)``, ``.cuda()``, ``.cpu()``) and the
+    # extra state of ``state_dict`` / ``load_state_dict``.
+    def _op_tensors(self):
+        """``(holder, key, tensor)`` for every tensor the ops hold."""
+        for op in self.ops:
+            for k, v in op.params.items():
+                if isinstance(v, torch.Tensor):
+                    yield op.params, k, v
+        yield self.__dict__, "input_scale", self.input_scale
+
+    def _apply(self, fn, recurse: bool = True):
+        """Moves every op tensor with the model; conversions that would change a dtype (``.half()``,
+        ``.float()``: the integer codes and the float64 scales are exact by construction) are refused before
+        anything changes."""
+        probe = [torch.zeros((), dtype=d, device=self.input_scale.device) for d in (torch.int64, torch.float64)]
+        if any(fn(t).dtype != t.dtype for t in probe):
+            raise ConfigError("an integer model keeps its dtypes (int64 codes, float64 scales): only its device "
+                              "can change")
+        super()._apply(fn, recurse)
+        for holder, k, v in list(self._op_tensors()):
+            holder[k] = fn(v)
+        for op in self.ops:
+            if op.scale is not None:
+                op.scale = fn(op.scale)
+        return self
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"ops": {op.name: {"kind": op.kind, "params": dict(op.params), "scale": op.scale,
+                                  "bound": op.bound} for op in self.ops},
+                "input_scale": self.input_scale}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        ops = state["ops"]
+        mine = {op.name: op.kind for op in self.ops}
+        if {n: o["kind"] for n, o in ops.items()} != mine:
+            raise ConfigError("integer model state of another network: its ops differ from this model's")
+        for op in self.ops:  # check everything before changing anything
+            saved = ops[op.name]["params"]
+            for k, v in op.params.items():
+                w = saved.get(k)
+                if isinstance(v, torch.Tensor) != isinstance(w, torch.Tensor) or (
+                        isinstance(v, torch.Tensor) and (v.shape != w.shape or v.dtype != w.dtype)):
+                    raise ConfigError(f"integer model state: {op.name}.{k} differs in kind, shape or dtype")
+        for op in self.ops:
+            saved = ops[op.name]
+            op.params = {k: v.to(op.params[k].device) if isinstance(v, torch.Tensor) else v
+                         for k, v in saved["params"].items()}
+            op.scale = None if saved["scale"] is None else saved["scale"].to(self.input_scale.device)
+            op.bound = saved["bound"]
+        self.input_scale = state["input_scale"].to(self.input_scale.device)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """Input codes (int64) with the first layer's input quantizer."""
@@ -480,7 +534,7 @@ class _Builder:
     def layer(self, name: str, m: QuantConv2d | QuantLinear, v: _Val) -> _Val:
         s_acc = m.accumulator_scale()
         if s_acc is None:
-            raise ConfigError(f"{name}: input and weight must both be quantized (zero point 0) for integer export")
+            raise ConfigError(f"{name}: {m.no_integer_form()}: no integer form")
         if m.weight_quant.spec.rounding != "nearest":
             raise ConfigError(f"{name}: integer export supports rounding='nearest' weights only")
         xq = self.requant(v, m.input_quant, name)
@@ -901,15 +955,11 @@ def compare(qmodel: nn.Module, imodel: IntegerModel, batches: Iterable, *, max_b
     for op in imodel.ops:
         if op.kind in ("conv2d", "linear") and op.name in mods:
             hooks.append(mods[op.name].register_forward_pre_hook(hook(op.name)))
-    stats = {"n": 0, "max_abs_diff": 0.0, "n_diff": 0, "n_out": 0, "top1_fq": 0, "top1_int": 0, "agree": 0}
-    per_layer: dict[str, dict[str, int]] = {}
+    tally = Tally()
+    max_abs_diff, n_diff, n_out = 0.0, 0, 0
     try:
         it = tqdm(batches, desc="compare", leave=False, disable=not progress)
-        for i, batch in enumerate(it):
-            if max_batches is not None and i >= max_batches:
-                break
-            x, y = (batch[0], batch[1] if len(batch) > 1 else None) if isinstance(batch, (tuple, list)) \
-                else (batch, None)
+        for x, y in labelled_batches(it, max_batches):
             x = x.cpu()  # the integer model is the CPU reference; the fake-quant model runs where it lives
             y = None if y is None else y.cpu()
             layer_inputs.clear()
@@ -917,32 +967,19 @@ def compare(qmodel: nn.Module, imodel: IntegerModel, batches: Iterable, *, max_b
             env = imodel.trace(imodel.quantize_input(x))
             out = imodel.dequantize(env[imodel.output_name])
             d = (out.double() - fq.double()).abs()
-            stats["max_abs_diff"] = max(stats["max_abs_diff"], float(d.max()))
-            stats["n_diff"] += int((d > 0).sum())
-            stats["n_out"] += d.numel()
+            max_abs_diff = max(max_abs_diff, float(d.max()))
+            n_diff += int((d > 0).sum())
+            n_out += d.numel()
             for vname, lname in req_for.items():
-                if lname not in layer_inputs:
-                    continue
-                dq = (env[vname] - layer_inputs[lname]).abs()
-                row = per_layer.setdefault(lname, {"codes": 0, "codes_diff": 0, "max_lsb": 0})
-                row["codes"] += dq.numel()
-                row["codes_diff"] += int((dq > 0).sum())
-                row["max_lsb"] = max(row["max_lsb"], int(dq.max()))
-            if y is not None:
-                pf, pi = fq.argmax(1), out.argmax(1)
-                stats["top1_fq"] += int((pf == y).sum())
-                stats["top1_int"] += int((pi == y).sum())
-                stats["agree"] += int((pf == pi).sum())
-                stats["n"] += y.numel()
+                if lname in layer_inputs:
+                    tally.codes(lname, layer_inputs[lname], env[vname])
+            tally.predictions(out, fq, y)
     finally:
         for h in hooks:
             h.remove()
-    n = max(stats["n"], 1)
-    codes = sum(r["codes"] for r in per_layer.values())
-    diff = sum(r["codes_diff"] for r in per_layer.values())
-    return {"images": stats["n"], "max_abs_diff": stats["max_abs_diff"], "out_diff": stats["n_diff"],
-            "out_elements": stats["n_out"], "top1_fake_quant": 100.0 * stats["top1_fq"] / n,
-            "top1_integer": 100.0 * stats["top1_int"] / n, "prediction_agree": 100.0 * stats["agree"] / n,
-            "codes": codes, "codes_diff": diff, "max_code_lsb": max((r["max_lsb"] for r in per_layer.values()),
-                                                                   default=0),
-            "layers": per_layer}
+    t = tally.totals()
+    return {"images": tally.images, "max_abs_diff": max_abs_diff, "out_diff": n_diff, "out_elements": n_out,
+            "top1_fake_quant": tally.top1("other"), "top1_integer": tally.top1("reference"),
+            "prediction_agree": tally.prediction_agree,
+            "codes": t["codes"], "codes_diff": t["codes_diff"], "max_code_lsb": t["max_code_lsb"],
+            "layers": tally.layers}

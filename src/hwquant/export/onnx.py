@@ -16,7 +16,10 @@
   is the first of them.
 * ``conv2d`` / ``linear`` -> ``DequantizeLinear(int weights, per-channel scale, axis 0)`` and, for the bias,
   ``DequantizeLinear(int32 bias, s_x * s_w, axis 0)``, feeding a float ``Conv`` / ``Gemm``: the QDQ pattern
-  onnxruntime fuses into ``QLinearConv`` / ``QGemm`` where the types allow.
+  onnxruntime fuses into ``QLinearConv`` / ``QGemm`` where the types allow.  Weight codes beyond +-64 (8-bit
+  weights) are stored as ``UINT8`` ``w + 128`` with zero point 128, the same integers: onnxruntime's fused
+  uint8 x int8 kernels on x86 CPUs without VNNI (AVX2) saturate the 16-bit sum of two products
+  (``2 * 255 * 127 > 2^15``), and its uint8 x uint8 kernels do not.
 * ``relu`` / ``add`` / ``sumpool`` / ``maxpool`` / ``flatten`` / ``concat`` / ``upsample`` -> ``Relu`` / ``Add`` /
   ``GlobalAveragePool`` or ``AveragePool`` / ``MaxPool`` / ``Flatten`` / ``Concat`` / ``Resize`` (nearest) on the
   dequantized values; ``clamp`` and a requantization's carried clip -> ``Max`` / ``Min`` with per-channel
@@ -38,10 +41,15 @@ import torch
 
 from ..errors import ConfigError, HwquantError
 from .integer import IntegerModel
+from .tally import Tally, labelled_batches
 
 __all__ = ["check_onnx", "onnx_available", "to_onnx"]
 
 OPSET = 21
+# onnxruntime's u8s8 int8 kernels on x86 CPUs without VNNI (AVX2, AVX-512F) add pairs of uint8 x int8 products
+# in 16 bits with saturation (vpmaddubsw): 2 * 255 * |w| must stay below 2^15, i.e. |w| <= 64.  Wider weight
+# codes are written as uint8 with zero point 128 (its u8u8 kernels widen first), see to_onnx.
+_U8S8_SAFE = 64
 
 
 def onnx_available() -> bool:
@@ -222,9 +230,17 @@ def to_onnx(model, path: str | os.PathLike, example_input: torch.Tensor | None =
                     wt = TP.INT8
             sw = p["w_scale"].numpy().astype(np.float32).reshape(-1)
             axis_attr = {"axis": 0} if sw.size > 1 else {}
-            wq = g.const(f"{op.name}.weight", w, wt)
-            wdq = g.node("DequantizeLinear", [wq, g.const(f"{op.name}.w_scale", sw if sw.size > 1 else sw[0]),
-                                              g.zp(wt, (sw.size,) if sw.size > 1 else ())], **axis_attr)
+            zshape = (sw.size,) if sw.size > 1 else ()
+            if wt == TP.INT8 and w.size and int(np.abs(w).max()) > _U8S8_SAFE:
+                # UINT8 codes w + 128 with zero point 128: the same integers, but onnxruntime's fused u8u8
+                # kernels widen to 16 bits, where its u8s8 ones (x86 without VNNI) saturate 16-bit pair sums
+                wq = g.const(f"{op.name}.weight", w.astype(np.int64) + 128, TP.UINT8)
+                zp = g.const("zp", np.full(zshape, 128, dtype=np.int64), TP.UINT8)
+            else:
+                wq = g.const(f"{op.name}.weight", w, wt)
+                zp = g.zp(wt, zshape)
+            wdq = g.node("DequantizeLinear", [wq, g.const(f"{op.name}.w_scale", sw if sw.size > 1 else sw[0]), zp],
+                         **axis_attr)
             inputs = [ins[0], wdq]
             b = p.get("bias")
             if b is not None:
@@ -327,34 +343,23 @@ def check_onnx(path: str | os.PathLike, imodel: IntegerModel, batches, *, max_ba
     outs = [o.name for o in sess.get_outputs()]
     code_outs = [o for o in outs if o.endswith(":codes")]
     s_out = imodel.output_scale.double()
-    stats = {"images": 0, "codes": 0, "codes_diff": 0, "max_code_lsb": 0, "max_logit_lsb": 0.0,
-             "top1_onnx": 0, "top1_integer": 0, "agree": 0}
-    for i, batch in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            break
-        x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+    tally = Tally()
+    max_logit_lsb = 0.0
+    for x, y in labelled_batches(batches, max_batches):
         res = dict(zip(outs, sess.run(outs, {"input": x.float().contiguous().numpy()}), strict=True))
         env = imodel.trace(imodel.quantize_input(x))
         for o in code_outs:
             name = o[: -len(":codes")]
-            ref = env[name] if name in env else imodel.quantize_input(x)
-            d = np.abs(res[o].astype(np.int64) - ref.numpy())
-            stats["codes"] += d.size
-            stats["codes_diff"] += int((d > 0).sum())
-            stats["max_code_lsb"] = max(stats["max_code_lsb"], int(d.max()) if d.size else 0)
+            tally.codes(name, res[o], env[name] if name in env else imodel.quantize_input(x))
         v = env[imodel.output_name].double()
         logits = torch.from_numpy(res["logits"]).double()
-        lsb = ((logits / s_out.reshape(1, -1)) - v).abs().max()
-        stats["max_logit_lsb"] = max(stats["max_logit_lsb"], float(lsb))
-        if y is not None:
-            po, pi = logits.argmax(1), v.mul(s_out.reshape(1, -1)).argmax(1)
-            stats["top1_onnx"] += int((po == y).sum())
-            stats["top1_integer"] += int((pi == y).sum())
-            stats["agree"] += int((po == pi).sum())
-            stats["images"] += y.numel()
-    n = max(stats["images"], 1)
-    for key in ("top1_onnx", "top1_integer", "agree"):
-        stats[key] = 100.0 * stats[key] / n
+        max_logit_lsb = max(max_logit_lsb, float(((logits / s_out.reshape(1, -1)) - v).abs().max()))
+        tally.predictions(v.mul(s_out.reshape(1, -1)), logits, y)
+    t = tally.totals()
+    stats = {"images": tally.images, "codes": t["codes"], "codes_diff": t["codes_diff"],
+             "max_code_lsb": t["max_code_lsb"], "first_diff": t["first_diff"], "max_logit_lsb": max_logit_lsb,
+             "top1_onnx": tally.top1("other"), "top1_integer": tally.top1("reference"),
+             "agree": tally.prediction_agree, "layers": tally.layers}
     stats["nodes"] = len(_need_onnx().load(str(path)).graph.node)
     stats["optimize"] = level
     return stats

@@ -68,6 +68,7 @@ from ..errors import ConfigError, HwquantError
 from .integer import IntegerModel
 from .onnx import _Graph
 from .onnx import _need_onnx as _need_onnx_for
+from .tally import Tally, labelled_batches
 
 __all__ = ["QONNX_DOMAIN", "check_qonnx", "qonnx_available", "run_numpy", "to_qonnx"]
 
@@ -379,44 +380,27 @@ def check_qonnx(path: str | os.PathLike, imodel: IntegerModel, batches, *, max_b
     expected = [imodel.input_name, *(op.name for op in imodel.ops if op.kind == "requant"), *weights]
     missing = [n for n in expected if n not in quants]
     s_out = imodel.output_scale.double()
-    per: dict[str, dict[str, int]] = {}
-    stats = {"images": 0, "max_logit_lsb": 0.0, "max_logit_abs": 0.0, "top1_qonnx": 0, "top1_integer": 0,
-             "agree": 0, "n_agree": 0}
-    for i, batch in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            break
-        x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+    s = s_out.reshape(1, -1) if s_out.numel() > 1 else s_out.reshape(())
+    tally = Tally()
+    for name in expected:  # the table's order is the graph's order (first_diff)
+        if name not in missing:
+            tally.layers[name] = {"codes": 0, "codes_diff": 0, "max_lsb": 0}
+    max_lsb, max_abs = 0.0, 0.0
+    for x, y in labelled_batches(batches, max_batches):
         ctx = run(x.float().contiguous().numpy())
         env = imodel.trace(imodel.quantize_input(x))
-        for name in expected:
-            if name in missing:
-                continue
+        for name in tally.layers:
             out, sname = quants[name]
             codes = np.round(ctx[out].astype(np.float64) / inits[sname].astype(np.float64)).astype(np.int64)
-            ref = weights[name] if name in weights else env[name].numpy()
-            d = np.abs(codes - ref)
-            row = per.setdefault(name, {"codes": 0, "codes_diff": 0, "max_lsb": 0})
-            row["codes"] += d.size
-            row["codes_diff"] += int((d > 0).sum())
-            row["max_lsb"] = max(row["max_lsb"], int(d.max()) if d.size else 0)
+            tally.codes(name, codes, weights[name] if name in weights else env[name])
         v = env[imodel.output_name].double()
         logits = torch.from_numpy(np.asarray(ctx["logits"])).double()
-        s = s_out.reshape(1, -1) if s_out.numel() > 1 else s_out.reshape(())
-        stats["max_logit_lsb"] = max(stats["max_logit_lsb"], float((logits / s - v).abs().max()))
-        stats["max_logit_abs"] = max(stats["max_logit_abs"], float((logits - v * s).abs().max()))
-        po, pi = logits.argmax(1), (v * s).argmax(1)
-        stats["agree"] += int((po == pi).sum())
-        stats["n_agree"] += po.numel()
-        if y is not None:
-            stats["top1_qonnx"] += int((po == y).sum())
-            stats["top1_integer"] += int((pi == y).sum())
-            stats["images"] += y.numel()
-    n = max(stats["images"], 1)
-    first = next((n for n in expected if per.get(n, {}).get("codes_diff")), None)
-    return {"executor": executor, "images": stats["images"], "max_logit_lsb": stats["max_logit_lsb"],
-            "max_logit_abs": stats["max_logit_abs"], "first_diff": first,
-            "top1_qonnx": 100.0 * stats["top1_qonnx"] / n, "top1_integer": 100.0 * stats["top1_integer"] / n,
-            "prediction_agree": 100.0 * stats["agree"] / max(stats["n_agree"], 1),
-            "codes": sum(r["codes"] for r in per.values()), "codes_diff": sum(r["codes_diff"] for r in per.values()),
-            "max_code_lsb": max((r["max_lsb"] for r in per.values()), default=0), "quant_nodes": len(quants),
-            "missing": missing, "nodes": len(model.graph.node), "layers": per}
+        max_lsb = max(max_lsb, float((logits / s - v).abs().max()))
+        max_abs = max(max_abs, float((logits - v * s).abs().max()))
+        tally.predictions(v * s, logits, y)
+    t = tally.totals()
+    return {"executor": executor, "images": tally.images, "max_logit_lsb": max_lsb, "max_logit_abs": max_abs,
+            "first_diff": t["first_diff"], "top1_qonnx": tally.top1("other"),
+            "top1_integer": tally.top1("reference"), "prediction_agree": tally.prediction_agree,
+            "codes": t["codes"], "codes_diff": t["codes_diff"], "max_code_lsb": t["max_code_lsb"],
+            "quant_nodes": len(quants), "missing": missing, "nodes": len(model.graph.node), "layers": tally.layers}
