@@ -14,6 +14,7 @@ from hwquant.nn import (
     QuantLinear,
     QuantRecipe,
     calibrate,
+    float_eval_layers,
     fold_batchnorm,
     quant_layers,
     quantize_model,
@@ -175,6 +176,34 @@ def test_eval_computes_on_integer_codes_exactly():
     assert torch.equal(y_eval, ref)
     y_float = q(x)  # grad enabled: the float (training) path
     torch.testing.assert_close(y_float, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_layer_without_integer_form_says_so_and_evaluates_in_float():
+    """A float bias (bias_bits=None): no integer accumulator.  The layer says why (explicitly, not by catching
+    an error), evaluates on the float path (the training path's value), is listed by float_eval_layers, and the
+    integer export refuses it naming the layer."""
+    from hwquant.export import integer_model
+
+    torch.manual_seed(5)
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=True)
+    x = torch.relu(torch.randn(2, 3, 8, 8))
+    good = QuantConv2d.from_float(conv, QuantSpec(bits=8, granularity="channel"), QuantSpec(bits=8, signed=None))
+    bad = QuantConv2d.from_float(conv, QuantSpec(bits=8, granularity="channel"), QuantSpec(bits=8, signed=None),
+                                 bias_bits=None)
+    for q in (good, bad):
+        q.weight_quant.calibrate_from(q.weight.detach())
+        q.input_quant.calibrate_from(x)
+    assert good.no_integer_form() is None
+    assert "bias is not quantized" in bad.no_integer_form()
+    bad.eval()
+    with torch.no_grad():
+        y_eval = bad(x)
+    ref = F.conv2d(bad.quantized_input(x), bad.quantized_weight(), bad.bias, padding=1)
+    assert torch.equal(y_eval, ref)
+    model = nn.Sequential(good, nn.ReLU(), bad).eval()
+    assert float_eval_layers(model) == {"2": bad.no_integer_form()}
+    with pytest.raises(ConfigError, match=r"^2: the bias is not quantized"):
+        integer_model(model, x[:1])
 
 
 def test_exact_float_sums_turns_tf32_off_and_restores_it():

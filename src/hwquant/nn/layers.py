@@ -17,7 +17,9 @@ computes what an integer datapath computes: the codes ``q_x = round(x_hat / s_x)
 and one rounding ``y = fl32(fl64(A) * fl64(s_acc))`` with ``s_acc = fl32(s_x * s_w)`` and ``B`` the bias codes
 in accumulator units.  :func:`hwquant.export.integer_model` produces ``A`` with integer arithmetic, so the
 two agree bit for bit at every layer output; in training the float path (``op(x_hat, w_hat) + b_hat``, whose
-float32 sums round differently) keeps the usual gradients.
+float32 sums round differently) keeps the usual gradients.  A layer with no integer accumulator (a float
+bias, a bias step that is not a multiple of ``s_x * s_w``, per-channel input steps) evaluates on the float path;
+:meth:`~_QuantMixin.no_integer_form` says which layers and why (:func:`hwquant.nn.float_eval_layers` lists them).
 """
 
 from __future__ import annotations
@@ -130,8 +132,25 @@ class _QuantMixin:
             raise ValueError("bias step is not an integer multiple of the accumulator step s_x * s_w")
         return q * k.float()
 
+    def no_integer_form(self) -> str | None:
+        """Why this layer has no integer accumulator (``None`` when it has one): evaluation then computes in
+        float (``op(x_hat, w_hat) + b_hat``) and :func:`hwquant.export.integer_model` refuses the layer with
+        this reason.  Checked explicitly, so no error inside the integer path is ever taken for an answer."""
+        s_acc = self.accumulator_scale()
+        if s_acc is None:
+            return "input and weight are not both quantized symmetrically (one step per tensor / output channel)"
+        if self.bias is None:
+            return None
+        s_b = self.bias_scale()
+        if s_b is None:
+            return "the bias is not quantized (bias_bits=None): no integer accumulator"
+        ratio = s_b.double() / s_acc.double()
+        if not torch.equal(ratio, torch.round(ratio)):
+            return "bias step is not an integer multiple of the accumulator step s_x * s_w"
+        return None
+
     def _exact_ok(self) -> bool:
-        return not self.training and not torch.is_grad_enabled() and self.accumulator_scale() is not None
+        return not self.training and not torch.is_grad_enabled() and self.no_integer_form() is None
 
     def _exact_forward(self, x: torch.Tensor, op) -> torch.Tensor:
         iq, wq = self.input_quant, self.weight_quant
@@ -139,10 +158,7 @@ class _QuantMixin:
         qx = torch.round(x_hat / iq.scale.to(x_hat.dtype))
         qw = torch.round(w_hat / _shape_param(wq.scale.to(w_hat.dtype), w_hat, wq.axis))
         s_acc = self.accumulator_scale()
-        try:
-            qb = self.bias_codes(s_acc)
-        except ValueError:  # not representable in integers: keep the float path
-            return op(x_hat, w_hat, self.quantized_bias())
+        qb = self.bias_codes(s_acc)  # representable: no_integer_form() said so
         qmin, qmax = qrange(iq.spec.bits, bool(iq.signed), iq.spec.narrow)
         k = self.weight[0].numel()
         bound = k * max(-qmin, qmax) * float(qw.abs().amax()) + (0.0 if qb is None else float(qb.abs().amax()))

@@ -184,6 +184,12 @@ def quant_layers(model: nn.Module) -> Iterator[tuple[str, QuantConv2d | QuantLin
             yield name, m
 
 
+def float_eval_layers(model: nn.Module) -> dict[str, str]:
+    """The quantized layers that evaluate in float rather than on an integer accumulator, with the reason
+    (:meth:`~hwquant.nn.layers.QuantConv2d.no_integer_form`); empty when every layer is integer-exact."""
+    return {name: why for name, m in quant_layers(model) if (why := m.no_integer_form()) is not None}
+
+
 def quantizers(model: nn.Module) -> Iterator[tuple[str, FakeQuantizer]]:
     """``(name, quantizer)`` for every :class:`FakeQuantizer` in the model."""
     for name, m in model.named_modules():
