@@ -213,3 +213,70 @@ def test_wide_codes_do_not_wrap():
     assert q._coarse_codes(w).tolist() == [[127, -127, 3, 127]]
     codes = q.codes(w)
     assert codes.dtype == torch.int16 and codes.tolist() == [[254, -254, 6, 254]]
+
+
+def test_flips_are_counted_per_optimizer_step_not_per_forward():
+    """A parameter weight: forwards on unchanged weights (gradient accumulation) are one step; only an
+    optimizer update makes a new one.  Codes 0 -> 1 -> 0 -> 1 over four steps: 2 reversals, however many
+    forwards each step has."""
+    def run(forwards_per_step):
+        q = _quantizer([1.0], 1, gamma=1.0)
+        q.flag_step.fill_(10)
+        q.train()
+        w = nn.Parameter(torch.zeros(1, 1))
+        for v in (0.0, 1.0, 0.0, 1.0):
+            with torch.no_grad():
+                w.copy_(torch.tensor([[v]]))  # what an optimizer step does: an in-place update
+            for _ in range(forwards_per_step):
+                q(w).sum().backward()
+        return q
+
+    one, three = run(1), run(3)
+    assert one.flips.tolist() == three.flips.tolist() == [[2]]
+    assert int(one.step) == int(three.step) == 4 and int(three.counted_steps) == 3
+    # a computed (non-parameter) weight: every forward is a step, as before
+    q = _quantizer([1.0], 1, gamma=1.0)
+    q.flag_step.fill_(10)
+    q.train()
+    for v in (0.0, 1.0, 0.0):
+        q(torch.tensor([[v]], requires_grad=True))
+    assert int(q.step) == 3 and q.flips.tolist() == [[1]]
+
+
+def test_random_choice_matches_the_flip_count_and_is_seeded():
+    """choose='random': per layer as many extra weights as the flip rule picks, at random, reproducibly."""
+    def chosen(choose, seed):
+        q = _quantizer([1.0], 64, min_flips=1, max_extra=0.5, gamma=1.0, choose=choose, seed=seed)
+        q.flips.view(-1)[:10] = 3  # the flip rule takes exactly these ten
+        q._flag()
+        return q.extra.clone()
+
+    flips = chosen("flips", 0)
+    assert flips.view(-1)[:10].all() and int(flips.sum()) == 10
+    r0, r0b, r1 = chosen("random", 0), chosen("random", 0), chosen("random", 1)
+    assert int(r0.sum()) == int(r1.sum()) == 10
+    assert torch.equal(r0, r0b) and not torch.equal(r0, r1) and not torch.equal(r0, flips)
+    with pytest.raises(ConfigError, match="choose"):
+        MPQConfig(choose="most")
+
+
+def test_summary_reports_flip_histogram_frequency_and_slowed_share():
+    q = _quantizer([1.0], 4, eps=0.1, gamma=0.5)
+    q.flag_step.fill_(100)
+    q.train()
+    w = nn.Parameter(torch.tensor([[0.45, 0.3, 0.0, 0.0]]))  # w0 near a threshold every step, w1 never
+    codes = [[0, 0, 0, 0], [1, 0, 0, 1], [0, 0, 0, 1], [1, 0, 0, 0]]  # w0: 2 reversals, w3: 1 (0 1 1 0)
+    for c in codes:
+        with torch.no_grad():
+            w.copy_(torch.tensor([c], dtype=torch.float32) + torch.tensor([[0.45, 0.3, 0.0, 0.0]]))
+        q(w).sum().backward()
+    layer = nn.Module()  # mpq_summary reads quantized layers: wrap the quantizer in one
+    from hwquant.nn import QuantLinear
+    lin = QuantLinear(4, 1, bias=False)
+    lin.weight_quant = q
+    layer.lin = lin
+    row = mpq_summary(layer)[0]
+    assert row["flip_hist"][:3] == [2, 1, 1] and sum(row["flip_hist"]) == 4
+    assert row["counted_steps"] == 3 and row["flipping_weights"] == 2
+    assert row["flip_frequency_mean"] == pytest.approx((2 + 1) / 2 / 3)
+    assert row["slowed_share_mean"] == pytest.approx(0.25)  # w0 (x.45) only; 0.3 and 0.0 are not near x.5

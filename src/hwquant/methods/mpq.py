@@ -11,16 +11,29 @@ Exact semantics, per low-bit conv/linear layer (the first conv and last FC stay 
   2 q_min, 2 q_max)`` at step ``s / 2``: one more bit, the same range).  Both are codes of one
   ``(w_bits + 1)``-bit grid of step ``s / 2`` (coarse weights have even codes there), which is what the
   quantizer stores as its ``scale`` and what the integer model and the accelerator run.
-* **flips** (Nagel et al. 2022's oscillation count): from step ``(flag_at - window) * T`` to ``flag_at * T``
-  (``T`` training steps), after every optimizer step the coarse code of each weight is compared with its
-  previous one; a change whose direction is opposite to the weight's previous change (``A -> B -> A``) is a
-  flip.
+* **flips** (oscillations): from step ``(flag_at - window) * T`` to ``flag_at * T`` (``T`` optimizer steps),
+  once per optimizer step the coarse code of each weight is compared with its previous one; a change whose
+  direction is opposite to the weight's previous change (``A -> B -> A``) is a flip.  "Once per optimizer
+  step": the weight is a parameter that the optimizer updates in place, so its version counter tells a new
+  step from another forward of the same step (gradient accumulation, a second loss) - a forward on unchanged
+  weights is not a step and is not counted.  ``flips / counted steps`` is the oscillation frequency
+  (:func:`mpq_summary`).  From Nagel et al., ICML 2022 ("Overcoming oscillations in quantization-aware
+  training"), we take the definition of an oscillation (an integer-level change whose direction reverses
+  the previous change, tracked per weight after every optimizer step) and its use as a frequency; where they
+  keep an exponential moving average of it over all of training (momentum ``m``, ``f <- m o + (1 - m) f``) and
+  *freeze* the weights whose frequency passes a threshold, MPQ counts over one fixed window before the flag
+  step (a uniform average over the window, so the count is the frequency up to the window length) and gives
+  those weights an *extra level* instead.
 * **extra bit**: at step ``flag_at * T`` the weights with at least ``min_flips`` flips become extra, at most
   the ``max_extra`` fraction of each layer's weights (the most flipping first; ties by index).  The choice is
-  final (it is a buffer of the quantizer, saved with the model).
+  final (it is a buffer of the quantizer, saved with the model).  ``choose="random"`` (an ablation) gives the
+  extra bit to as many weights of each layer as the flip rule chose, drawn at random (seeded).
 * **lower learning rate near a threshold**: the loss gradient of a weight within ``eps`` steps of a rounding
   threshold of its grid (``|W / s_g - floor(W / s_g) - 1/2| < eps``, ``s_g`` = ``s`` or ``s / 2``) is
   multiplied by ``gamma`` (weight decay, added by the optimizer, is not).
+
+Measured for the diagnosis (buffers, reported by :func:`mpq_summary`): the flips per weight, the counted
+steps, and the share of weights the learning-rate rule slowed, summed over the steps.
 
 ``max_extra=0, gamma=1`` is plain uniform QAT on the same fixed grid (the baseline of the same run).  The bits
 stored count the index of the extra weights honestly (:func:`hwquant.hw.index_bits`).
@@ -41,7 +54,9 @@ from ..numerics.uniform import _shape_param, fake_quantize_trusted, qrange
 from ..spec import QuantParams, QuantSpec
 from .qat import _QATCommon, register_qat
 
-__all__ = ["MPQConfig", "MixedWeightQuantizer", "mpq_summary", "schedule_mpq"]
+MPQ_CHOICES = ("flips", "random")
+
+__all__ = ["MPQ_CHOICES", "MPQConfig", "MixedWeightQuantizer", "mpq_summary", "schedule_mpq"]
 
 
 def _code_dtype(bits: int) -> torch.dtype:
@@ -58,15 +73,21 @@ class MixedWeightQuantizer(FakeQuantizer):
     """
 
     def __init__(self, spec: QuantSpec, axis: int | None = None, generator=None, *, min_flips: int = 2,
-                 max_extra: float = 0.1, eps: float = 0.1, gamma: float = 0.1):
+                 max_extra: float = 0.1, eps: float = 0.1, gamma: float = 0.1, choose: str = "flips",
+                 seed: int = 0):
         super().__init__(spec, axis=axis, generator=generator)
         self.min_flips, self.max_extra, self.eps, self.gamma = min_flips, max_extra, eps, gamma
+        self.choose, self.seed = choose, seed
+        self._seen: tuple | None = None  # (weight, version) of the last tracked step
         self.register_buffer("extra", torch.empty(0, dtype=torch.bool))
         self.register_buffer("flips", torch.empty(0, dtype=torch.int32))
         self.register_buffer("prev_codes", torch.empty(0, dtype=torch.int8))
         self.register_buffer("last_dir", torch.empty(0, dtype=torch.int8))
-        for name in ("step", "count_from", "flag_step"):
+        for name in ("step", "count_from", "flag_step", "counted_steps"):
             self.register_buffer(name, torch.tensor(-1 if name == "flag_step" else 0, dtype=torch.int64))
+        # sum over training steps of the share of weights whose gradient the learning-rate rule scaled
+        self.register_buffer("slowed_share_sum", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("slowed_steps", torch.tensor(0, dtype=torch.int64))
 
     # ------------------------------------------------------------------ state
     def set_params(self, params: QuantParams, peak=None) -> None:
@@ -106,6 +127,18 @@ class MixedWeightQuantizer(FakeQuantizer):
         s = _shape_param(2 * self.scale.to(w.dtype), w, self.axis)
         return torch.round(w.detach() / s).clamp_(qmin, qmax).to(_code_dtype(self.spec.bits))
 
+    def _new_step(self, w: torch.Tensor) -> bool:
+        """Whether this forward belongs to a new optimizer step: for a parameter, its version counter moved
+        since the last tracked forward (the optimizer updates it in place); any other tensor (a computed
+        weight) counts every forward."""
+        if not isinstance(w, nn.Parameter):
+            return True
+        seen = (w, w._version)
+        if self._seen is not None and self._seen[0] is w and self._seen[1] == w._version:
+            return False
+        self._seen = seen
+        return True
+
     @torch.no_grad()
     def _track(self, w: torch.Tensor) -> None:
         if int(self.flag_step) < 0:  # training without a schedule would silently be uniform QAT
@@ -120,6 +153,7 @@ class MixedWeightQuantizer(FakeQuantizer):
             d = torch.sign(q.to(torch.int32) - self.prev_codes.to(torch.int32)).to(torch.int8)
             self.flips += ((d != 0) & (d == -self.last_dir)).to(torch.int32)
             self.last_dir = torch.where(d != 0, d, self.last_dir)
+            self.counted_steps += 1
         if step > int(self.count_from):
             self.prev_codes = q
         if step == int(self.flag_step):
@@ -134,6 +168,11 @@ class MixedWeightQuantizer(FakeQuantizer):
             score = torch.where(cand, self.flips.reshape(-1), torch.full_like(self.flips.reshape(-1), -1))
             order = torch.sort(score, descending=True, stable=True).indices[:budget]
             extra[order] = cand[order]
+        if self.choose == "random":  # the ablation: as many weights, drawn at random
+            count = int(extra.sum())
+            gen = torch.Generator().manual_seed(self.seed)
+            extra = torch.zeros_like(extra)
+            extra[torch.randperm(n, generator=gen)[:count].to(extra.device)] = True
         self.extra = extra.reshape(self.flips.shape)
 
     # ---------------------------------------------------------------- forward
@@ -143,7 +182,8 @@ class MixedWeightQuantizer(FakeQuantizer):
         if not (self.enabled and self.calibrated):
             return w
         self._ensure(w)
-        if self.training and torch.is_grad_enabled():
+        step = self.training and torch.is_grad_enabled() and self._new_step(w)
+        if step:
             self._track(w)
         qmin, qmax = qrange(self.spec.bits, True, self.spec.narrow)
         sf = _shape_param(self.scale.to(w.dtype), w, self.axis)
@@ -156,6 +196,9 @@ class MixedWeightQuantizer(FakeQuantizer):
             with torch.no_grad():
                 v = w / torch.where(self.extra, sf, 2 * sf)
                 near = (v - torch.floor(v) - 0.5).abs() < self.eps
+                if step:
+                    self.slowed_share_sum += near.float().mean().double()
+                    self.slowed_steps += 1
                 factor = torch.where(near, torch.tensor(self.gamma, dtype=w.dtype), torch.tensor(1.0, dtype=w.dtype))
             out = _GradScale.apply(out, factor)
         return out
@@ -188,6 +231,8 @@ class MPQConfig(_QATCommon):
         flag_at: fraction of retraining at which the extra bits are assigned, in ``(0, 1)``.
         window: fraction of retraining before ``flag_at`` over which flips are counted, in ``(0, flag_at]``.
         min_flips: flips needed for the extra bit (``>= 1``).
+        choose: ``"flips"`` (the method) or ``"random"`` (ablation: the same number of weights per layer, at
+            random, drawn with ``seed`` and the layer's index).
         max_extra: at most this fraction of a layer's weights get the extra bit, in ``[0, 1]``.
         eps: distance to a rounding threshold, in steps, that counts as near, in ``[0, 0.5]``.
         gamma: learning-rate factor near a threshold, in ``(0, 1]``.
@@ -201,9 +246,15 @@ class MPQConfig(_QATCommon):
     max_extra: float = 0.1
     eps: float = 0.1
     gamma: float = 0.1
+    choose: str = "flips"
+    seed: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.choose not in MPQ_CHOICES:
+            raise ConfigError(f"choose must be one of {', '.join(MPQ_CHOICES)}, got {self.choose!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         if not 0 < self.flag_at < 1:
             raise ConfigError(f"flag_at must be in (0, 1), got {self.flag_at!r}")
         if not 0 < self.window <= self.flag_at:
@@ -229,12 +280,13 @@ class MPQConfig(_QATCommon):
         low = self._specs(self.w_bits, self.a_bits)[0]
         if self.pow2:
             low = low.with_(pow2=True)
-        for _, layer in quant_layers(qmodel):
+        for i, (_, layer) in enumerate(quant_layers(qmodel)):
             wq = layer.weight_quant
             if wq is not None and wq.spec == low:
                 layer.weight_quant = MixedWeightQuantizer(low, axis=wq.axis, generator=wq.generator,
                                                           min_flips=self.min_flips, max_extra=self.max_extra,
-                                                          eps=self.eps, gamma=self.gamma)
+                                                          eps=self.eps, gamma=self.gamma, choose=self.choose,
+                                                          seed=self.seed * 1000 + i)
         return qmodel
 
 
@@ -255,15 +307,31 @@ def schedule_mpq(qmodel: nn.Module, total_steps: int, config: MPQConfig) -> tupl
     return start, flag
 
 
+FLIP_HIST_BINS = 11  # flips 0..9 and ">= 10"
+
+
 def mpq_summary(qmodel: nn.Module) -> list[dict]:
-    """Per mixed layer: weights, extra weights, flips counted (total and mean), mean weight bits."""
+    """Per mixed layer: weights, extra weights, flips counted (total, weights that flipped, a histogram of the
+    per-weight counts: ``flip_hist[j]`` weights with ``j`` flips, the last bin ``>= 10``), the steps counted and
+    the mean oscillation frequency of the flipping weights (flips per counted step), the mean share of weights
+    the learning-rate rule slowed per step, the extra weights' mean flips, and the mean weight bits."""
     rows = []
     for name, layer in quant_layers(qmodel):
         wq = layer.weight_quant
         if isinstance(wq, MixedWeightQuantizer) and wq.extra.numel():
             n = wq.extra.numel()
             e = int(wq.extra.sum())
-            rows.append({"layer": name, "weights": n, "extra": e, "extra_fraction": e / n,
-                         "flips": int(wq.flips.sum()), "flipping_weights": int((wq.flips > 0).sum()),
-                         "w_bits_mean": wq.spec.bits + e / n})
+            f = wq.flips.reshape(-1).long()
+            steps = int(wq.counted_steps)
+            flipping = f > 0
+            rows.append({
+                "layer": name, "weights": n, "extra": e, "extra_fraction": e / n,
+                "flips": int(f.sum()), "flipping_weights": int(flipping.sum()),
+                "flip_hist": torch.bincount(f.clamp(max=FLIP_HIST_BINS - 1), minlength=FLIP_HIST_BINS).tolist(),
+                "counted_steps": steps,
+                "flip_frequency_mean": float(f[flipping].float().mean()) / steps if steps and flipping.any() else 0.0,
+                "extra_flips_mean": float(f[wq.extra.reshape(-1)].float().mean()) if e else 0.0,
+                "slowed_share_mean": (float(wq.slowed_share_sum) / int(wq.slowed_steps)
+                                      if int(wq.slowed_steps) else 0.0),
+                "w_bits_mean": wq.spec.bits + e / n})
     return rows
