@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("EvalOptions", "run_eval"),
     "export": ("ExportOptions", "run_export"),
     "cost": ("CostOptions", "run_cost"),
+    "report": ("ReportOptions", "run_report"),
 }
 
 HELP = {
@@ -34,7 +35,11 @@ HELP = {
     "eval": "evaluate a float or quantized checkpoint",
     "export": "integer model, golden vectors, ONNX or RTL rounding units (each checked bit for bit)",
     "cost": "bits stored, compression ratio, BOPs, cycles and energy on a reconfigurable PE array",
+    "report": "one HTML page per run: accuracy, cost, per-layer SQNR and sensitivity, histograms, bit widths",
 }
+
+
+POSITIONAL = {"report": "run_dir"}  # commands whose main option may also be given positionally
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
         cls = getattr(pipelines, cls_name)
         p = sub.add_parser(name, help=HELP[name], description=(cls.__doc__ or "").strip())
         p.add_argument("--config", metavar="YAML", help="read options from this YAML file (flags override it)")
+        if name in POSITIONAL:
+            key = POSITIONAL[name]
+            p.add_argument(f"{key}_pos", nargs="?", metavar=key.upper(), help=f"same as --{key.replace('_', '-')}")
         cfgmod.add_arguments(p, cls)
     return parser
 
@@ -63,6 +71,11 @@ def run(argv: Sequence[str] | None = None) -> Any:
     cls_name, fn_name = COMMANDS[args.command]
     cls = getattr(pipelines, cls_name)
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    if args.command in POSITIONAL:  # `hwquant report RUN_DIR`: the positional form of one option
+        key = POSITIONAL[args.command]
+        pos = flags.pop(f"{key}_pos")
+        if pos is not None:
+            flags[key] = pos
     yaml_values = cfgmod.load_yaml(args.config) if args.config else {}
     cfg = cfgmod.resolve(cls, yaml_values, flags, source=args.config or "config")
     runner: Callable[[Any], Any] = getattr(pipelines, fn_name)

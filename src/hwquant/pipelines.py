@@ -39,7 +39,7 @@ from .methods import (
 from .models import create_model_from_args, list_models
 from .models.registry import build_model
 from .models.user import check_user_spec, is_user_spec, load_weights
-from .nn import fold_batchnorm, quantize_model
+from .nn import float_eval_layers, fold_batchnorm, quantize_model
 from .numerics.gradient import GRAD_CLIPS
 from .train import TrainConfig, atomic_write_text, evaluate, fit, load_checkpoint, save_checkpoint
 from .train.checkpoint import nonfinite_tensor, state_dict_mismatch
@@ -295,6 +295,9 @@ class QATOptions(GradQuantOptions):
                                                           "(0: uniform w_bits)"))
     mpq_eps: float = field(default=0.1, metadata=_h("mpq: 'near a rounding threshold' distance, in steps"))
     mpq_gamma: float = field(default=0.1, metadata=_h("mpq: learning-rate factor near a threshold (1: off)"))
+    mpq_choose: str = field(default="flips", metadata=_h(
+        "mpq: weights given the extra bit: the most flipping (the method) or as many at random (ablation; --seed)",
+        ("flips", "random")))
     first_last_bits: int | None = field(default=8, metadata=_h("bits of the first conv and last FC (none: same)"))
     per_channel: bool = field(default=True, metadata=_h("per-output-channel weight steps"))
     pow2: bool = field(default=False, metadata=_h(
@@ -341,7 +344,8 @@ class QATOptions(GradQuantOptions):
                               pow2_step=self.pow2_step)
         if self.method == "mpq":
             return MPQConfig(**common, flag_at=self.mpq_flag_at, window=self.mpq_window, min_flips=self.mpq_min_flips,
-                             max_extra=self.mpq_max_extra, eps=self.mpq_eps, gamma=self.mpq_gamma)
+                             max_extra=self.mpq_max_extra, eps=self.mpq_eps, gamma=self.mpq_gamma,
+                             choose=self.mpq_choose, seed=self.seed)
         return QAT_CONFIGS[self.method](**common)
 
     def train_config(self) -> TrainConfig:
@@ -398,6 +402,26 @@ class CostOptions:
 
         return PEArray(rows=self.pe_rows, cols=self.pe_cols, brick_bits=self.brick_bits,
                        bricks_per_pe=self.bricks_per_pe, clock_mhz=self.clock_mhz, buffer_kib=self.buffer_kib)
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """``hwquant report RUN_DIR``: one HTML page (self-contained) and Markdown for a train / ptq / qat run: accuracy
+    and cost, per-layer SQNR and sensitivity (one layer quantized at a time, and all but one), activation
+    histograms with the quantizer's clip, bits per layer, QAT loss, MPQ flips, ARC clips, accumulator widths."""
+
+    run_dir: str = field(default="runs/ptq", metadata=_h("run directory (holding model.pt)"))
+    out: str | None = field(default=None, metadata=_h("output directory (default: RUN_DIR/report)"))
+    images: int = field(default=256, metadata=_h("held-out calibration images for the per-layer measurements"))
+    batch_size: int = field(default=128, metadata=_h("batch size"))
+    data_dir: str | None = field(default=None, metadata=_h("dataset directory (default: as in the checkpoint)"))
+    threads: int | None = field(default=None, metadata=_h("torch CPU threads"))
+
+    def __post_init__(self) -> None:
+        if self.images < 1:
+            raise ConfigError(f"images must be >= 1, got {self.images}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 @dataclass(frozen=True)
@@ -774,7 +798,8 @@ def run_ptq(cfg: PTQOptions) -> dict[str, Any]:
     q_eval = evaluate(qmodel, loaders.test, progress=cfg.progress, desc="eval quant", device=device)
     out.mkdir(parents=True, exist_ok=True)
     result = {"method": cfg.method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "source": str(source),
-              "weights": cfg.weights, "device": str(device), "fp32": float_eval, "quant": q_eval, "report": report}
+              "weights": cfg.weights, "device": str(device), "fp32": float_eval, "quant": q_eval, "report": report,
+              "float_eval_layers": float_eval_layers(qmodel)}
     save_checkpoint(out / "model.pt", {"model": qmodel.state_dict(), "model_args": ck["model_args"],
                                        "data": ck["data"], "ptq": {"method": cfg.method,
                                                                    "config": asdict(cfg.method_config())},
@@ -787,9 +812,14 @@ def run_ptq(cfg: PTQOptions) -> dict[str, Any]:
         extra = f", BFT calib top-1 {b['before']['top1']:.2f}% -> {b['after']['top1']:.2f}%"
     print(f"{cfg.method} W{cfg.w_bits}A{cfg.a_bits}: top-1 {q_eval['top1']:.2f}% (fp32 {float_eval['top1']:.2f}%), "
           f"logit SQNR {report['sqnr_db']:.1f} dB{extra} -> {out / 'model.pt'}")
-    for w in report.get("warnings", []):
+    for w in report.get("warnings", []) + _float_eval_warnings(result["float_eval_layers"]):
         print(f"warning: {w}")
     return result
+
+
+def _float_eval_warnings(layers: dict[str, str]) -> list[str]:
+    """One line per layer that evaluated in float (no integer accumulator), naming it and why."""
+    return [f"{name} evaluates in float, not on integers: {why}" for name, why in layers.items()]
 
 
 def run_qat(cfg: QATOptions) -> dict[str, Any]:
@@ -847,13 +877,16 @@ def run_qat(cfg: QATOptions) -> dict[str, Any]:
     result = {"method": cfg.method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "config": meta["config"],
               "fp32": fp32, "start": start, "final": final, "train_seconds": seconds, "history": history["epochs"],
               "step_loss": history["step_loss"], "layers": qat_summary(qmodel) if qcfg is not None else [],
-              "arc": arc_meta, "mpq": mpq_summary(qmodel) if isinstance(qcfg, MPQConfig) else None}
+              "arc": arc_meta, "mpq": mpq_summary(qmodel) if isinstance(qcfg, MPQConfig) else None,
+              "float_eval_layers": float_eval_layers(qmodel) if qcfg is not None else {}}
     if dist_info.is_main:
         save_checkpoint(out / "model.pt", {"model": qmodel.state_dict(), "model_args": ck["model_args"],
                                            "data": d, "qat": meta, "metrics": final, "history": history})
         _write_json(out / "qat.json", result)
     _say(f"{cfg.method} W{cfg.w_bits}A{cfg.a_bits}: top-1 {final['top1']:.2f}% (fp32 {fp32['top1']:.2f}%, "
          f"start {start['top1']:.2f}%) -> {out / 'model.pt'}")
+    for w in _float_eval_warnings(result["float_eval_layers"]):
+        _say(f"warning: {w}")
     return result
 
 
@@ -909,6 +942,21 @@ def run_cost(cfg: CostOptions) -> dict[str, Any]:
         _save_config(out, cfg)
     print(summary)
     return rep
+
+
+def run_report(cfg: ReportOptions) -> dict[str, Any]:
+    """Build and write the report of a run directory (see :mod:`hwquant.report.run_report`)."""
+    from .report.run_report import build_report, write_report
+
+    _set_threads(cfg.threads)
+    out = Path(cfg.out) if cfg.out else Path(cfg.run_dir) / "report"
+    check_output_dir(out)
+    report, plots = build_report(cfg.run_dir, images=cfg.images, batch_size=cfg.batch_size, data_dir=cfg.data_dir)
+    paths = write_report(report, plots, out)
+    sens = report["sensitivity"]
+    worst = f"; most sensitive layer {sens[0]['layer']} ({sens[0]['only_sqnr_db']:.1f} dB alone)" if sens else ""
+    print(f"report of {cfg.run_dir}{worst} -> {paths['html']}")
+    return {"report": report, "paths": {k: str(v) for k, v in paths.items()}}
 
 
 def _limited(loader, images: int | None):
