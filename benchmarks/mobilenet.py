@@ -23,6 +23,8 @@ Top-1 is on the whole test set (what ``hwquant ptq`` / ``qat`` report); the expo
 on the first ``CHECK_IMAGES`` test images: the int64 integer model of this 52-layer network takes about 40 ms
 per image on these two cores.  Model directories under
 ``$HWQUANT_BENCH_RUNS/bench_mbv2`` (default ``runs``) are reused when present, so a rerun only re-checks.
+``HWQUANT_MBV2_ONLY=dir,dir`` builds only those rows (run directory names) and keeps the others from the earlier
+results file when it was made from an FP32 model of the same accuracy.
 ``--quick``: width 0.25 on scikit-learn digits, two PTQ rows.
 """
 
@@ -75,12 +77,23 @@ def _models(quick: bool) -> list[tuple[str, str, dict[str, Any]]]:
         ("CQAT W5A4 pow2 (fixed point)", "qat", {"method": "cqat", "pow2": True, "_dir": "cqat_w5a4_pow2"}),
         ("CQAT W5A4 pow2 (fixed point), 2 epochs", "qat", {"method": "cqat", "pow2": True,
                                                            "_dir": "cqat_w5a4_pow2_2ep", "_epochs": 2}),
+        ("CQAT W5A4 pow2 (fixed point), 4 epochs", "qat", {"method": "cqat", "pow2": True,
+                                                           "_dir": "cqat_w5a4_pow2_4ep", "_epochs": 4}),
+        ("FP32 control: BN-folded float model fine-tuned like CQAT, 4 epochs", "qat",
+         {"method": "fp32", "_dir": "fp32_ft_4ep", "_epochs": 4}),
         ("CQAT W5A4 pow2, MSE-best power of two (fixed point)", "qat",
          {"method": "cqat", "pow2": True, "pow2_step": "search", "_dir": "cqat_w5a4_pow2_search"}),
         ("CQAT W5A4 pow2, MSE-best power of two (fixed point), 2 epochs", "qat",
          {"method": "cqat", "pow2": True, "pow2_step": "search", "_dir": "cqat_w5a4_pow2_search_2ep",
           "_epochs": 2}),
     ]
+
+
+def _key(kind: str, opts: dict[str, Any]) -> str:
+    """A row's run directory name under :func:`_runs` (what ``HWQUANT_MBV2_ONLY`` lists)."""
+    if kind == "qat":
+        return opts["_dir"]
+    return "ptq_" + "_".join(f"{k}-{v}" for k, v in sorted(opts.items()))
 
 
 def _build(kind: str, opts: dict[str, Any], ck: Path, quick: bool) -> tuple[Path, dict[str, Any]]:
@@ -93,7 +106,7 @@ def _build(kind: str, opts: dict[str, Any], ck: Path, quick: bool) -> tuple[Path
     epochs = opts.pop("_epochs", 1)
     runs = _runs(quick)
     if kind == "ptq":
-        out = runs / ("ptq_" + "_".join(f"{k}-{v}" for k, v in sorted(opts.items())))
+        out = runs / _key(kind, opts)
         if not (out / "model.pt").exists():
             run_ptq(PTQOptions(checkpoint=str(ck), out=str(out), progress=False, **opts))
         rep = json.loads((out / "ptq.json").read_text())
@@ -112,6 +125,10 @@ def table(results: dict[str, Any]) -> str:
     rows = [{"model": "FP32 (BN unfolded)", "top1": f"{fp32:.2f}", "drop": "-", "fq": "-", "int": "-", "ort": "-",
              "codes": "-", "ort_codes": "-", "golden": "-", "acc": "-"}]
     for r in results["rows"]:
+        if r.get("control"):
+            rows.append({"model": r["model"], "top1": f"{r['top1']:.2f}", "drop": f"{fp32 - r['top1']:.2f}",
+                         **{k: "-" for k in ("fq", "int", "ort", "codes", "ort_codes", "golden", "acc")}})
+            continue
         rows.append({
             "model": r["model"], "top1": f"{r['top1']:.2f}", "drop": f"{fp32 - r['top1']:.2f}",
             "fq": f"{r['top1_fake_quant']:.2f}", "int": f"{r['top1_integer']:.2f}", "ort": f"{r['top1_onnx']:.2f}",
@@ -124,7 +141,7 @@ def table(results: dict[str, Any]) -> str:
             ("codes", "codes differ int vs fake quant (max LSB)"),
             ("ort_codes", "ORT codes differ vs int (max LSB, optimization)"), ("golden", "golden replay"),
             ("acc", "acc bits")]
-    n = results["rows"][0]["images"] if results["rows"] else 0
+    n = next((r["images"] for r in results["rows"] if "images" in r), 0)
     note = (f"\n\n{results['dataset']}, top-1 on the whole test set; export checks on the first {n} test images. "
             "MobileNetV2 small-input variant, width "
             f"{results['width']}, {results['params']} parameters, FP32 trained {results['epochs']} epochs (seed 0). "
@@ -137,6 +154,18 @@ def table(results: dict[str, Any]) -> str:
                  f"channels' max|w| range from {d['channel_absmax_min']:.3g} to {d['channel_absmax_max']:.3g}, "
                  f"its FL is {d['w_fl']} (step {d['w_step']:g}) and {d['channels_all_zero']} of its channels "
                  "quantize to all-zero weights.\n")
+    p2 = results.get("pow2_diagnosis")
+    if p2:
+        mean = {k: sum(r[f"in_{k}_db"] for r in p2) / len(p2) for k in ("mse", "round", "search")}
+        wmean = {k: sum(r[f"w_{k}_db"] for r in p2) / len(p2) for k in ("mse", "round", "search")}
+        worst = sorted(p2, key=lambda r: r["in_round_db"] - r["in_mse_db"])[:3]
+        note += ("\nPower-of-two steps before training (CQAT W5A4 quantizers on the FP32 activations of two "
+                 f"calibration batches, mean over {len(p2)} layers): input SQNR {mean['mse']:.1f} dB with MSE "
+                 f"steps, {mean['round']:.1f} dB rounded to a power of two, {mean['search']:.1f} dB MSE-best power "
+                 f"of two; weights {wmean['mse']:.1f} / {wmean['round']:.1f} / {wmean['search']:.1f} dB. Largest "
+                 "input losses from rounding: " + "; ".join(
+                     f"`{r['layer']}` {r['in_mse_db']:.1f} -> {r['in_round_db']:.1f} dB (step {r['in_step_mse']:.3g}"
+                     f" -> {r['in_step_round']:.3g}, input max {r['input_max']:.3g})" for r in worst) + ".\n")
     return markdown_table(rows, cols) + note
 
 
@@ -160,6 +189,24 @@ def _previous_rows(out_dir) -> dict[str, dict[str, Any]]:
             and r.get("images") == CHECK_IMAGES}
 
 
+def _earlier_results(out_dir, fp32_top1: float) -> dict[str, Any]:
+    """With ``HWQUANT_MBV2_ONLY``: the earlier results file's results, when that file was made from an FP32
+    model with the same test accuracy (its rows compare against it); otherwise ``{}`` (nothing is kept)."""
+    import json
+
+    from .common import results_dir
+
+    path = results_dir(out_dir) / f"{NAME}.json"
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())["results"]
+    if old.get("fp32_top1") != fp32_top1:
+        print(f"  previous results were made from another FP32 model ({old.get('fp32_top1')} % vs {fp32_top1} %): "
+              "their rows are not kept", flush=True)
+        return {}
+    return old
+
+
 def _depthwise_diagnosis(float_model, ptq_dir: Path) -> dict[str, Any]:
     """Why one weight FL per layer fails here: the first layer whose output SQNR (noise accumulated from the
     input on) falls below 10 dB in the per-layer GGD run, its FL, and the spread of its output channels'
@@ -179,6 +226,55 @@ def _depthwise_diagnosis(float_model, ptq_dir: Path) -> dict[str, Any]:
             "channels_all_zero": int((torch_round_zero(w, worst["w_fl"])).sum())}
 
 
+def _pow2_diagnosis(float_model, fck: dict[str, Any], batches: int = 2) -> list[dict[str, Any]]:
+    """Where a power-of-two grid costs CQAT W5A4 before any training: per quantized layer, the SQNR (dB) of its
+    input and weight quantized with the MSE step (float), that step rounded to a power of two (``round``) and
+    the MSE-best power of two (``search``), all three applied to the same FP32 (BN-folded) activations of
+    ``batches`` calibration batches; and the input step and its top code in use (a ReLU6 input at step ``s``
+    saturates at ``min(15, 6 / s)``)."""
+    import torch
+
+    from hwquant.methods import CQATConfig, prepare_qat
+    from hwquant.nn import fold_batchnorm
+    from hwquant.nn.swap import quant_layers
+    from hwquant.pipelines import _loaders_for
+
+    calib = _loaders_for(fck, None, 128).calib
+    configs = {"mse": CQATConfig(), "round": CQATConfig(pow2=True),
+               "search": CQATConfig(pow2=True, pow2_step="search")}
+    qmodels = {k: prepare_qat(float_model, c, calib).eval() for k, c in configs.items()}
+    folded = fold_batchnorm(float_model).eval()
+    names = [n for n, _ in quant_layers(qmodels["mse"])]
+    inputs: dict[str, list] = {n: [] for n in names}
+    hooks = [folded.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: inputs[n].append(a[0].detach())) for n in names]
+    with torch.no_grad():
+        for i, (x, _) in enumerate(calib):
+            if i == batches:
+                break
+            folded(x)
+    for h in hooks:
+        h.remove()
+
+    def sqnr(x, xq):
+        return float(10 * torch.log10(x.pow(2).sum() / (x - xq).pow(2).sum().clamp_min(1e-30)))
+
+    rows = []
+    with torch.no_grad():
+        for n in names:
+            x = torch.cat(inputs[n])
+            w = folded.get_submodule(n).weight
+            row = {"layer": n, "groups": getattr(folded.get_submodule(n), "groups", 1),
+                   "input_max": float(x.max())}
+            for k, qm in qmodels.items():
+                layer = qm.get_submodule(n)
+                row[f"in_{k}_db"] = sqnr(x, layer.input_quant(x))
+                row[f"w_{k}_db"] = sqnr(w, layer.weight_quant(w))
+                row[f"in_step_{k}"] = float(layer.input_quant.scale.max())
+            rows.append(row)
+    return rows
+
+
 def torch_round_zero(w, fl: int):
     """Per output channel: 1 if every weight of the channel rounds to code 0 at step ``2^-fl``."""
     import torch
@@ -194,9 +290,21 @@ def main(quick: bool = False, out_dir: str | os.PathLike | Path | None = None) -
     float_model, fck = load_model(ck)
     check_images = None if quick else CHECK_IMAGES
     previous = {} if quick else _previous_rows(out_dir)
+    only = None if quick else os.environ.get("HWQUANT_MBV2_ONLY")
+    earlier = _earlier_results(out_dir, fck["metrics"]["top1"]) if only else {}
+    kept = {r["model"]: r for r in earlier.get("rows", [])}
     rows = []
     for name, kind, opts in _models(quick):
+        if only and _key(kind, opts) not in only.split(","):
+            if name in kept:  # not run now: the earlier file's row (same FP32 model), if it has one
+                rows.append(kept[name])
+                print(f"  {name}: kept from the previous results file", flush=True)
+            continue
         path, extra = _build(kind, opts, ck, quick)
+        if opts.get("method") == "fp32":  # a float control: nothing to export or check
+            rows.append({"model": name, "control": True, "checkpoint": str(path), **extra})
+            print(f"  {name}: {extra['top1']:.2f}", flush=True)
+            continue
         if str(path) in previous:
             rows.append({**previous[str(path)], "model": name, **extra})
             print(f"  {name}: checks reused from the previous results file", flush=True)
@@ -208,8 +316,10 @@ def main(quick: bool = False, out_dir: str | os.PathLike | Path | None = None) -
               f"codes differ {row['codes_diff']}, ORT {row['onnx_codes_diff']}", flush=True)
     per_layer = _runs(quick) / "ptq_bft_samples-128_method-ggd"
     diagnosis = None if quick or not (per_layer / "ptq.json").exists() else _depthwise_diagnosis(float_model, per_layer)
+    diagnosis = diagnosis or earlier.get("ggd_per_layer_fl_diagnosis")
+    pow2 = None if quick else _pow2_diagnosis(float_model, fck)
     results = {"checkpoint": str(ck), "check_images": check_images, "dataset": fck["data"]["dataset"],
-               "ggd_per_layer_fl_diagnosis": diagnosis,
+               "ggd_per_layer_fl_diagnosis": diagnosis, "pow2_diagnosis": pow2,
                "fp32_top1": fck["metrics"]["top1"],
                "width": fck["model_args"].get("width"), "epochs": len(fck["history"]["epochs"]),
                "params": sum(p.numel() for p in float_model.parameters()), "rows": rows}

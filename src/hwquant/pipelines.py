@@ -954,7 +954,7 @@ def run_report(cfg: ReportOptions) -> dict[str, Any]:
     report, plots = build_report(cfg.run_dir, images=cfg.images, batch_size=cfg.batch_size, data_dir=cfg.data_dir)
     paths = write_report(report, plots, out)
     sens = report["sensitivity"]
-    worst = f"; most sensitive layer {sens[0]['layer']} ({sens[0]['only_sqnr_db']:.1f} dB alone)" if sens else ""
+    worst = f"; most sensitive layer {sens[0]['layer']}" if sens else ""
     print(f"report of {cfg.run_dir}{worst} -> {paths['html']}")
     return {"report": report, "paths": {k: str(v) for k, v in paths.items()}}
 

@@ -42,6 +42,8 @@ def test_sensitivity_names_the_fragile_layer():
     q, x = _fragile_net()
     sens = layer_sensitivity(q, [(x, None)])
     assert [r["layer"] for r in sens][0] == "2"
+    # the QAT ordering (which layer, left float, recovers most) names it too
+    assert layer_sensitivity(q, [(x, None)], order="all_but")[0]["layer"] == "2"
     assert [r["only_sqnr_db"] for r in sens] == sorted(r["only_sqnr_db"] for r in sens)
     by = {r["layer"]: r for r in sens}
     # quantizing all but the fragile layer keeps far more than quantizing all but any other layer

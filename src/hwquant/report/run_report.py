@@ -84,11 +84,15 @@ def _top1(logits: torch.Tensor, labels: torch.Tensor | None) -> float | None:
     return None if labels is None else 100.0 * float((logits.argmax(1) == labels).float().mean())
 
 
-def layer_sensitivity(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor | None]]
-                      ) -> list[dict[str, Any]]:
+def layer_sensitivity(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor | None]],
+                      order: str = "only") -> list[dict[str, Any]]:
     """Per quantized layer of ``model`` (in eval mode): the logits' SQNR (dB) against the model with every
     quantizer off and top-1 on ``batches`` (``(x, y)``; ``y`` may be ``None``), with only this layer quantized
-    (``only_*``) and with every layer but this one (``all_but_*``); sorted by ``only_sqnr_db``, lowest first."""
+    (``only_*``) and with every layer but this one (``all_but_*``).  ``order="only"``: sorted by
+    ``only_sqnr_db``, lowest first (post-training quantization: the float model is the trained one);
+    ``"all_but"``: by ``all_but_top1``, highest first, then ``all_but_sqnr_db`` (a QAT network was trained
+    quantized, so its weights with the quantizers off are no reference: what counts is which layer, left
+    wider, recovers most)."""
     labels = None if any(y is None for _, y in batches) else torch.cat([y for _, y in batches])
     with _quantized(model, only=set()):
         ref = _run(model, batches)
@@ -100,6 +104,8 @@ def layer_sensitivity(model: nn.Module, batches: list[tuple[torch.Tensor, torch.
             rest = _run(model, batches)
         rows.append({"layer": name, "only_sqnr_db": _sqnr(ref, one), "only_top1": _top1(one, labels),
                      "all_but_sqnr_db": _sqnr(ref, rest), "all_but_top1": _top1(rest, labels)})
+    if order == "all_but":
+        return sorted(rows, key=lambda r: (-(r["all_but_top1"] or 0.0), -r["all_but_sqnr_db"]))
     return sorted(rows, key=lambda r: r["only_sqnr_db"])
 
 
@@ -299,7 +305,8 @@ def build_report(run_dir: str | Path, images: int = 256, batch_size: int = 128, 
     model.eval()
     kind = "ptq" if "ptq" in ck else "qat" if "qat" in ck else "float"
     layer_rows, inputs = _layer_rows(model, batches)
-    sens = layer_sensitivity(model, batches) if layer_rows else []
+    order = "all_but" if kind == "qat" else "only"
+    sens = layer_sensitivity(model, batches, order) if layer_rows else []
     example = batches[0][0][:1]
     cost = cost_report(model, example)["total"]
     fp32_cost = None
@@ -334,7 +341,7 @@ def build_report(run_dir: str | Path, images: int = 256, batch_size: int = 128, 
         if fp32_cost is not None and len(acc) > 1:
             acc[0].update(stored_kib=fp32_cost["stored_bits"] / 8192, compression=1.0,
                           energy_uj=fp32_cost["energy_uj"])
-    report = {"run_dir": str(run_dir), "kind": kind, "model": ck["model_args"].get("name"),
+    report = {"run_dir": str(run_dir), "kind": kind, "sensitivity_order": order, "model": ck["model_args"].get("name"),
               "dataset": ck["data"]["dataset"], "images": seen, "accuracy": acc, "layers": layer_rows,
               "sensitivity": sens, "integer": integer,
               "mpq": (res.get("mpq") if kind == "qat" else None)}
@@ -362,8 +369,16 @@ _TITLES = {"sensitivity": "Per-layer sensitivity", "histograms": "Activation his
 def _sections(report: dict[str, Any]) -> list[tuple[str, str, list, list]]:
     """``(title, text, rows, columns)`` of the report's tables, in page order."""
     sens = report["sensitivity"]
-    worst = (f"Most sensitive layer: `{sens[0]['layer']}` (logit SQNR {sens[0]['only_sqnr_db']:.1f} dB when it "
-             "alone is quantized); keep it at higher precision first." if sens else "No quantized layer.")
+    if not sens:
+        worst = "No quantized layer."
+    elif report.get("sensitivity_order") == "all_but":
+        top1 = sens[0]["all_but_top1"]
+        worst = (f"Layer to keep wider first: `{sens[0]['layer']}` (every other layer quantized: top-1 "
+                 f"{'-' if top1 is None else f'{top1:.2f} %'}); a QAT network was trained quantized, so layers are "
+                 "ranked by what leaving each one unquantized recovers.")
+    else:
+        worst = (f"Most sensitive layer: `{sens[0]['layer']}` (logit SQNR {sens[0]['only_sqnr_db']:.1f} dB when "
+                 "it alone is quantized); keep it at higher precision first.")
     out = [("Accuracy and cost", "Top-1 / top-5 on the whole test set (from the run's JSON); cost per image.",
             report["accuracy"], _ACC_COLS),
            ("Per-layer sensitivity", worst + f" Measured on {report['images']} held-out calibration images; the "
