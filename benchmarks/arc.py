@@ -407,16 +407,17 @@ def main(quick: bool = False, out_dir: str | os.PathLike | Path | None = None) -
 
     results["accuracy"] = accuracy(quick, write, out_dir)
     runs = Path(os.environ.get("HWQUANT_BENCH_RUNS", "runs")) / "bench_arc"
-    results["fidelity"] = fidelity(quick, runs)
-    if not quick:  # what this run did not measure stays as the earlier file measured it, and says so
-        earlier = _earlier_file(out_dir)
-        if results["accuracy"] is None and (earlier.get("results") or {}).get("accuracy"):
-            results["accuracy"] = {**earlier["results"]["accuracy"], "measured": earlier["machine"]["utc"]}
-        trained = (runs / _slug("scratch", "fp32", 32, 0) / "model.pt").exists()
-        if not trained and (earlier.get("results") or {}).get("fidelity"):
-            results["fidelity"] = {**earlier["results"]["fidelity"],
-                                   "measured": earlier["results"]["fidelity"].get("measured",
-                                                                                   earlier["machine"]["utc"])}
+    earlier = {} if quick else _earlier_file(out_dir)
+    before = earlier.get("results") or {}
+    if not quick and results["accuracy"] is None and before.get("accuracy"):
+        # what this run did not measure stays as the earlier file measured it, and says so
+        results["accuracy"] = {**before["accuracy"], "measured": earlier["machine"]["utc"]}
+    trained = (runs / _slug("scratch", "fp32", 32, 0) / "model.pt").exists()
+    if not quick and not trained and before.get("fidelity"):  # no trained model here: keep, do not recompute
+        results["fidelity"] = {**before["fidelity"],
+                               "measured": before["fidelity"].get("measured", earlier["machine"]["utc"])}
+    else:
+        results["fidelity"] = fidelity(quick, runs)
     md = table(results)
     jp, mp = write_results(NAME, results, md, out_dir=out_dir)
     return {"results": results, "table": md, "json": str(jp), "md": str(mp)}

@@ -114,13 +114,13 @@ def _layer_rows(model: nn.Module, batches) -> tuple[list[dict[str, Any]], dict[s
     layers = list(quant_layers(model))
     inputs: dict[str, list[torch.Tensor]] = {n: [] for n, _ in layers}
     outputs: dict[str, list[torch.Tensor]] = {n: [] for n, _ in layers}
-    grab_in, grab_out = [True], [True]
+    grab_in = [True]  # layer inputs: only in the reference pass
     hooks = []
     for name, layer in layers:
         hooks.append(layer.register_forward_pre_hook(
             lambda m, a, n=name: inputs[n].append(a[0].detach().float()) if grab_in[0] else None))
         hooks.append(layer.register_forward_hook(
-            lambda m, a, o, n=name: outputs[n].append(o.detach().float()) if grab_out[0] else None))
+            lambda m, a, o, n=name: outputs[n].append(o.detach().float())))
     try:
         with _quantized(model, only=set()):
             _run(model, batches)
