@@ -86,6 +86,9 @@ def _models(quick: bool) -> list[tuple[str, str, dict[str, Any]]]:
         ("CQAT W5A4 pow2, MSE-best power of two (fixed point), 2 epochs", "qat",
          {"method": "cqat", "pow2": True, "pow2_step": "search", "_dir": "cqat_w5a4_pow2_search_2ep",
           "_epochs": 2}),
+        ("CQAT W5A4 pow2, MSE-best power of two (fixed point), 4 epochs", "qat",
+         {"method": "cqat", "pow2": True, "pow2_step": "search", "_dir": "cqat_w5a4_pow2_search_4ep",
+          "_epochs": 4}),
     ]
 
 
@@ -159,13 +162,14 @@ def table(results: dict[str, Any]) -> str:
         mean = {k: sum(r[f"in_{k}_db"] for r in p2) / len(p2) for k in ("mse", "round", "search")}
         wmean = {k: sum(r[f"w_{k}_db"] for r in p2) / len(p2) for k in ("mse", "round", "search")}
         worst = sorted(p2, key=lambda r: r["in_round_db"] - r["in_mse_db"])[:3]
-        note += ("\nPower-of-two steps before training (CQAT W5A4 quantizers on the FP32 activations of two "
-                 f"calibration batches, mean over {len(p2)} layers): input SQNR {mean['mse']:.1f} dB with MSE "
+        note += ("\nPower-of-two steps before training (CQAT W5A4 quantizers, each model's on the inputs it "
+                 "computes with its quantized weights, as calibrated; two calibration batches, mean over "
+                 f"{len(p2)} layers): input SQNR {mean['mse']:.1f} dB with MSE "
                  f"steps, {mean['round']:.1f} dB rounded to a power of two, {mean['search']:.1f} dB MSE-best power "
                  f"of two; weights {wmean['mse']:.1f} / {wmean['round']:.1f} / {wmean['search']:.1f} dB. Largest "
                  "input losses from rounding: " + "; ".join(
                      f"`{r['layer']}` {r['in_mse_db']:.1f} -> {r['in_round_db']:.1f} dB (step {r['in_step_mse']:.3g}"
-                     f" -> {r['in_step_round']:.3g}, input max {r['input_max']:.3g})" for r in worst) + ".\n")
+                     f" -> {r['in_step_round']:.3g}, input max {r['input_max_round']:.3g})" for r in worst) + ".\n")
     return markdown_table(rows, cols) + note
 
 
@@ -228,10 +232,12 @@ def _depthwise_diagnosis(float_model, ptq_dir: Path) -> dict[str, Any]:
 
 def _pow2_diagnosis(float_model, fck: dict[str, Any], batches: int = 2) -> list[dict[str, Any]]:
     """Where a power-of-two grid costs CQAT W5A4 before any training: per quantized layer, the SQNR (dB) of its
-    input and weight quantized with the MSE step (float), that step rounded to a power of two (``round``) and
-    the MSE-best power of two (``search``), all three applied to the same FP32 (BN-folded) activations of
-    ``batches`` calibration batches; and the input step and its top code in use (a ReLU6 input at step ``s``
-    saturates at ``min(15, 6 / s)``)."""
+    weight and of its input quantized with the MSE step (float scales, ``mse``), that step rounded to a power
+    of two (``round``) and the MSE-best power of two (``search``).  Each model's input quantizers are applied
+    to the inputs that model computes in the state its steps were calibrated in (its quantized weights, float
+    activations; ``batches`` calibration batches), so a step is judged on the data it was fitted to; the
+    weight SQNR is on the BN-folded FP32 weights.  Also the input step and the input's maximum (a ReLU6 input
+    at step ``s`` saturates at ``min(15, 6 / s)``)."""
     import torch
 
     from hwquant.methods import CQATConfig, prepare_qat
@@ -245,16 +251,22 @@ def _pow2_diagnosis(float_model, fck: dict[str, Any], batches: int = 2) -> list[
     qmodels = {k: prepare_qat(float_model, c, calib).eval() for k, c in configs.items()}
     folded = fold_batchnorm(float_model).eval()
     names = [n for n, _ in quant_layers(qmodels["mse"])]
-    inputs: dict[str, list] = {n: [] for n in names}
-    hooks = [folded.get_submodule(n).register_forward_pre_hook(
-        lambda m, a, n=n: inputs[n].append(a[0].detach())) for n in names]
-    with torch.no_grad():
-        for i, (x, _) in enumerate(calib):
-            if i == batches:
-                break
-            folded(x)
-    for h in hooks:
-        h.remove()
+    inputs: dict[str, dict[str, list]] = {k: {n: [] for n in names} for k in qmodels}
+    for k, qm in qmodels.items():
+        layers = dict(quant_layers(qm))
+        for layer in layers.values():
+            layer.input_quant.enabled = False
+        hooks = [layers[n].register_forward_pre_hook(lambda m, a, n=n, k=k: inputs[k][n].append(a[0].detach()))
+                 for n in names]
+        with torch.no_grad():
+            for i, (x, _) in enumerate(calib):
+                if i == batches:
+                    break
+                qm(x)
+        for h in hooks:
+            h.remove()
+        for layer in layers.values():
+            layer.input_quant.enabled = True
 
     def sqnr(x, xq):
         return float(10 * torch.log10(x.pow(2).sum() / (x - xq).pow(2).sum().clamp_min(1e-30)))
@@ -262,12 +274,12 @@ def _pow2_diagnosis(float_model, fck: dict[str, Any], batches: int = 2) -> list[
     rows = []
     with torch.no_grad():
         for n in names:
-            x = torch.cat(inputs[n])
             w = folded.get_submodule(n).weight
-            row = {"layer": n, "groups": getattr(folded.get_submodule(n), "groups", 1),
-                   "input_max": float(x.max())}
+            row = {"layer": n, "groups": getattr(folded.get_submodule(n), "groups", 1)}
             for k, qm in qmodels.items():
                 layer = qm.get_submodule(n)
+                x = torch.cat(inputs[k][n])
+                row[f"input_max_{k}"] = float(x.max())
                 row[f"in_{k}_db"] = sqnr(x, layer.input_quant(x))
                 row[f"w_{k}_db"] = sqnr(w, layer.weight_quant(w))
                 row[f"in_step_{k}"] = float(layer.input_quant.scale.max())

@@ -182,3 +182,34 @@ def test_arc_partial_runs_select_and_keep_rows():
     assert arc._kept_rows(earlier, same) == earlier[1:]  # the rerun FP32 replaces its earlier row
     other = [row("scratch", "fp32", 32, 0, 90.3)]
     assert arc._kept_rows(earlier, other) == earlier[2:]  # scratch changed: only the fine-tune rows stay
+
+
+def _mpq_row(key, top1, kib, seed=0, model="m"):
+    return {"model": model, "key": key, "run": key, "seed": seed, "top1": top1, "start_top1": 50.0,
+            "extra_pct": 0.0, "stored_kib": kib, "energy_uj": kib / 10}
+
+
+def test_mpq_plan_and_bar_by_hand():
+    from benchmarks import mpq
+
+    keys = {(m, k, s) for m, k, _, _, s in mpq.plan(False)}
+    for m in ("resnet20", "vgg9"):
+        assert {k for mm, k, s in keys if mm == m and s == 0} == {
+            "w4", "w3", "w2", "mpq2", "mpq3", "mpq2_random", "mpq2_nolr", "w2_lr"}
+        assert {k for mm, k, s in keys if mm == m and s == 1} == {"w4", "mpq2", "mpq3"}
+    # W4A4 (two seeds: mean 91.0), W3A4 and W2A4; MPQ W2(+1) is 1.40x smaller than W4A4, 0.1 pt below it and
+    # nearest in size to W2A4 (30 KiB), 0.8 pt above it: met.  MPQ W3(+1): 1.33x, so not met.
+    rows = [_mpq_row("w4", 91.2, 42.0), _mpq_row("w4", 90.8, 42.0, seed=1), _mpq_row("w3", 90.5, 33.0),
+            _mpq_row("w2", 90.1, 28.0), _mpq_row("mpq2", 90.9, 30.0), _mpq_row("mpq3", 91.0, 31.5)]
+    agg, bars = mpq.summarize(rows)
+    w4 = next(a for a in agg if a["key"] == "w4")
+    assert w4["seeds"] == 2 and w4["top1"] == pytest.approx(91.0) and w4["spread"] == pytest.approx(0.4)
+    b = {r["run"]: r for r in bars}
+    assert b["mpq2"]["compression_vs_w4a4"] == pytest.approx(1.4)
+    assert b["mpq2"]["drop_vs_w4a4"] == pytest.approx(0.1)
+    assert b["mpq2"]["nearest_uniform"] == "w2" and b["mpq2"]["gain"] == pytest.approx(0.8)
+    assert b["mpq2"]["met"] is True
+    assert b["mpq3"]["compression_vs_w4a4"] == pytest.approx(42 / 31.5) and b["mpq3"]["met"] is False
+    # 0.3 pt over the nearest uniform model is required: the same MPQ row 0.2 pt above W2A4 fails
+    _, bars = mpq.summarize([r if r["key"] != "w2" else _mpq_row("w2", 90.7, 28.0) for r in rows])
+    assert next(r for r in bars if r["run"] == "mpq2")["met"] is False

@@ -88,6 +88,30 @@ def test_calibrate_sets_minmax_scales_from_data():
     assert rel < 0.05
 
 
+@pytest.mark.parametrize("weights", ["quantized", "float"])
+def test_calibrate_activation_steps_see_quantized_or_float_weights(weights):
+    """The second conv's input step (min-max, unsigned 8-bit) is max(relu(conv1(x))) / 255, where conv1's
+    weight is the float weight or its 2-bit fake-quantized copy computed here with torch ops."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.ReLU(), nn.Conv2d(4, 2, 3, bias=False)).eval()
+    recipe = QuantRecipe(default=LayerQuant(weight=QuantSpec(bits=2), act=QuantSpec(bits=8, signed=None)))
+    q = quantize_model(model, recipe)
+    batches = _batches(n=2, shape=(4, 3, 10, 10), seed=5)
+    calibrate(q, batches, weights=weights)
+    w = model[0].weight.detach()
+    s = w.abs().max() / 1  # 2-bit signed: q_max = 1
+    w_used = torch.clamp(torch.round(w / s), -2, 1) * s if weights == "quantized" else w
+    peak = max(float(F.relu(F.conv2d(x, w_used)).max()) for x, _ in batches)
+    assert q[2].input_quant.scale.item() == pytest.approx(peak / 255, rel=1e-6)
+    assert all(qq.enabled for qq in (q[0].weight_quant, q[0].input_quant, q[2].weight_quant, q[2].input_quant))
+    # the two readings differ on this model (the test would not notice a swapped flag otherwise)
+    other = max(float(F.relu(F.conv2d(x, w if weights == "quantized" else torch.clamp(torch.round(w / s), -2, 1)
+                                      * s)).max()) for x, _ in batches)
+    assert abs(other - peak) > 1e-3 * peak
+    with pytest.raises(ConfigError, match="calibration weights"):
+        calibrate(q, batches, weights="int")
+
+
 def test_calibrate_errors():
     model = create_model("small_cnn", in_channels=3, num_classes=10)
     q = quantize_model(model, QuantRecipe())

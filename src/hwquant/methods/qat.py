@@ -45,7 +45,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..nn.fold import fold_batchnorm
-from ..nn.swap import LayerQuant, QuantRecipe, calibrate, quant_layers, quantize_model
+from ..nn.swap import CALIB_WEIGHTS, LayerQuant, QuantRecipe, calibrate, quant_layers, quantize_model
 from ..numerics.uniform import check_bits, qrange
 from ..spec import QuantSpec
 
@@ -78,6 +78,8 @@ class _QATCommon(abc.ABC):
         calib_batches: calibration batches used to initialise the quantizers (``None``: all).
         pow2: power-of-two steps everywhere (fixed point; requantization is a shift, so the integer model
             of :func:`hwquant.export.integer_model` is bit-exact with the trained model).  Not for LSQ / PACT.
+        calib_weights: what the activation steps are calibrated with: ``"quantized"`` weights (the
+            calibrated weight quantizers on) or ``"float"`` weights (see :func:`hwquant.nn.swap.calibrate`).
     """
 
     w_bits: int = 5
@@ -88,6 +90,7 @@ class _QATCommon(abc.ABC):
     fold_bn: bool = True
     calib_batches: int | None = 8
     pow2: bool = False
+    calib_weights: str = "quantized"
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits, "w_bits")
@@ -101,6 +104,8 @@ class _QATCommon(abc.ABC):
             raise ConfigError(f"calib_batches must be a positive integer or null, got {self.calib_batches!r}")
         if not isinstance(self.pow2, bool):
             raise ConfigError(f"pow2 must be true or false, got {self.pow2!r}")
+        if self.calib_weights not in CALIB_WEIGHTS:
+            raise ConfigError(f"calib_weights must be one of {', '.join(CALIB_WEIGHTS)}, got {self.calib_weights!r}")
         if self.pow2:
             self.recipe()  # the specs reject pow2 for trained steps (LSQ, PACT)
 
@@ -248,19 +253,20 @@ def prepare_qat(
     was_training = model.training
     qmodel = build_qat_model(model, config)
     if calib_loader is not None:
-        calibrate(qmodel, calib_loader, max_batches=config.calib_batches, progress=progress)
+        calibrate(qmodel, calib_loader, max_batches=config.calib_batches, progress=progress,
+                  weights=config.calib_weights)
     else:
-        _calibrate_on_first_batch(qmodel)
+        _calibrate_on_first_batch(qmodel, config.calib_weights)
     qmodel.train(was_training)
     return qmodel
 
 
-def _calibrate_on_first_batch(qmodel: nn.Module) -> None:
+def _calibrate_on_first_batch(qmodel: nn.Module, weights: str = "quantized") -> None:
     holder: dict[str, Any] = {}
 
     def hook(module: nn.Module, args: tuple) -> None:
         holder["handle"].remove()
-        calibrate(module, [args[0]])
+        calibrate(module, [args[0]], weights=weights)
 
     holder["handle"] = qmodel.register_forward_pre_hook(hook)
 

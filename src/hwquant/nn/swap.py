@@ -210,6 +210,9 @@ def calibrate_weights(model: nn.Module) -> None:
             layer.weight_quant.calibrate_from(layer.weight.detach())
 
 
+CALIB_WEIGHTS = ("quantized", "float")  # what activations are calibrated with (calibrate's ``weights``)
+
+
 @torch.no_grad()
 def calibrate(
     model: nn.Module,
@@ -217,20 +220,32 @@ def calibrate(
     *,
     max_batches: int | None = None,
     progress: bool = False,
+    weights: str = "quantized",
 ) -> int:
     """Post-training calibration: weights from themselves, activations from data.
 
-    Activation statistics are collected on the **float** model (every quantizer disabled), streaming one
-    batch at a time (moved to the model's device), then every quantizer is fitted and enabled.  ``batches``
-    yields ``x`` or ``(x, y)``.  Returns the number of batches seen; raises :class:`~hwquant.errors.DataError`
-    if there were none.
+    Weight quantizers are fitted first.  Activation statistics are then collected with every activation
+    quantizer off (float activations), streaming one batch at a time (moved to the model's device), and every
+    activation quantizer is fitted and enabled.  ``weights`` says what the activations are computed with:
+    ``"quantized"`` (default; the calibrated weight quantizers are on, so each step is fitted to the
+    activations that the deployed weights produce - Brevitas' calibration mode and AIMET's
+    ``compute_encodings`` do the same) or ``"float"`` (the float model's activations, PyTorch's observer
+    convention).  With a coarse weight grid the two differ: CQAT W5A4 with power-of-two steps on
+    MobileNetV2 fits ReLU6 inputs with step 0.125 on quantized weights and 0.25-0.5 on float ones.
+    ``batches`` yields ``x`` or ``(x, y)``.  Returns the number of batches seen; raises
+    :class:`~hwquant.errors.DataError` if there were none.
     """
+    if weights not in CALIB_WEIGHTS:
+        raise ConfigError(f"calibration weights must be one of {', '.join(CALIB_WEIGHTS)}, got {weights!r}")
     was_training = model.training
     model.eval()
     set_quant_enabled(model, False)
-    calibrate_weights(model)
+    calibrate_weights(model)  # fitting a quantizer enables it
     weight_qs = {id(layer.weight_quant) for _, layer in quant_layers(model)}
     acts = [(n, q) for n, q in quantizers(model) if id(q) not in weight_qs]
+    for _, layer in quant_layers(model):
+        if layer.weight_quant is not None:
+            layer.weight_quant.enabled = weights == "quantized"
     for _, q in acts:
         q.enabled = False
         q.start_observing()
