@@ -31,6 +31,7 @@ REGISTRY: dict[str, str] = {
     "cost": "benchmarks.cost",
     "mpq": "benchmarks.mpq",
     "mobilenet": "benchmarks.mobilenet",
+    "demo": "benchmarks.demo",
 }
 
 

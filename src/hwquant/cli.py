@@ -16,8 +16,9 @@ from . import config as cfgmod
 from .errors import HwquantError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    # name: (options class, runner) resolved lazily so `hwquant --help` stays fast
-    "demo": ("DemoOptions", "run_demo"),
+    # name: (options class, runner), names in hwquant.pipelines or "module:name" under hwquant, resolved
+    # lazily so `hwquant --help` stays fast
+    "demo": ("commands.demo:DemoOptions", "commands.demo:run_demo"),
     "train": ("TrainOptions", "run_train"),
     "ptq": ("PTQOptions", "run_ptq"),
     "qat": ("QATOptions", "run_qat"),
@@ -28,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 HELP = {
-    "demo": "train (or reuse) ResNet-20 on Fashion-MNIST, compare FP32 / INT8 / INT4 PTQ, write a report",
+    "demo": "FP32, min-max vs GGD PTQ at W8A8 / W4A4, CQAT W5A4 vs its control, bit-exact export, cost, report",
     "train": "train a float model, built in or your own (--model FILE.py:Class), resumable, torchrun-aware",
     "ptq": "post-training quantization of a trained checkpoint, or of your own model (--model, --weights)",
     "qat": "quantization-aware fine-tuning of a trained checkpoint (CQAT, STE, PACT, LSQ)",
@@ -47,13 +48,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import pipelines
+def resolve(name: str) -> Any:
+    """An options class or runner of :data:`COMMANDS`: ``"name"`` in :mod:`hwquant.pipelines`, or
+    ``"module:name"`` in ``hwquant.module``."""
+    import importlib
 
+    module, _, attr = name.rpartition(":")
+    return getattr(importlib.import_module(f"hwquant.{module or 'pipelines'}"), attr)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hwquant", description="Hardware-friendly quantization of CNNs.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (cls_name, _) in COMMANDS.items():
-        cls = getattr(pipelines, cls_name)
+        cls = resolve(cls_name)
         p = sub.add_parser(name, help=HELP[name], description=(cls.__doc__ or "").strip())
         p.add_argument("--config", metavar="YAML", help="read options from this YAML file (flags override it)")
         if name in POSITIONAL:
@@ -65,11 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv: Sequence[str] | None = None) -> Any:
     """Parse ``argv`` and run the command; raises HwquantError on user error."""
-    from . import pipelines
-
     args = build_parser().parse_args(argv)
     cls_name, fn_name = COMMANDS[args.command]
-    cls = getattr(pipelines, cls_name)
+    cls = resolve(cls_name)
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     if args.command in POSITIONAL:  # `hwquant report RUN_DIR`: the positional form of one option
         key = POSITIONAL[args.command]
@@ -78,7 +84,7 @@ def run(argv: Sequence[str] | None = None) -> Any:
             flags[key] = pos
     yaml_values = cfgmod.load_yaml(args.config) if args.config else {}
     cfg = cfgmod.resolve(cls, yaml_values, flags, source=args.config or "config")
-    runner: Callable[[Any], Any] = getattr(pipelines, fn_name)
+    runner: Callable[[Any], Any] = resolve(fn_name)
     return runner(cfg)
 
 

@@ -1,4 +1,5 @@
-"""The commands behind the CLI, as library functions: train, PTQ, QAT, eval, demo.
+"""The commands behind the CLI, as library functions: train, PTQ, QAT, eval, export, cost, report (the demo,
+which composes them, is :mod:`hwquant.commands.demo`).
 
 Each takes a validated config dataclass, writes its outputs atomically under ``cfg.out`` (with the
 resolved ``config.yaml`` beside them), and returns a JSON-serialisable result dict.
@@ -25,7 +26,6 @@ from .methods import (
     ARCConfig,
     CQATConfig,
     GGDPTQConfig,
-    MinMaxPTQConfig,
     MPQConfig,
     ObserverPTQConfig,
     build_qat_model,
@@ -474,42 +474,6 @@ class ExportOptions:
         for m in modes:
             _check_choice("rtl_modes entry", m, MODES)
         return [RoundingUnitParams(self.rtl_in_width, self.rtl_frac_bits, self.rtl_out_width, m) for m in modes]
-
-
-@dataclass(frozen=True)
-class DemoOptions:
-    """``hwquant demo``: train (or reuse) a float model, then FP32 vs INT8 vs INT4 min-max PTQ, with a report."""
-
-    model: str = field(default="resnet20", metadata=_h("model name"))
-    dataset: str = field(default="fashion_mnist", metadata=_h("dataset", DATASETS))
-    data_dir: str | None = field(default=None, metadata=_h("dataset directory"))
-    epochs: int = field(default=4, metadata=_h("training epochs"))
-    batch_size: int = field(default=128, metadata=_h("training batch size"))
-    lr: float = field(default=0.1, metadata=_h("peak learning rate"))
-    seed: int = field(default=0, metadata=_h("seed"))
-    bits: str = field(default="8,4", metadata=_h("comma-separated PTQ bit widths (weights = activations)"))
-    threads: int | None = field(default=None, metadata=_h("torch CPU threads"))
-    out: str = field(default="runs/demo", metadata=_h("output directory (report.md, results.json)"))
-    cache: str = field(default="runs/cache", metadata=_h("where trained float checkpoints are cached"))
-    device: str = field(default="auto", metadata=_h(DEVICE_HELP, DEVICES))
-    progress: bool = field(default=True, metadata=_h("show progress bars"))
-
-    def __post_init__(self) -> None:
-        self.bit_list()
-        _check_choice("model", self.model, list_models())  # a user's model: hwquant train, then ptq
-        TrainOptions(model=self.model, dataset=self.dataset, epochs=self.epochs, batch_size=self.batch_size,
-                     lr=self.lr, seed=self.seed, device=self.device)
-
-    def bit_list(self) -> list[int]:
-        try:
-            bits = [int(b) for b in str(self.bits).split(",") if b.strip()]
-        except ValueError:
-            raise ConfigError(f"bits must be comma-separated integers, got {self.bits!r}") from None
-        for b in bits:
-            MinMaxPTQConfig(w_bits=b, a_bits=b)
-        if not bits:
-            raise ConfigError("bits must list at least one bit width")
-        return bits
 
 
 # --------------------------------------------------------------------------- helpers
@@ -1075,67 +1039,3 @@ def _export_rtl(cfg: ExportOptions, out: Path) -> dict[str, Any]:
         print(f"{p.name()}: simulation {'matches' if row['sim_ok'] else 'DIFFERS FROM'} hwquant.numerics.quantize "
               f"on {row['vectors']} inputs{cells} -> {vpath}")
     return {"format": "rtl", "units": rows}
-
-
-def run_demo(cfg: DemoOptions) -> dict[str, Any]:
-    """Train (or reuse a cached) float model, PTQ it at each bit width, and write a report."""
-    from .report import write_demo_report
-
-    _set_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    out = check_output_dir(cfg.out)
-    check_output_dir(cfg.cache, "--cache")
-    dataset, message = resolve_dataset(cfg.dataset, cfg.data_dir, fallback=True)
-    if message:
-        print(message, flush=True)
-    tag = f"{cfg.model}-{dataset}-e{cfg.epochs}-b{cfg.batch_size}-lr{cfg.lr:g}-s{cfg.seed}"
-    train_dir = Path(cfg.cache) / tag
-    ckpt = train_dir / "model.pt"
-    if ckpt.exists():
-        print(f"using cached float model {ckpt} (delete it to retrain)", flush=True)
-        train_result = None
-    else:
-        topt = TrainOptions(model=cfg.model, dataset=dataset, data_dir=cfg.data_dir if dataset == cfg.dataset else None,
-                            epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, out=str(train_dir),
-                            resume=resumable(train_dir), progress=cfg.progress, threads=cfg.threads,
-                            device=cfg.device)
-        train_result = run_train(topt)
-    model, ck = load_model(ckpt)
-    loaders = _loaders_for(ck, None, 512)
-    rows = []
-    t0 = time.perf_counter()
-    fp32 = evaluate(model, loaders.test, progress=cfg.progress, desc="eval fp32", device=device)
-    from .hw import cost_report
-
-    example = next(iter(loaders.test))[0][:1].to(device)
-
-    def hw_cost(m: nn.Module) -> dict[str, float]:  # per image on the default PE array (counts, no timing)
-        t = cost_report(m, example)["total"]
-        return {"stored_kib": t["stored_bits"] / 8192, "compression": t["compression_ratio"],
-                "energy_uj": t["energy_uj"]}
-
-    rows.append({"precision": "FP32", "w_bits": 32, "a_bits": 32, "top1": fp32["top1"], "top5": fp32["top5"],
-                 "sqnr_db": None, "seconds": time.perf_counter() - t0, **hw_cost(model)})
-    layer_tables = {}
-    for b in cfg.bit_list():
-        t0 = time.perf_counter()
-        qmodel, report = ptq(model, MinMaxPTQConfig(w_bits=b, a_bits=b), on_device(loaders.calib, device))
-        ev = evaluate(qmodel, loaders.test, progress=cfg.progress, desc=f"eval int{b}", device=device)
-        rows.append({"precision": f"INT{b} (W{b}A{b} min-max PTQ)", "w_bits": b, "a_bits": b, "top1": ev["top1"],
-                     "top5": ev["top5"], "sqnr_db": report["sqnr_db"], "seconds": time.perf_counter() - t0,
-                     **hw_cost(qmodel)})
-        layer_tables[b] = report["layers"]
-        print(f"INT{b}: top-1 {ev['top1']:.2f}% (FP32 {fp32['top1']:.2f}%), logit SQNR {report['sqnr_db']:.1f} dB",
-              flush=True)
-    history = ck.get("history", {})
-    result = {"model": cfg.model, "dataset": ck["data"]["dataset"], "source": ck["data"].get("source"),
-              "fallback_message": message, "checkpoint": str(ckpt), "rows": rows, "layers": layer_tables,
-              "history": history.get("epochs", []) if isinstance(history, dict) else [],
-              "step_loss": history.get("step_loss", []) if isinstance(history, dict) else [],
-              "trained_now": train_result is not None}
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "results.json", result)
-    _save_config(out, cfg)
-    report_path = write_demo_report(out, result)
-    print(f"FP32 top-1 {fp32['top1']:.2f}%; report: {report_path}", flush=True)
-    return result

@@ -219,9 +219,10 @@ def test_qat_refuses_a_quantized_checkpoint(trained, tmp_path, capsys):
 def test_every_shipped_config_resolves(path):
     from hwquant import config as cfgmod
     from hwquant import pipelines
+    from hwquant.commands.demo import DemoOptions
 
     cls = {"train": pipelines.TrainOptions, "ptq": pipelines.PTQOptions, "qat": pipelines.QATOptions,
-           "demo": pipelines.DemoOptions}[path.stem.split("_")[0]]
+           "demo": DemoOptions}[path.stem.split("_")[0]]
     cfg = cfgmod.resolve(cls, cfgmod.load_yaml(path), {}, source=str(path))
     assert isinstance(cfg, cls)
 
@@ -384,16 +385,40 @@ def test_mpq_from_cli_reload_and_cost(trained, tmp_path, capsys):
         assert mixed[r["layer"]]["w_bits"] == pytest.approx(r["w_bits_mean"])
 
 
-def test_demo_small_reports_accuracy_and_hardware_cost(tmp_path):
+def test_demo_quick_tells_the_story_and_exports_bit_exactly(tmp_path):
+    """``hwquant demo --quick``: every row (FP32, min-max and GGD PTQ at W8A8 and W4A4, CQAT W5A4 and its
+    control) with its cost, the best fixed-point 4-bit model exported bit-exactly, the report written."""
     out = tmp_path / "demo"
-    assert main(["demo", "--model", "small_cnn", "--dataset", "digits", "--epochs", "3", "--bits", "8,4",
-                 "--cache", str(tmp_path / "cache"), "--out", str(out), "--no-progress"]) == 0
+    assert main(["demo", "--quick", "--cache", str(tmp_path / "cache"), "--out", str(out), "--no-progress"]) == 0
     res = json.loads((out / "results.json").read_text())
-    fp, i8, i4 = res["rows"]
-    assert fp["compression"] == pytest.approx(1.0) and 3.0 < i8["compression"] < 4.0 < i4["compression"]
-    assert fp["energy_uj"] > i8["energy_uj"] > i4["energy_uj"] > 0
+    rows = {r["row"].split(",")[0].split(" (")[0]: r for r in res["rows"]}
+    assert list(rows) == ["FP32", "min-max PTQ W8A8", "GGD PTQ + BFT W8A8", "min-max PTQ W4A4",
+                          "GGD PTQ + BFT W4A4", "CQAT W5A4", "FP32 control: BN-folded float model fine-tuned 1 epoch"]
+    for r in res["rows"]:  # each row's figure is the one its own run directory recorded
+        d = Path(r["dir"])
+        if (d / "ptq.json").exists():
+            assert r["top1"] == json.loads((d / "ptq.json").read_text())["quant"]["top1"]
+        elif (d / "qat.json").exists():
+            assert r["top1"] == json.loads((d / "qat.json").read_text())["final"]["top1"]
+    fp, w8, w4 = rows["FP32"], rows["min-max PTQ W8A8"], rows["min-max PTQ W4A4"]
+    assert fp["compression"] == pytest.approx(1.0) and 3.0 < w8["compression"] < 4.0 < w4["compression"]
+    assert fp["energy_uj"] > w8["energy_uj"] > w4["energy_uj"] > 0
+    e = res["export"]
+    assert e["row"] in (rows["GGD PTQ + BFT W4A4"]["row"], rows["CQAT W5A4"]["row"])
+    assert e["images"] == 360 and e["codes"] > 0
+    assert e["codes_diff"] == 0 and e["onnx_codes_diff"] == 0 and e["golden_ok"] and e["bit_exact"]
+    assert e["top1_integer"] == e["top1_fake_quant"] == e["top1_onnx"]
+    assert e["onnx_optimize"] == "all"  # onnxruntime's default session options
     report = (out / "report.md").read_text()
-    assert "energy uJ/image" in report and (out / "accuracy.png").is_file()
+    assert "energy uJ/image" in report and "0 of" in report and (out / "accuracy.png").is_file()
+    assert Path(res["report_html"]).is_file() and res["most_sensitive_layer"]
+
+
+def test_demo_rejects_bad_options_before_work(tmp_path, capsys):
+    assert main(["demo", "--quick", "--qat-epochs", "-1", "--out", str(tmp_path / "d")]) == 2
+    assert "qat_epochs must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+    assert main(["demo", "--bits", "8,4", "--out", str(tmp_path / "d")]) == 2
 
 
 def test_arc_resume_is_exact_for_stochastic_rounding_and_the_clip_record(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 
 from ..fileio import atomic_write  # noqa: E402
 
@@ -21,17 +22,26 @@ def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
 
 
 def demo_figure(result: dict, path: str | Path) -> Path:
-    """Left: test top-1 per precision (bars).  Right: training loss per step and test top-1 per epoch."""
+    """Left: test top-1 against stored size (KiB, log scale), one point per row.  Right: the FP32 training loss
+    per step and test top-1 per epoch."""
     rows = result["rows"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    labels = [r["precision"].split(" ")[0] for r in rows]
-    vals = [r["top1"] for r in rows]
-    bars = ax1.bar(labels, vals, color=["#4c72b0", "#55a868", "#c44e52", "#8172b2", "#ccb974"][: len(rows)])
-    for b, v in zip(bars, vals, strict=True):
-        ax1.text(b.get_x() + b.get_width() / 2, v + 1, f"{v:.1f}", ha="center", fontsize=9)
-    ax1.set_ylim(0, 105)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.6))
+    colors = {"FP32": "#4c72b0", "min-max": "#c44e52", "GGD": "#55a868", "CQAT": "#8172b2", "FP32 control": "#937860"}
+    markers = {"W8A8": "s", "W4A4": "o", "W5A4": "D"}
+    for r in rows:
+        kind = next((k for k in ("FP32 control", "min-max", "GGD", "CQAT") if r["row"].startswith(k)), "FP32")
+        mark = next((m for w, m in markers.items() if w in r["row"]), "*")
+        ax1.scatter(r["stored_kib"], r["top1"], s=60 if mark != "*" else 120, color=colors[kind], marker=mark,
+                    zorder=3, label=r["row"], edgecolors="black", linewidths=0.4)
+    ax1.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1, frameon=False)
+    ax1.set_xscale("log")
+    ax1.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax1.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax1.xaxis.set_minor_formatter(ticker.NullFormatter())
+    ax1.set_xlabel("stored size (KiB: weight codes, index, biases, scales; log scale)")
     ax1.set_ylabel("test top-1 (%)")
-    ax1.set_title(f"{result['model']} on {result['dataset']}: min-max PTQ")
+    ax1.set_title(f"{result['model']} on {result['dataset']}")
+    ax1.grid(True, which="both", alpha=0.3)
     steps = result.get("step_loss") or []
     if steps:
         ax2.plot([s[0] for s in steps], [s[1] for s in steps], lw=1, label="train loss (10-step mean)")

@@ -1,0 +1,1 @@
+"""Commands that compose the library's pipelines (``hwquant demo``)."""
