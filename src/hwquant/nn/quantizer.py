@@ -39,6 +39,21 @@ from ..spec import QuantParams, QuantSpec
 _TINY = torch.finfo(torch.float32).tiny
 
 
+def _max_over_ranks(t: torch.Tensor) -> None:
+    """``t <- max over the ranks of a data-parallel run`` (in place; nothing in a single process).  Every rank
+    calls it at the same training forward, so it cannot deadlock; nccl reduces CUDA tensors only."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    if dist.get_backend() == "nccl" and t.device.type != "cuda":
+        buf = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+        t.copy_(buf.cpu())
+    else:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+
+
 def _pow2_(s: torch.Tensor) -> torch.Tensor:
     """``s <- 2^round(log2 s)`` in place (nearest power of two in the log domain)."""
     return s.log2_().round_().exp2_()
@@ -187,6 +202,8 @@ class FakeQuantizer(nn.Module):
         # every tensor here is detached (buffers, x.detach()), so no autograd bookkeeping is needed
         if self.spec.range_mode == "dynamic" or self.training:
             peak = self._peak(x).float()
+            if self.training:
+                _max_over_ranks(peak)  # data-parallel training: the global batch's peak (1 process of W B)
             if self.spec.range_mode == "ema":
                 d = self.spec.ema_decay
                 peak = self.running_max.mul_(d).add_(peak, alpha=1 - d)

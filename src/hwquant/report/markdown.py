@@ -69,7 +69,8 @@ def write_demo_report(out: str | Path, result: dict[str, Any]) -> Path:
         f"{e['images']} test images: **{e['codes_diff']} of {e['codes']} layer-input codes differ** "
         f"(max {e['max_code_lsb']} LSB); top-1 fake quant {e['top1_fake_quant']:.2f} %, integer "
         f"{e['top1_integer']:.2f} %;",
-        f"* `{e['onnx']}` in onnxruntime (graph optimizations: {e['onnx_optimize']}{', the default' if e['onnx_optimize'] == 'all' else ''}): **{e['onnx_codes_diff']} codes "
+        f"* `{e['onnx']}` in onnxruntime (graph optimizations: {e['onnx_optimize']}"
+        f"{', the default' if e['onnx_optimize'] == 'all' else ''}): **{e['onnx_codes_diff']} codes "
         f"differ** from the integer model (max {e['onnx_max_code_lsb']} LSB); top-1 {e['top1_onnx']:.2f} %;",
         f"* golden vectors `{e['golden']}`: numpy replay {'matches every file' if e['golden_ok'] else 'MISMATCH'}.",
         "",

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..device import model_device, resolve_device, to_device
 from ..errors import CheckpointError, ConfigError, DataError
 from .checkpoint import load_checkpoint, save_checkpoint, state_dict_mismatch
-from .distributed import all_reduce_sum, current
+from .distributed import all_reduce_sum, current, sync_batchnorm
 
 
 @dataclass(frozen=True)
@@ -212,6 +212,7 @@ def _fit(model, train_loader, cfg, *, eval_loader, out_dir, resume, progress, ex
         raise DataError("training loader is empty (dataset smaller than one batch?)")
     train_model = model
     if dist_info.enabled:
+        sync_batchnorm(model)  # the global batch's statistics: W processes of batch B train as 1 of batch W B
         ids = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else None
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     opt = make_optimizer(model, cfg)
