@@ -32,6 +32,7 @@ REGISTRY: dict[str, str] = {
     "mpq": "benchmarks.mpq",
     "mobilenet": "benchmarks.mobilenet",
     "demo": "benchmarks.demo",
+    "report": "benchmarks.report",
 }
 
 
