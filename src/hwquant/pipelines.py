@@ -215,6 +215,11 @@ class PTQOptions:
         "per-output-channel weight scales (none: yes for observer methods, no for ggd's per-layer FL)"))
     bft: bool = field(default=True, metadata=_h("ggd: backward-forward tuning of the fractional lengths"))
     bft_samples: int | None = field(default=512, metadata=_h("ggd: calibration images scoring BFT (none: all)"))
+    bft_criterion: str = field(default="kl", metadata=_h(
+        "ggd: BFT score: KL divergence from the float model's softmax, logit SQNR, or the paper's top-1",
+        ("kl", "logit_sqnr", "top1")))
+    bft_holdout: int = field(default=256, metadata=_h(
+        "ggd: further calibration images a BFT change must not worsen (0: no check)"))
     power_of_two: bool = field(default=True, metadata=_h("ggd: power-of-two activation steps (fixed point)"))
     bias: str = field(default="accumulator", metadata=_h("ggd: bias at the accumulator scale or its own FL",
                                                          ("accumulator", "own")))
@@ -260,7 +265,8 @@ class PTQOptions:
         if self.method == "ggd":
             return GGDPTQConfig(w_bits=self.w_bits, a_bits=self.a_bits, per_channel=bool(self.per_channel),
                                 power_of_two=self.power_of_two, bias=self.bias, first_last_bits=self.first_last_bits,
-                                bft=self.bft, bft_samples=self.bft_samples, calib_batches=self.calib_batches)
+                                bft=self.bft, bft_samples=self.bft_samples, bft_criterion=self.bft_criterion,
+                                bft_holdout=self.bft_holdout, calib_batches=self.calib_batches)
         args: dict[str, Any] = {}
         if self.method == "percentile":
             args = {"percentile": self.percentile}
@@ -773,7 +779,10 @@ def run_ptq(cfg: PTQOptions) -> dict[str, Any]:
     extra = ""
     if report.get("bft"):
         b = report["bft"]
-        extra = f", BFT calib top-1 {b['before']['top1']:.2f}% -> {b['after']['top1']:.2f}%"
+        extra = (f", BFT ({b['criterion']}) calib top-1 {b['before']['top1']:.2f}% -> {b['after']['top1']:.2f}%, "
+                 f"KL {b['before']['kl']:.4f} -> {b['after']['kl']:.4f}")
+        if b["holdout_images"]:
+            extra += f" ({b['rejected_by_holdout']} candidates rejected by {b['holdout_images']} held-out images)"
     print(f"{cfg.method} W{cfg.w_bits}A{cfg.a_bits}: top-1 {q_eval['top1']:.2f}% (fp32 {float_eval['top1']:.2f}%), "
           f"logit SQNR {report['sqnr_db']:.1f} dB{extra} -> {out / 'model.pt'}")
     for w in report.get("warnings", []) + _float_eval_warnings(result["float_eval_layers"]):

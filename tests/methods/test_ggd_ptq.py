@@ -58,13 +58,95 @@ def test_bias_at_accumulator_scale(ggd_result):
         assert torch.equal(codes, torch.round(codes))
 
 
-def test_bft_never_lowers_calibration_score(ggd_result):
+def test_bft_never_lowers_its_calibration_score(ggd_result):
     _, report = ggd_result
+    b = report["bft"]
+    assert b["criterion"] == "kl"  # the default: smooth, not the paper's top-1
+    before, after = b["before"], b["after"]
+    assert (-after["kl"], after["sqnr_db"]) >= (-before["kl"], before["sqnr_db"])
+    for ch in b["changes"]:
+        assert ch["delta_fl"] in (-1, 1)
+    if b["holdout_images"]:  # a kept change never worsened the held-out images
+        assert b["holdout_after"]["kl"] <= b["holdout_before"]["kl"]
+
+
+def test_bft_top1_criterion_keeps_the_papers_ordering(digits_small_cnn):
+    model, loaders = digits_small_cnn
+    _, report = ptq(model, GGDPTQConfig(w_bits=4, a_bits=4, bft_criterion="top1", bft_holdout=0), loaders.calib)
     before, after = report["bft"]["before"], report["bft"]["after"]
     assert (after["top1"], after["top5"], after["sqnr_db"]) >= (before["top1"], before["top5"], before["sqnr_db"])
-    for ch in report["bft"]["changes"]:
-        assert ch["delta_fl"] in (-1, 1)
-    assert report["calib_after_bft"]["top1"] >= report["calib_before_bft"]["top1"]
+    assert report["bft"]["holdout_images"] == 0 and report["bft"]["rejected_by_holdout"] == 0
+
+
+def test_kl_divergence_by_hand_and_scipy():
+    from scipy.stats import entropy
+
+    from hwquant.methods.ggd_ptq import kl_divergence
+
+    ref = torch.tensor([[0.0, math.log(3.0)], [1.0, -2.0]], dtype=torch.float64)
+    q = torch.tensor([[0.0, 0.0], [0.5, 0.5]], dtype=torch.float64)
+    kl = kl_divergence(ref, q)
+    # row 0 by hand: p = (1/4, 3/4), q = (1/2, 1/2): 1/4 ln(1/2) + 3/4 ln(3/2)
+    assert float(kl[0]) == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5), rel=1e-12)
+    for i in range(2):
+        assert float(kl[i]) == pytest.approx(entropy(torch.softmax(ref[i].double(), 0).numpy(),
+                                                     torch.softmax(q[i].double(), 0).numpy()), rel=1e-10)
+    assert float(kl_divergence(ref, ref).abs().max()) < 1e-15
+
+
+class _FixedHoldout:
+    """A held-out scorer whose every evaluation after the first is ``step`` better (or worse) in KL."""
+
+    criterion = "kl"
+    images = 10
+
+    def __init__(self, step):
+        self.step, self.k, self.evaluations = step, 0.0, 0
+
+    def metrics(self, model):
+        self.evaluations += 1
+        m = {"top1": 50.0, "top5": 90.0, "sqnr_db": 10.0, "kl": 1.0 - self.k}
+        self.k += self.step
+        return m
+
+    def key(self, m):
+        return (-m["kl"], m["sqnr_db"])
+
+
+@pytest.mark.parametrize("step", [0.01, -0.01])
+def test_bft_holdout_rejects_what_only_the_scored_images_like(digits_small_cnn, step):
+    """Every candidate that improves the scored images is checked on the hold-out: a hold-out that always gets
+    worse rejects them all (no change kept, scored images untouched); one that always gets better rejects
+    none (the changes BFT makes without a hold-out)."""
+    from hwquant.methods.ggd_ptq import CalibScorer, backward_forward_tuning
+
+    model, loaders = digits_small_cnn
+    plain, _ = ptq(model, GGDPTQConfig(w_bits=4, a_bits=4, bft=False), loaders.calib)
+    scorer = CalibScorer(fold_batchnorm(model).eval(), loaders.calib, 256, criterion="kl")
+    free = backward_forward_tuning(plain, scorer)
+    plain2, _ = ptq(model, GGDPTQConfig(w_bits=4, a_bits=4, bft=False), loaders.calib)
+    held = backward_forward_tuning(plain2, CalibScorer(fold_batchnorm(model).eval(), loaders.calib, 256,
+                                                       criterion="kl"), holdout=_FixedHoldout(step))
+    assert free["changes"], "the scored images must prefer some change for this test to mean anything"
+    if step < 0:
+        assert held["changes"] == [] and held["rejected_by_holdout"] > 0
+        assert held["after"] == held["before"]
+    else:
+        assert held["rejected_by_holdout"] == 0
+        assert [(c["layer"], c["operand"], c["delta_fl"]) for c in held["changes"]] == \
+            [(c["layer"], c["operand"], c["delta_fl"]) for c in free["changes"]]
+
+
+def test_calib_scorer_skips_to_the_held_out_images(digits_small_cnn):
+    from hwquant.methods.ggd_ptq import CalibScorer
+
+    model, loaders = digits_small_cnn
+    all_x = torch.cat([b[0] for b in loaders.calib])
+    s = CalibScorer(model.eval(), loaders.calib, 50, channels_last=False, skip=70)
+    assert s.images == 50
+    assert torch.equal(torch.cat([b[0] for b in s.batches]), all_x[70:120])
+    empty = CalibScorer(model.eval(), loaders.calib, 50, channels_last=False, skip=len(all_x))
+    assert empty.images == 0
 
 
 def test_ggd_ptq_close_to_float_at_8_bits(digits_small_cnn):
@@ -95,6 +177,10 @@ def test_bad_configs_and_inputs(digits_small_cnn):
         GGDPTQConfig(w_bits=1)
     with pytest.raises(ConfigError, match="bias"):
         GGDPTQConfig(bias="float")
+    with pytest.raises(ConfigError, match="bft_criterion"):
+        GGDPTQConfig(bft_criterion="top5")
+    with pytest.raises(ConfigError, match="bft_holdout"):
+        GGDPTQConfig(bft_holdout=-1)
     with pytest.raises(DataError, match="empty"):
         ptq(model, GGDPTQConfig(), [])
     x, y = next(iter(loaders.calib))
