@@ -33,6 +33,7 @@ REGISTRY: dict[str, str] = {
     "mobilenet": "benchmarks.mobilenet",
     "demo": "benchmarks.demo",
     "report": "benchmarks.report",
+    "distributed": "benchmarks.distributed",
 }
 
 
