@@ -30,7 +30,7 @@ import torch
 
 from hwquant.methods import GGDPTQConfig, ObserverPTQConfig, ptq
 from hwquant.numerics import fake_quantize, sqnr_db
-from hwquant.numerics.ggd import GGD
+from hwquant.numerics.ggd import GGD, expected_mse, ggd_optimal_step
 from hwquant.observers import make_observer
 from hwquant.spec import QuantSpec
 from hwquant.train import evaluate
@@ -93,6 +93,13 @@ def synthetic(quick: bool) -> list[dict[str, Any]]:
                 p = obs.compute()
                 row[obs_name] = sqnr_db(x, fake_quantize(x, p.scale, bits, p.signed))
             row["ggd - best"] = row["ggd"] - best
+            # the same steps judged under the true density (expected SQNR): is a gap the step or the sample?
+            true_step = ggd_optimal_step(ggd, bits)
+            ms = ggd.mean_square()
+            levels = 2**bits
+            row["true-density step on the sample"] = sqnr_db(x, fake_quantize(x, true_step, bits, ggd.signed))
+            row["expected: exact step"] = 10 * math.log10(ms / expected_mse(ggd, true_step, levels))
+            row["expected: sample's best step"] = 10 * math.log10(ms / expected_mse(ggd, best_step, levels))
             rows.append(row)
     return rows
 
@@ -150,6 +157,10 @@ def model_rows(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 def table(results: dict[str, Any]) -> str:
     syn_cols = [("shape", "shape"), ("bits", "bits"), ("best", "best step (exhaustive)")] + [
         (k, k) for k in OBSERVERS] + [("ggd - best", "ggd - best")]
+    true_cols = [("shape", "shape"), ("bits", "bits"), ("best", "sample: best step (exhaustive)"),
+                 ("true-density step on the sample", "sample: the true density's exact step"),
+                 ("expected: exact step", "expected: exact step"),
+                 ("expected: sample's best step", "expected: the sample's best step")]
     model_cols = [("setting", "setting"), ("variant", "layers"), ("fp32", "FP32")] + [(m, m) for m in METHODS] + [
         ("ggd+bft - best other", "ggd+bft - best other"), ("bft top1 calib top1", "BFT top-1: calib top-1"),
         ("bft calib top1", "BFT KL: calib top-1"), ("bft rejected by holdout", "BFT KL: rejected by hold-out"),
@@ -163,6 +174,8 @@ def table(results: dict[str, Any]) -> str:
         markdown_table(results["model"], model_cols), "",
         "## End-to-end logit SQNR (dB, calibration split)", "",
         markdown_table(results["model"], sqnr_cols), "",
+        "## Synthetic: the exact expected-MSE step of the true density, on the sample and in expectation (dB)", "",
+        markdown_table(results["synthetic"], true_cols), "",
     ])
 
 
