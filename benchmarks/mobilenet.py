@@ -17,7 +17,7 @@ Rows (one float checkpoint, seed 0; the same 1000 held-out calibration images fo
 * ``CQAT W5A4`` (the method's default MSE step, float scales) and ``CQAT W5A4 pow2`` (fixed point): one epoch
   of QAT from the FP32 checkpoint (lr 0.005, the qat defaults otherwise), first/last 8-bit; both also for two
   epochs (cosine schedule over the two); pow2 also with ``--pow2-step search`` (the MSE-best power of two
-  instead of the rounded MSE step).
+  instead of the rounded MSE step); the 4-epoch pow2 rows also with seed 1 (data order; same FP32 start).
 
 Top-1 is on the whole test set (what ``hwquant ptq`` / ``qat`` report); the export checks of
 :func:`benchmarks.export._row` (fake quant vs integer model, onnxruntime vs integer model, top-1 of each) run
@@ -89,6 +89,11 @@ def _models(quick: bool) -> list[tuple[str, str, dict[str, Any]]]:
           "_epochs": 2}),
         ("CQAT W5A4 pow2, MSE-best power of two (fixed point), 4 epochs", "qat",
          {"method": "cqat", "pow2": True, "pow2_step": "search", "_dir": "cqat_w5a4_pow2_search_4ep",
+          "_epochs": 4}),
+        ("CQAT W5A4 pow2 (fixed point), 4 epochs, seed 1", "qat",
+         {"method": "cqat", "pow2": True, "seed": 1, "_dir": "cqat_w5a4_pow2_4ep_s1", "_epochs": 4}),
+        ("CQAT W5A4 pow2, MSE-best power of two (fixed point), 4 epochs, seed 1", "qat",
+         {"method": "cqat", "pow2": True, "pow2_step": "search", "seed": 1, "_dir": "cqat_w5a4_pow2_search_4ep_s1",
           "_epochs": 4}),
     ]
 
