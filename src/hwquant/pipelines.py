@@ -289,6 +289,9 @@ class QATOptions(GradQuantOptions):
         "schedule: the control)", QAT_METHODS))
     w_bits: int = field(default=5, metadata=_h("stored weight bits (2..16)"))
     a_bits: int = field(default=4, metadata=_h("stored activation bits (2..16)"))
+    steps_per_epoch: int | None = field(default=None, metadata=_h(
+        "train on only the first N batches of each epoch's shuffled order (none: the whole epoch); a short "
+        "fine-tune, the schedule follows"))
     base_bits: int = field(default=8, metadata=_h("cqat: bits the step is sized for"))
     step: str = field(default="mse", metadata=_h("cqat: step calibration, mse (for the clipped codes) or max "
                                                   "(literal peak / (2^base_bits - 1))", ("mse", "max")))
@@ -335,6 +338,8 @@ class QATOptions(GradQuantOptions):
         _check_device(self.device)
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise ConfigError(f"steps_per_epoch must be >= 1 or none, got {self.steps_per_epoch}")
         self.method_config()
         self.train_config()
         arc_config(self)
@@ -817,6 +822,7 @@ def run_qat(cfg: QATOptions) -> dict[str, Any]:
                            image_size=d.get("image_size"))
     if loaders.calib is None or len(loaders.calib) == 0:
         raise ConfigError("the checkpoint's data split has no calibration images (trained with calib_size=0)")
+    loaders.train.max_batches = cfg.steps_per_epoch
     model.to(device)
     channels_last = _use_channels_last(cfg.channels_last, model, loaders)
     fp32 = evaluate(model, loaders.test, progress=cfg.progress, desc="eval fp32", device=device)

@@ -198,6 +198,11 @@ def test_qat_from_cli_and_reload(trained, tmp_path, method, capsys):
     (["qat", "--method", "mpq", "--mpq-gamma", "0"], "gamma must be in (0, 1]"),
     (["qat", "--method", "mpq", "--mpq-window", "0.9"], "window must be in"),
     (["ptq", "--method", "ggd", "--bft-samples", "0"], "bft_samples must be a positive integer"),
+    (["ptq", "--method", "ggd", "--bft-criterion", "top5"], "invalid choice"),
+    (["ptq", "--method", "ggd", "--bft-holdout", "-1"], "bft_holdout must be an integer >= 0"),
+    (["demo", "--check-images", "0"], "check_images must be >= 1"),
+    (["demo", "--report-images", "0"], "report_images must be >= 1"),
+    (["demo", "--bft-samples", "0"], "bft_samples must be >= 1"),
 ])
 def test_qat_bad_input(argv, needle, capsys, tmp_path):
     out = tmp_path / "out"
@@ -393,7 +398,7 @@ def test_demo_quick_tells_the_story_and_exports_bit_exactly(tmp_path):
     res = json.loads((out / "results.json").read_text())
     rows = {r["row"].split(",")[0].split(" (")[0]: r for r in res["rows"]}
     assert list(rows) == ["FP32", "min-max PTQ W8A8", "GGD PTQ + BFT W8A8", "min-max PTQ W4A4",
-                          "GGD PTQ + BFT W4A4", "CQAT W5A4", "FP32 control: BN-folded float model fine-tuned 1 epoch"]
+                          "GGD PTQ + BFT W4A4", "CQAT W5A4", "FP32 control: BN-folded float model fine-tuned 5 steps"]
     for r in res["rows"]:  # each row's figure is the one its own run directory recorded
         d = Path(r["dir"])
         if (d / "ptq.json").exists():
@@ -412,6 +417,9 @@ def test_demo_quick_tells_the_story_and_exports_bit_exactly(tmp_path):
     report = (out / "report.md").read_text()
     assert "energy uJ/image" in report and "0 of" in report and (out / "accuracy.png").is_file()
     assert Path(res["report_html"]).is_file() and res["most_sensitive_layer"]
+    for sub in ("qat_cqat_w5a4", "qat_fp32"):  # --qat-steps: 5 optimizer steps, not the 9 of a digits epoch
+        last = torch.load(out / sub / "last.pt", weights_only=True)
+        assert last["scheduler"]["last_epoch"] == 5, sub
 
 
 def test_demo_rejects_bad_options_before_work(tmp_path, capsys):

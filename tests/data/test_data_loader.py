@@ -62,6 +62,21 @@ def test_drop_last_and_no_shuffle() -> None:
     torch.testing.assert_close(x[:, 0], (data.images[:, 0].float() / 255 - 0.5) / 0.5, rtol=0, atol=1e-6)
 
 
+def test_max_batches_is_the_first_batches_of_the_same_epoch() -> None:
+    data = id_data(103)
+    full = BatchLoader(data, 10, mean=MEAN, std=STD, shuffle=True, seed=3)
+    short = BatchLoader(data, 10, mean=MEAN, std=STD, shuffle=True, seed=3, max_batches=4)
+    for epoch in (0, 1):
+        full.set_epoch(epoch)
+        short.set_epoch(epoch)
+        a, b = list(full), list(short)
+        assert len(short) == 4 and len(b) == 4 and len(a) == 11
+        assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a[:4], b, strict=True))
+    assert len(BatchLoader(data, 10, mean=MEAN, std=STD, max_batches=50)) == 11
+    with pytest.raises(ConfigError, match="max_batches"):
+        BatchLoader(data, 10, mean=MEAN, std=STD, max_batches=0)
+
+
 def test_same_seed_same_batches_bit_for_bit() -> None:
     data = id_data(64)
     aug = AugmentSpec(padding=2, hflip=True)

@@ -3,8 +3,9 @@
 1. FP32 training (or the cached checkpoint under ``--cache``);
 2. post-training quantization at W8A8 and at W4A4 with the first conv / last FC at 8 bits, min-max (the
    simple baseline) next to GGD PTQ with backward-forward tuning (fixed point: power-of-two steps);
-3. CQAT W5A4 (fixed point) fine-tuned ``--qat-epochs`` from the FP32 checkpoint, next to its FP32 control
-   (the BN-folded float model fine-tuned with the same schedule); ``--qat-epochs 0`` skips both;
+3. CQAT W5A4 (fixed point) fine-tuned ``--qat-epochs`` (1) of ``--qat-steps`` (150) steps from the FP32
+   checkpoint, next to its FP32 control (the BN-folded float model fine-tuned with the same schedule);
+   ``--qat-epochs 0`` skips both;
 4. the best fixed-point 4-bit model exported: the integer model against the fake-quant model on
    ``--check-images`` test images (every layer-input code compared), the QDQ ONNX file in onnxruntime with
    its default options against the integer model, golden vectors written and replayed with numpy;
@@ -14,8 +15,8 @@
 
 Every step is the library call behind its own command (``run_ptq``, ``run_qat``, ``run_export``,
 ``run_report``) writing its own directory under ``--out``, so each row can be inspected or rerun alone.
-``--quick``: a small CNN on scikit-learn's digits (12 training epochs, the whole 360-image test set checked):
-well under two minutes, what the tests run.
+``--quick``: a small CNN on scikit-learn's digits (12 training epochs, 5 QAT steps, the whole 360-image test
+set checked): well under two minutes, what the tests run.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from ..pipelines import (
 )
 
 QUICK = {"model": "small_cnn", "dataset": "digits", "epochs": 12, "batch_size": 64, "check_images": None,
-         "report_images": 100}
+         "report_images": 100, "qat_steps": 5}
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ class DemoOptions:
     lr: float = field(default=0.1, metadata=_h("peak learning rate of the FP32 training"))
     seed: int = field(default=0, metadata=_h("seed"))
     qat_epochs: int = field(default=1, metadata=_h("CQAT W5A4 and FP32-control fine-tuning epochs (0: skip)"))
+    qat_steps: int | None = field(default=150, metadata=_h(
+        "optimizer steps per QAT epoch: the first N batches of each epoch (none: whole epochs)"))
     bft_samples: int = field(default=128, metadata=_h("GGD: calibration images scoring backward-forward tuning"))
     check_images: int | None = field(default=1000, metadata=_h(
         "test images for the integer-model and onnxruntime checks (none: the whole test set)"))
@@ -89,9 +92,10 @@ class DemoOptions:
         _check_choice("model", o.model, list_models())  # a user's model: hwquant train, then ptq
         TrainOptions(model=o.model, dataset=o.dataset, epochs=o.epochs, batch_size=o.batch_size, lr=o.lr,
                      seed=o.seed, device=o.device)
-        for name in ("qat_epochs",):
-            if getattr(o, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(o, name)}")
+        if o.qat_epochs < 0:
+            raise ConfigError(f"qat_epochs must be >= 0, got {o.qat_epochs}")
+        if o.qat_steps is not None and o.qat_steps < 1:
+            raise ConfigError(f"qat_steps must be >= 1 or none, got {o.qat_steps}")
         for name in ("bft_samples", "report_images"):
             if getattr(o, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(o, name)}")
@@ -122,6 +126,8 @@ def _qat_rows(o: DemoOptions) -> list[tuple[str, str, dict[str, Any]]]:
     if not o.qat_epochs:
         return []
     n = f"{o.qat_epochs} epoch{'s' if o.qat_epochs > 1 else ''}"
+    if o.qat_steps is not None:
+        n = f"{o.qat_epochs * o.qat_steps} steps" if o.qat_epochs > 1 else f"{o.qat_steps} steps"
     return [
         (f"CQAT W5A4, first/last 8-bit (fixed point), {n}", "qat_cqat_w5a4",
          {"method": "cqat", "w_bits": 5, "a_bits": 4, "pow2": True}),
@@ -186,7 +192,7 @@ def run_demo(cfg: DemoOptions) -> dict[str, Any]:
     for label, sub, opts in _qat_rows(o):
         t0 = time.perf_counter()
         res = run_qat(QATOptions(checkpoint=str(ckpt), out=str(out / sub), epochs=o.qat_epochs, seed=o.seed,
-                                 resume=resumable(out / sub), **common, **opts))
+                                 steps_per_epoch=o.qat_steps, resume=resumable(out / sub), **common, **opts))
         q, _ = load_model(out / sub / "model.pt")
         control = opts["method"] == "fp32"
         rows.append({"row": label, "dir": str(out / sub), "top1": res["final"]["top1"], "top5": res["final"]["top5"],

@@ -47,6 +47,8 @@ class BatchLoader:
         drop_last: drop this rank's last incomplete batch.
         rank, world_size: this process's shard of each epoch (see the module docstring).
         channels_last: return ``x`` in ``torch.channels_last`` memory format.
+        max_batches: yield only the first ``max_batches`` batches of each epoch's order (``None``: all); a
+            shorter epoch for a short fine-tune (``hwquant qat --steps-per-epoch``).
 
     Call :meth:`set_epoch` before iterating each epoch (as with ``DistributedSampler``); without it
     every iteration repeats epoch 0's order and augmentation.
@@ -66,6 +68,7 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
         channels_last: bool = False,
+        max_batches: int | None = None,
     ) -> None:
         if not isinstance(data, TensorData):
             raise ConfigError(f"BatchLoader needs a TensorData, got {type(data).__name__}")
@@ -75,6 +78,8 @@ class BatchLoader:
             raise ConfigError(f"seed must be >= 0, got {seed}")
         if int(world_size) < 1:
             raise ConfigError(f"world_size must be >= 1, got {world_size}")
+        if max_batches is not None and (isinstance(max_batches, bool) or int(max_batches) < 1):
+            raise ConfigError(f"max_batches must be >= 1 or None, got {max_batches}")
         if not 0 <= int(rank) < int(world_size):
             raise ConfigError(f"rank must lie in [0, {world_size}), got {rank}")
         self.mean = as_float_tuple(mean, "mean")
@@ -95,6 +100,7 @@ class BatchLoader:
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.channels_last = bool(channels_last)
+        self.max_batches = None if max_batches is None else int(max_batches)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -110,9 +116,8 @@ class BatchLoader:
 
     def __len__(self) -> int:
         """Number of batches per epoch on this rank."""
-        if self.drop_last:
-            return self.num_samples // self.batch_size
-        return math.ceil(self.num_samples / self.batch_size)
+        n = self.num_samples // self.batch_size if self.drop_last else math.ceil(self.num_samples / self.batch_size)
+        return n if self.max_batches is None else min(n, self.max_batches)
 
     def epoch_indices(self, epoch: int | None = None) -> torch.Tensor:
         """Sample indices this rank visits in ``epoch`` (default: the current one), in order."""

@@ -32,26 +32,12 @@ import math
 import torch
 from torch import nn
 
+from ..collectives import all_reduce_
 from ..numerics.uniform import _check_scale, _shape_param, fake_quantize_trusted, qrange, quantize
 from ..observers import make_observer
 from ..spec import QuantParams, QuantSpec
 
 _TINY = torch.finfo(torch.float32).tiny
-
-
-def _max_over_ranks(t: torch.Tensor) -> None:
-    """``t <- max over the ranks of a data-parallel run`` (in place; nothing in a single process).  Every rank
-    calls it at the same training forward, so it cannot deadlock; nccl reduces CUDA tensors only."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    if dist.get_backend() == "nccl" and t.device.type != "cuda":
-        buf = t.to(torch.device("cuda", torch.cuda.current_device()))
-        dist.all_reduce(buf, op=dist.ReduceOp.MAX)
-        t.copy_(buf.cpu())
-    else:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
 
 
 def _pow2_(s: torch.Tensor) -> torch.Tensor:
@@ -203,7 +189,7 @@ class FakeQuantizer(nn.Module):
         if self.spec.range_mode == "dynamic" or self.training:
             peak = self._peak(x).float()
             if self.training:
-                _max_over_ranks(peak)  # data-parallel training: the global batch's peak (1 process of W B)
+                all_reduce_(peak, "max")  # data-parallel training: the global batch's peak (1 process of W B)
             if self.spec.range_mode == "ema":
                 d = self.spec.ema_decay
                 peak = self.running_max.mul_(d).add_(peak, alpha=1 - d)

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..collectives import all_reduce_
 from ..errors import ConfigError
 
 
@@ -84,18 +85,8 @@ def current() -> DistInfo:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over ranks, in place (no-op when not distributed).
-
-    nccl reduces CUDA tensors only: a CPU tensor goes through a copy on the current CUDA device.
-    """
-    if current().enabled:
-        if dist.get_backend() == "nccl" and t.device.type != "cuda":
-            buf = t.to(torch.device("cuda", torch.cuda.current_device()))
-            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-            t.copy_(buf.cpu())
-        else:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+    """Sum ``t`` over ranks, in place (no-op when not distributed; :func:`hwquant.collectives.all_reduce_`)."""
+    return all_reduce_(t, "sum")
 
 
 def barrier() -> None:
