@@ -171,3 +171,27 @@ def test_checkpoint_with_nan_weights_is_refused(trained, tmp_path, capsys):
         assert main([*argv, "--no-progress"]) == 2
         _one_line_error(capsys, f"{name} holds NaN or infinite values")
     assert not out.exists()
+
+
+def test_ctrl_c_during_a_checkpoint_write_keeps_the_earlier_checkpoints(trained, tmp_path, capsys, monkeypatch):
+    """Interrupted half-way through writing ``last.pt`` of a run over an earlier one: exit 130, one line, the
+    earlier checkpoints byte for byte, no temporary file left."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    before = {p.name: p.read_bytes() for p in out.glob("*.pt")}
+    real_save = torch.save
+
+    def interrupted(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        with open(f, "r+b") as fh:  # half the bytes are on disk when the signal arrives
+            fh.truncate(max(1, fh.seek(0, 2) // 2))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    assert main(["train", *SMALL, "--epochs", "1", "--out", str(out)]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1] == "hwquant: interrupted" and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in out.glob("*.pt")} == before
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]

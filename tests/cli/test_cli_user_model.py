@@ -132,6 +132,10 @@ DATA = ["--dataset", "folder", "--data-dir", "{images}", "--batch-size", "8"]
     (["ptq", "--model", NET, "--weights", "{root}/train/model.pt", "--dataset", "digits"],
      "does not match the model: shape mismatch for 'features.0.weight': (8, 3, 3, 3) in the file, (8, 1, 3, 3)"),
     (["ptq", "--weights", "{root}/train/model.pt"], "weights only applies with model"),
+    (["train", "--model", "tests/cli/user_net.py:make_net", "--dataset", "digits"],
+     "model tests/cli/user_net.py:make_net does not accept the data's 1-channel 8x8 images: Given groups=1"),
+    (["ptq", "--model", "tests/cli/user_net.py:ten_classes", *DATA],
+     "returns 10 logits per image but the data has 3 classes"),
 ])
 def test_user_mistakes_one_line_exit_2_nothing_written(run, argv, needle, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)

@@ -27,13 +27,14 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, overload
 
+import torch
 from torch import nn
 
 from ..errors import ConfigError
 from ._layers import check_model_args
 
-__all__ = ["build_model", "create_model", "create_model_from_args", "is_model", "list_models", "model_options",
-           "register_model"]
+__all__ = ["build_model", "check_model_accepts", "create_model", "create_model_from_args", "is_model", "list_models",
+           "model_options", "register_model"]
 
 #: The names a model constructor always receives; everything else is a model-specific option.
 _COMMON_ARGS = ("in_channels", "num_classes", "width")
@@ -145,12 +146,49 @@ def build_model(
     from .user import is_user_spec, load_user_model
 
     if is_user_spec(name):
-        return load_user_model(name, in_channels=in_channels, num_classes=num_classes, image_size=image_size,
-                               width=width)
-    kw: dict[str, Any] = {}
-    if image_size is not None and "image_size" in model_options(name):
-        kw["image_size"] = [int(v) for v in image_size]
-    return create_model(name, in_channels=in_channels, num_classes=num_classes, width=width, **kw)
+        model = load_user_model(name, in_channels=in_channels, num_classes=num_classes, image_size=image_size,
+                                width=width)
+    else:
+        kw: dict[str, Any] = {}
+        if image_size is not None and "image_size" in model_options(name):
+            kw["image_size"] = [int(v) for v in image_size]
+        model = create_model(name, in_channels=in_channels, num_classes=num_classes, width=width, **kw)
+    if image_size is not None:
+        check_model_accepts(model, name, in_channels=in_channels, num_classes=num_classes, image_size=image_size)
+    return model
+
+
+def check_model_accepts(
+    model: nn.Module, name: str, *, in_channels: int, num_classes: int, image_size: tuple[int, int] | list[int]
+) -> None:
+    """Raise :class:`ConfigError` in one line unless ``model`` maps a batch of ``in_channels x H x W`` images
+    to ``[N, num_classes]`` logits: the data and the model are checked against each other before any work.
+
+    The probe is one forward pass of two zero images in eval mode without gradients (BN running statistics and
+    the model's train/eval mode are left as they were).
+    """
+    h, w = (int(v) for v in image_size)
+    p = next(iter(model.parameters()), None)
+    x = torch.zeros(2, in_channels, h, w, dtype=p.dtype if p is not None and p.is_floating_point() else None,
+                    device=p.device if p is not None else None)
+    what = f"{in_channels}-channel {h}x{w} images"
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            y = model(x)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model {name} does not accept the data's {what}: {first}") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != 2:
+        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ConfigError(f"model {name} must return [batch, classes] logits for {what}, it returned {shape} "
+                          "for a batch of 2")
+    if y.shape[1] != num_classes:
+        raise ConfigError(f"model {name} returns {y.shape[1]} logits per image but the data has {num_classes} "
+                          "classes")
 
 
 def create_model(
