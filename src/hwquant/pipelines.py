@@ -618,6 +618,19 @@ def _loaders_for(ck: dict[str, Any], data_dir: str | None, batch_size: int):
                         augment=False, fallback=False, drop_last=False, image_size=d.get("image_size"))
 
 
+def _float_eval(model: nn.Module, ck: dict[str, Any], loaders, data_dir: str | None, *, progress: bool,
+                device) -> dict[str, float]:
+    """The float model's test accuracy: the checkpoint's own record (``metrics``, written by ``train`` after
+    its last evaluation) when this is the test split it was measured on (the checkpoint's data, not another
+    ``--data-dir``, the same number of images, one process), else evaluated now."""
+    m = ck.get("metrics")
+    test = loaders.test
+    if (data_dir is None and isinstance(m, dict) and {"top1", "top5", "loss", "n"} <= set(m)
+            and getattr(test, "world_size", 1) == 1 and m["n"] == len(getattr(test, "data", ()))):
+        return {k: m[k] for k in ("top1", "top5", "loss", "n")}
+    return evaluate(model, test, progress=progress, desc="eval fp32", device=device)
+
+
 def _warn(msg: str) -> None:
     print(f"hwquant: warning: {msg}", file=sys.stderr, flush=True)
 
@@ -711,7 +724,7 @@ def run_train(cfg: TrainOptions) -> dict[str, Any]:
         handle.remove()
         if dist_info.is_main:
             _save_arc_clips(out, handle)
-    final = evaluate(model, loaders.test, device=device)
+    final = history.get("final_eval") or evaluate(model, loaders.test, device=device)
     result = {"model": cfg.model, "dataset": info.name, "source": info.source, "test": final,
               "train_seconds": seconds, "world_size": dist_info.world_size, "history": history["epochs"],
               "arc": arc_meta, "device": str(device)}
@@ -768,7 +781,7 @@ def run_ptq(cfg: PTQOptions) -> dict[str, Any]:
     if loaders.calib is None or len(loaders.calib) == 0:
         raise ConfigError("the checkpoint's data split has no calibration images (trained with calib_size=0)")
     model.to(device)
-    float_eval = evaluate(model, loaders.test, progress=cfg.progress, desc="eval fp32", device=device)
+    float_eval = _float_eval(model, ck, loaders, cfg.data_dir, progress=cfg.progress, device=device)
     qmodel, report = quantize_checkpoint(model, ck, cfg, replace(loaders, calib=on_device(loaders.calib, device)))
     q_eval = evaluate(qmodel, loaders.test, progress=cfg.progress, desc="eval quant", device=device)
     out.mkdir(parents=True, exist_ok=True)
@@ -825,7 +838,7 @@ def run_qat(cfg: QATOptions) -> dict[str, Any]:
     loaders.train.max_batches = cfg.steps_per_epoch
     model.to(device)
     channels_last = _use_channels_last(cfg.channels_last, model, loaders)
-    fp32 = evaluate(model, loaders.test, progress=cfg.progress, desc="eval fp32", device=device)
+    fp32 = _float_eval(model, ck, loaders, cfg.data_dir, progress=cfg.progress, device=device)
     qcfg = cfg.method_config()
     # the fp32 control trains the same BN-folded network the QAT methods train
     qmodel = fold_batchnorm(model) if qcfg is None else prepare_qat(model, qcfg, on_device(loaders.calib, device))
@@ -852,7 +865,7 @@ def run_qat(cfg: QATOptions) -> dict[str, Any]:
         handle.remove()
         if dist_info.is_main:
             _save_arc_clips(out, handle)
-    final = evaluate(qmodel, loaders.test, device=device)
+    final = history.get("final_eval") or evaluate(qmodel, loaders.test, device=device)
     result = {"method": cfg.method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "config": meta["config"],
               "fp32": fp32, "start": start, "final": final, "train_seconds": seconds, "history": history["epochs"],
               "step_loss": history["step_loss"], "layers": qat_summary(qmodel) if qcfg is not None else [],

@@ -194,6 +194,10 @@ def fit(
         device: ``auto``, ``cpu``, ``cuda`` or a ``torch.device``: the model is moved there before the
             optimiser is built, and every batch is moved there; ``None`` (default) leaves the model where it is.
             Checkpoints are written from CPU copies.
+
+    Returns:
+        ``{"epochs": [per-epoch records], "step_loss": [...]}`` and, with ``eval_loader``, ``"final_eval"``: the
+        :func:`evaluate` result of the trained model (the last epoch's evaluation).
     """
     # seeded from cfg.seed inside, and the caller's global RNG state restored afterwards (a library call
     # must not reseed or advance the user's random streams)
@@ -287,6 +291,8 @@ def _fit(model, train_loader, cfg, *, eval_loader, out_dir, resume, progress, ex
         if eval_loader is not None:
             ev = evaluate(model, eval_loader)
             record.update({"test_top1": ev["top1"], "test_top5": ev["top5"], "test_loss": ev["loss"]})
+            if epoch + 1 == cfg.epochs:
+                history["final_eval"] = ev  # the trained model's evaluation: callers need not repeat it
         history["epochs"].append(record)
         if progress and dist_info.is_main:
             msg = f"epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f} train {record['train_top1']:.2f}%"
