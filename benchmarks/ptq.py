@@ -1,9 +1,11 @@
 """PTQ accuracy benchmark: GGD PTQ against the calibration baselines, all in one run.
 
 Part 1, synthetic (``synthetic`` rows): samples from generalized gamma densities of several shapes
-(two-sided Gaussian-like, Laplace-like, heavy-tailed; one-sided post-ReLU-like with 50% zeros) at 4, 6 and
-8 bits.  For each, the SQNR of the step chosen by each observer (GGD, min-max, percentile 99.99, MSE, KL,
-ACIQ-Laplace) against the **exhaustive best uniform step** (a 600-point log grid search on the same samples).
+(two-sided Gaussian-like, Laplace-like, heavy-tailed; one-sided post-ReLU-like with 50% zeros; image-like: a
+Laplace density with half the values on one background value -0.81, the spike of a normalised image) at 4, 6
+and 8 bits.  For each, the SQNR of the step chosen by each observer (GGD with and without atoms, min-max,
+percentile 99.99, MSE, KL, ACIQ-Laplace) against the **exhaustive best uniform step** (a 600-point log grid
+search on the same samples).
 
 Part 2, model (``model`` rows): ResNet-20 trained on Fashion-MNIST (the demo's cached checkpoint, trained if
 missing), test top-1 and end-to-end logit SQNR at W8A8, W6A6, W4A4, W8A4 for every method, same checkpoint,
@@ -12,7 +14,9 @@ and for W4A4 / W8A4 also with the first conv (whose input is the image) and the 
 Weights are per tensor for every method (the GGD paper's per-layer fixed point): GGD uses the
 error-minimising power-of-two FL, min-max uses ``max|W|``, the other baselines use an MSE-optimal weight clip.
 Activations: the method's observer, per tensor, unsigned after ReLU.  GGD steps are powers of two (fixed
-point); the baselines' steps are arbitrary reals, which favours the baselines.  GGD+BFT twice: ``ggd+bft top1``
+point); the baselines' steps are arbitrary reals, which favours the baselines; ``ggd free steps`` is GGD PTQ
+without BFT with the exact GGD activation steps (not powers of two), which separates the density model from the
+fixed-point constraint.  GGD+BFT twice: ``ggd+bft top1``
 scores BFT by calibration top-1 (the paper's criterion, no hold-out) and ``ggd+bft`` by the default (KL
 divergence from the float model's softmax on 512 images, each change checked on 256 held-out ones).  The
 GGD+BFT wall time (the whole PTQ including BFT) is reported.
@@ -30,7 +34,8 @@ import torch
 
 from hwquant.methods import GGDPTQConfig, ObserverPTQConfig, ptq
 from hwquant.numerics import fake_quantize, sqnr_db
-from hwquant.numerics.ggd import GGD, expected_mse, ggd_optimal_step
+from hwquant.numerics.ggd import GGD, ggd_optimal_step
+from hwquant.numerics.ggd_atoms import Atom, mixture_mse, mixture_optimal_step
 from hwquant.observers import make_observer
 from hwquant.spec import QuantSpec
 from hwquant.train import evaluate
@@ -39,14 +44,16 @@ from .common import float_checkpoint, markdown_table, write_results
 
 NAME = "ptq"
 
-SHAPES = {  # name: (GGD, description)
-    "gauss-like a=2 b=0": GGD(alpha=2.0, beta=0.0, lam=0.5, signed=True),
-    "laplace a=1 b=0": GGD(alpha=1.0, beta=0.0, lam=1.0, signed=True),
-    "heavy a=0.5 b=0": GGD(alpha=0.5, beta=0.0, lam=2.0, signed=True),
-    "relu-like a=1.5 b=0.5 p0=0.5": GGD(alpha=1.5, beta=0.5, lam=1.0, zero_mass=0.5, signed=False),
+SHAPES = {  # name: (GGD of the continuous part and zeros, point masses that replace a share of the values)
+    "gauss-like a=2 b=0": (GGD(alpha=2.0, beta=0.0, lam=0.5, signed=True), []),
+    "laplace a=1 b=0": (GGD(alpha=1.0, beta=0.0, lam=1.0, signed=True), []),
+    "heavy a=0.5 b=0": (GGD(alpha=0.5, beta=0.0, lam=2.0, signed=True), []),
+    "relu-like a=1.5 b=0.5 p0=0.5": (GGD(alpha=1.5, beta=0.5, lam=1.0, zero_mass=0.5, signed=False), []),
+    "image-like: laplace + 50% at -0.81": (GGD(alpha=1.0, beta=0.0, lam=1.0, signed=True), [Atom(-0.81, 0.5)]),
 }
 OBSERVERS = {
     "ggd": {},
+    "ggd no atoms": {"atoms": False},
     "ggd pow2": {"power_of_two": True},
     "minmax": {},
     "percentile": {"percentile": 99.99},
@@ -58,8 +65,8 @@ SETTINGS = [(8, 8), (6, 6), (4, 4), (8, 4)]
 # Every layer at the setting's bits, and the usual deployment variant with the first conv (the image input)
 # and the last FC at 8 bits, for the settings where the input layer decides the outcome.
 VARIANTS = [("all layers", None, SETTINGS), ("first/last 8-bit", 8, [(4, 4), (8, 4)])]
-METHODS = ["minmax", "percentile", "mse", "kl", "aciq", "ggd", "ggd+bft top1", "ggd+bft"]
-GGD_METHODS = ("ggd", "ggd+bft top1", "ggd+bft")
+METHODS = ["minmax", "percentile", "mse", "kl", "aciq", "ggd free steps", "ggd", "ggd+bft top1", "ggd+bft"]
+GGD_METHODS = ("ggd free steps", "ggd", "ggd+bft top1", "ggd+bft")
 
 
 def best_uniform_sqnr(x: torch.Tensor, bits: int, signed: bool, points: int = 600) -> tuple[float, float]:
@@ -79,8 +86,8 @@ def best_uniform_sqnr(x: torch.Tensor, bits: int, signed: bool, points: int = 60
 def synthetic(quick: bool) -> list[dict[str, Any]]:
     n = 50_000 if quick else 200_000
     rows = []
-    for shape_name, ggd in SHAPES.items():
-        x = torch.as_tensor(ggd.sample(n, seed=1), dtype=torch.float32)
+    for shape_name, (ggd, atoms) in SHAPES.items():
+        x = _sample(ggd, atoms, n)
         for bits in (4, 6, 8):
             best, best_step = best_uniform_sqnr(x, bits, ggd.signed, 150 if quick else 600)
             row: dict[str, Any] = {"shape": shape_name, "bits": bits, "best": best}
@@ -94,14 +101,31 @@ def synthetic(quick: bool) -> list[dict[str, Any]]:
                 row[obs_name] = sqnr_db(x, fake_quantize(x, p.scale, bits, p.signed))
             row["ggd - best"] = row["ggd"] - best
             # the same steps judged under the true density (expected SQNR): is a gap the step or the sample?
-            true_step = ggd_optimal_step(ggd, bits)
-            ms = ggd.mean_square()
-            levels = 2**bits
+            if atoms:
+                true_step = mixture_optimal_step(ggd, atoms, bits, ggd.signed, peak=float(x.abs().max()))
+            else:
+                true_step = ggd_optimal_step(ggd, bits)
+            ms = (1 - sum(a.mass for a in atoms)) * ggd.mean_square() + sum(a.mass * a.value**2 for a in atoms)
+
             row["true-density step on the sample"] = sqnr_db(x, fake_quantize(x, true_step, bits, ggd.signed))
-            row["expected: exact step"] = 10 * math.log10(ms / expected_mse(ggd, true_step, levels))
-            row["expected: sample's best step"] = 10 * math.log10(ms / expected_mse(ggd, best_step, levels))
+            for key, step in (("expected: exact step", true_step), ("expected: sample's best step", best_step)):
+                row[key] = 10 * math.log10(ms / mixture_mse(ggd, atoms, step, bits, ggd.signed))
             rows.append(row)
     return rows
+
+
+def _sample(ggd: GGD, atoms: list[Atom], n: int) -> torch.Tensor:
+    """``n`` values of the mixture (seeded): the GGD's, each replaced by an atom with that atom's mass."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    v = ggd.sample(n, seed=rng)
+    u = rng.random(n)
+    lo = 0.0
+    for a in atoms:
+        v = np.where((u >= lo) & (u < lo + a.mass), a.value, v)
+        lo += a.mass
+    return torch.as_tensor(v, dtype=torch.float32)
 
 
 def _checkpoint(quick: bool) -> Path:
@@ -109,6 +133,8 @@ def _checkpoint(quick: bool) -> Path:
 
 
 def _config(method: str, wb: int, ab: int, first_last: int | None = None):
+    if method == "ggd free steps":
+        return GGDPTQConfig(w_bits=wb, a_bits=ab, bft=False, power_of_two=False, first_last_bits=first_last)
     if method == "ggd+bft top1":
         return GGDPTQConfig(w_bits=wb, a_bits=ab, first_last_bits=first_last, bft_criterion="top1", bft_holdout=0)
     if method.startswith("ggd"):
