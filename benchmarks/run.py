@@ -34,6 +34,7 @@ REGISTRY: dict[str, str] = {
     "demo": "benchmarks.demo",
     "report": "benchmarks.report",
     "distributed": "benchmarks.distributed",
+    "pow2_step": "benchmarks.pow2_step",
 }
 
 

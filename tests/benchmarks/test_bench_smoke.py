@@ -213,3 +213,14 @@ def test_mpq_plan_and_bar_by_hand():
     # 0.3 pt over the nearest uniform model is required: the same MPQ row 0.2 pt above W2A4 fails
     _, bars = mpq.summarize([r if r["key"] != "w2" else _mpq_row("w2", 90.7, 28.0) for r in rows])
     assert next(r for r in bars if r["run"] == "mpq2")["met"] is False
+
+
+def test_pow2_step_quick_has_both_settings_and_seeds(tmp_path, monkeypatch):
+    monkeypatch.setenv(common.RESULTS_ENV, str(tmp_path))
+    monkeypatch.setenv("HWQUANT_BENCH_RUNS", str(tmp_path / "runs"))
+    bench_run.run(["pow2_step"], quick=True, verbose=False)
+    res = _load(tmp_path, "pow2_step")["results"]
+    assert {(r["pow2_step"], r["seed"]) for r in res["rows"]} == {(s, k) for s in ("round", "search") for k in (0, 1)}
+    assert all(10.0 < r["top1"] <= 100.0 and 0.0 <= r["start_top1"] <= 100.0 for r in res["rows"])
+    md = (tmp_path / "pow2_step.md").read_text()
+    assert "mean +- half spread" in md and "| search | 2 |" in md

@@ -151,11 +151,12 @@ class CQATConfig(_QATCommon):
         step: ``"mse"`` (clip calibrated for the clipped codes) or ``"max"`` (literal ``peak / Q(base_bits)``).
         act_range: ``"ema"`` (the activation step follows an EMA of the batch peak) or ``"static"``.
         pow2_step: with ``pow2``: ``"round"`` (the MSE step rounded to the nearest power of two in the log
-            domain) or ``"search"`` (the MSE-best power of two).  ``search`` starts far better (MobileNetV2
-            W5A4 from 76.7 % instead of 23.6 %) but ended 0.45 pt lower after one and after two epochs of
-            fine-tuning (one seed; ``benchmarks/results/mobilenet.md``), so ``round`` is the default; after four
-            epochs from the retrained FP32 model ``search`` is 0.16 pt higher (88.85 vs 88.69 %, seed 0; seed 1 of
-            both is being measured before the default is revisited).
+            domain) or ``"search"`` (the MSE-best power of two).  ``search`` starts better (ResNet-20 W5A4
+            83.97 % instead of 80.12 %; MobileNetV2 83.1 % instead of 46.1 %) but does not end better:
+            ResNet-20 after 150 steps 91.56 +- 0.02 % against 91.72 +- 0.07 % (two seeds each,
+            ``benchmarks/results/pow2_step.md``), MobileNetV2 0.45 pt lower after one and two epochs and
+            0.16 pt higher after four (one seed, ``benchmarks/results/mobilenet.md``), so ``round`` stays the
+            default.
     """
 
     base_bits: int = 8
