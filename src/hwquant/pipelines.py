@@ -293,8 +293,9 @@ class QATOptions(GradQuantOptions):
         "train on only the first N batches of each epoch's shuffled order (none: the whole epoch); a short "
         "fine-tune, the schedule follows"))
     base_bits: int = field(default=8, metadata=_h("cqat: bits the step is sized for"))
-    step: str = field(default="mse", metadata=_h("cqat: step calibration, mse (for the clipped codes) or max "
-                                                  "(literal peak / (2^base_bits - 1))", ("mse", "max")))
+    step: str = field(default="mse", metadata=_h(
+        "cqat: step calibration, mse (for the clipped codes), max (literal peak / (2^base_bits - 1)) or window "
+        "(the low-bit code is the 8-bit min-max code shifted right by a per-layer shift)", ("mse", "max", "window")))
     act_range: str = field(default="ema", metadata=_h("cqat: activation step follows an EMA of the peak, or "
                                                        "stays static", ("ema", "static")))
     mpq_flag_at: float = field(default=0.5, metadata=_h("mpq: fraction of training at which extra bits are given"))

@@ -18,7 +18,7 @@ from .numerics.uniform import MAX_BITS, MIN_BITS, qrange
 
 GRANULARITIES = ("tensor", "channel")
 RANGE_MODES = ("static", "dynamic", "ema", "learned", "pact")
-CLIP_AT = ("step", "codes")
+CLIP_AT = ("step", "codes", "window")
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,11 @@ class QuantSpec:
             ``"step"``: at the top of the ``step_bits`` code range, ``s = c / Q(step_bits)`` (literal CQAT:
             ``s = max / 255``); ``"codes"``: at the top of the stored ``bits`` codes, ``s = c / Q(bits)``
             (the clipped code range covers ``[0, c]``).  Identical when ``step_bits`` is ``None``/``bits``.
+            ``"window"``: a bit window of a ``step_bits``-wide quantizer (:mod:`hwquant.numerics.window`):
+            ``c`` is the ``step_bits`` quantizer's range, ``d = c / Q(step_bits)``, and the stored codes are
+            ``sat_bits(rne(sat_step_bits(rne(x / d)) / 2^shift))`` with one calibrated ``shift`` per tensor
+            (the ``window`` observer); the effective step is ``2^shift * d``.  Needs ``observer="window"``,
+            ``rounding="nearest"`` and a ``static`` / ``dynamic`` / ``ema`` range.
         pow2: round every step to the nearest power of two in the log domain, ``s = 2^round(log2 s)`` (fixed
             point: requantization becomes a shift and the integer model is bit-exact with the float one, see
             :mod:`hwquant.export.integer`).  Applied after calibration and after every ``dynamic`` / ``ema``
@@ -68,7 +73,7 @@ class QuantSpec:
     step_bits: int | None = None
     range_mode: Literal["static", "dynamic", "ema", "learned", "pact"] = "static"
     ema_decay: float = 0.9
-    clip_at: Literal["step", "codes"] = "step"
+    clip_at: Literal["step", "codes", "window"] = "step"
     pow2: bool = False
 
     def __post_init__(self) -> None:
@@ -97,6 +102,13 @@ class QuantSpec:
                 "symmetric must be true with step_bits > bits or a non-static range_mode "
                 f"(got range_mode={self.range_mode!r}, step_bits={sb!r})"
             )
+        if self.clip_at == "window" and (self.observer != "window" or self.rounding != "nearest"
+                                         or self.range_mode not in ("static", "dynamic", "ema")):
+            raise ConfigError("clip_at='window' needs observer='window', rounding='nearest' and a static, dynamic "
+                              f"or ema range (got observer={self.observer!r}, rounding={self.rounding!r}, "
+                              f"range_mode={self.range_mode!r})")
+        if self.observer == "window" and self.clip_at != "window":
+            raise ConfigError(f"observer 'window' needs clip_at='window', got clip_at={self.clip_at!r}")
         if not isinstance(self.pow2, bool):
             raise ConfigError(f"pow2 must be true or false, got {self.pow2!r}")
         if self.pow2 and self.range_mode in ("learned", "pact"):
@@ -110,14 +122,15 @@ class QuantSpec:
         return self.bits if self.step_bits is None else self.step_bits
 
     def clip_levels(self, signed: bool) -> int:
-        """``Q`` in ``s = c / Q`` for a clip ``c``: ``Q(step_bits)`` (``clip_at="step"``) or ``Q(bits)``.
+        """``Q`` in ``s = c / Q`` for a clip ``c``: ``Q(step_bits)`` (``clip_at="step"`` / ``"window"``: the
+        base step, before the window's ``2^shift``) or ``Q(bits)``.
 
         ``Q(b) = 2^(b-1) - 1`` for signed codes, ``2^b - 1`` for unsigned ones.
 
         >>> QuantSpec(bits=4, signed=False, step_bits=8).clip_levels(False)
         255
         """
-        b = self.q_step_bits if self.clip_at == "step" else self.bits
+        b = self.q_step_bits if self.clip_at in ("step", "window") else self.bits
         return qrange(b, signed)[1]
 
     def with_(self, **changes) -> QuantSpec:

@@ -147,6 +147,31 @@ def test_onnx_int4_graph_runs_bit_exact_in_onnxruntime_with_default_options(pow2
 
 
 @needs_onnx
+def test_onnx_window_requant_is_two_stage_and_bit_exact_in_onnxruntime(tmp_path):
+    """CQAT ``step="window"`` (fixed point): each windowed requantization is an 8-bit QuantizeLinear and a
+    shifter QuantizeLinear at scale 2^shift; onnxruntime with its default options agrees on every code."""
+    import onnx
+
+    from hwquant.export.onnx import check_onnx, to_onnx
+
+    torch.manual_seed(0)
+    m = create_model("resnet20", in_channels=1, num_classes=4, width=0.5).eval()
+    qm = prepare_qat(m, CQATConfig(w_bits=5, a_bits=4, pow2=True, step="window"), _batches()).eval()
+    im = integer_model(qm, _batches(1)[0][0][:1])
+    shifts = [op.params["window_shift"] for op in im.ops if "window_shift" in op.params]
+    assert shifts
+    path = to_onnx(im, tmp_path / "w.onnx", codes_outputs=True)
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    window_scales = sorted(float(inits[n.input[1]]) for n in graph.node
+                           if n.op_type == "QuantizeLinear" and ".window" in n.input[1])
+    assert window_scales == sorted(2.0 ** s for s in shifts)
+    res = check_onnx(path, im, _batches(2, seed=5))
+    assert res["codes"] > 0 and res["codes_diff"] == 0 and res["max_logit_lsb"] == 0.0
+    assert res["optimize"] == "all"
+
+
+@needs_onnx
 def test_onnx_int4_activations_option(pow2_resnet, tmp_path):
     import onnx
 

@@ -141,6 +141,28 @@ def test_check_qonnx_pow2_cqat_exact_with_numpy_fallback(pow2_cqat, monkeypatch)
         check_qonnx(path, im, _check_batches(), executor="qonnx")
 
 
+def test_window_cqat_two_quants_per_requant_exact(tmp_path):
+    """CQAT ``step="window"`` (fixed point): each windowed requantization is an 8-bit Quant followed by a
+    4-bit Quant at 2^shift times its scale; both executors agree with the integer model on every code."""
+    im = _tiny(CQATConfig(w_bits=5, a_bits=4, pow2=True, step="window"))
+    path = to_qonnx(im, tmp_path / "window.onnx")
+    m = onnx.load(str(path))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+    producer = {n.output[0]: n for n in m.graph.node}
+    pairs = 0
+    for op in im.ops:
+        if "window_shift" not in op.params:
+            continue
+        outer = producer[f"{op.name}:quant"]
+        inner = producer[outer.input[0]]
+        assert inner.op_type == "Quant" and int(inits[inner.input[3]]) == 8 and int(inits[outer.input[3]]) == 4
+        assert float(inits[outer.input[1]]) == float(inits[inner.input[1]]) * 2 ** op.params["window_shift"]
+        pairs += 1
+    assert pairs > 5
+    _assert_exact(check_qonnx(path, im, _check_batches()), "qonnx" if hq.qonnx_available() else "numpy")
+    _assert_exact(check_qonnx(path, im, _check_batches(), executor="numpy"), "numpy")
+
+
 def test_check_qonnx_mixed_w3a6_exact(mixed_ste):
     im, path = mixed_ste
     r = check_qonnx(path, im, _check_batches())

@@ -78,6 +78,9 @@ def _configs():
         "ggd_w4a4_fl8": lambda m, d: hq.ptq(m, GGDPTQConfig(w_bits=4, a_bits=4, first_last_bits=8, bft=False), d)[0],
         "ste_w8a8": lambda m, d: prepare_qat(m, STEConfig(w_bits=8, a_bits=8, pow2=True), d).eval(),
         "ste_w4a4_fl8": lambda m, d: prepare_qat(m, STEConfig(w_bits=4, a_bits=4, pow2=True), d).eval(),
+        # bit windows of an 8-bit quantizer on ReLU6 clamps, depthwise, concatenation and shared inputs
+        "cqat_window_w5a4": lambda m, d: prepare_qat(m, CQATConfig(w_bits=5, a_bits=4, pow2=True, step="window"),
+                                                     d).eval(),
     }
 
 

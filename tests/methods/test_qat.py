@@ -182,8 +182,9 @@ def test_prepare_qat_rejects_a_ptq_config(digits_small_cnn):
 
 # ----------------------------------------------------------------------------- it learns
 @pytest.mark.parametrize("config", [hq.CQATConfig(w_bits=3, a_bits=3), hq.STEConfig(w_bits=3, a_bits=3),
-                                    hq.PACTConfig(w_bits=3, a_bits=3), hq.LSQConfig(w_bits=3, a_bits=3)],
-                         ids=["cqat", "ste", "pact", "lsq"])
+                                    hq.PACTConfig(w_bits=3, a_bits=3), hq.LSQConfig(w_bits=3, a_bits=3),
+                                    hq.CQATConfig(w_bits=3, a_bits=3, step="window")],
+                         ids=["cqat", "ste", "pact", "lsq", "cqat-window"])
 def test_one_epoch_qat_improves_over_its_ptq_start(digits_small_cnn, config):
     model, loaders = digits_small_cnn
     qmodel = hq.prepare_qat(model, config, loaders.calib)
@@ -273,3 +274,51 @@ def test_cqat_pow2_step_round_or_search(digits_small_cnn):
     assert hq.CQATConfig().pow2_step == "round"
     with pytest.raises(ConfigError, match="pow2_step"):
         hq.CQATConfig(pow2=True, pow2_step="ceil")
+
+
+def test_cqat_window_codes_are_the_8_bit_codes_shifted(digits_small_cnn):
+    """``step="window"``: every 4/5-bit layer has a window quantizer whose codes are the 8-bit min-max codes
+    of the same tensor shifted right by the layer's shift (rounded half to even) and saturated; the shifts are
+    chosen by MSE, so none is 0 (the literal reading, step peak/255, which stays at chance)."""
+    from hwquant.numerics.window import rshift_rne
+
+    model, loaders = digits_small_cnn
+    qmodel = hq.prepare_qat(model, hq.CQATConfig(w_bits=5, a_bits=4, step="window"), loaders.calib).eval()
+    x = next(iter(loaders.test))[0]
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: seen.__setitem__(n, a[0].detach()))
+             for n, m in quant_layers(qmodel)]
+    with torch.no_grad():
+        qmodel(x)
+    for h in hooks:
+        h.remove()
+    shifts = []
+    for name, layer in quant_layers(qmodel):
+        for q, t in ((layer.weight_quant, layer.weight), (layer.input_quant, seen[name])):
+            if q.spec.bits == 8:  # first / last layers
+                assert not q.windowed
+                continue
+            assert q.windowed and q.spec.step_bits == 8
+            s = int(q.window_shift)
+            signed = bool(q.signed)
+            shape = [-1] + [1] * (t.dim() - 1) if q.axis is not None else []
+            c8 = uniform.quantize(t, q.base_step().reshape(-1) if shape else q.base_step(), 8, signed,
+                                  axis=q.axis).to(torch.int64)
+            lo, hi = uniform.qrange(q.spec.bits, signed)
+            assert torch.equal(q.codes(t).to(torch.int64), rshift_rne(c8, s).clamp(lo, hi)), name
+            shifts.append(s)
+    assert shifts and min(shifts) > 0  # s = 0 (the literal low bits of peak/255) clips nearly everything
+
+
+def test_cqat_window_is_not_the_mse_step(digits_small_cnn):
+    """The window's effective step is 2^s times the 8-bit min-max step, which the MSE step is not."""
+    model, loaders = digits_small_cnn
+    win = hq.prepare_qat(model, hq.CQATConfig(w_bits=5, a_bits=4, step="window"), loaders.calib)
+    mse = hq.prepare_qat(model, hq.CQATConfig(w_bits=5, a_bits=4), loaders.calib)
+    differ = 0
+    for (_, a), (_, b) in zip(quant_layers(win), quant_layers(mse), strict=True):
+        if a.input_quant.spec.bits == 4:
+            ratio = float(a.input_quant.scale / a.input_quant.base_step())
+            assert ratio == 2.0 ** int(a.input_quant.window_shift)
+            differ += not torch.allclose(a.input_quant.scale, b.input_quant.scale)
+    assert differ > 0

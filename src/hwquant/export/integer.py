@@ -77,6 +77,7 @@ from ..nn.graph import trace as _trace
 from ..nn.layers import LUT_ACTIVATIONS, QUANT_LAYERS, QuantAct, QuantConv2d, QuantLinear, QuantLUTAct, exact_float_sums
 from ..nn.quantizer import FakeQuantizer
 from ..numerics.uniform import qrange
+from ..numerics.window import rshift_rne
 from .tally import Tally, labelled_batches
 
 __all__ = ["IntegerModel", "IntOp", "compare", "integer_model", "requant_params", "rshift_rne"]
@@ -87,18 +88,6 @@ _MAX_M_BITS = 31
 
 
 # ------------------------------------------------------------------------------------------ integer helpers
-def rshift_rne(p: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """``round_half_even(p / 2^n)`` for int64 ``p`` and shifts ``n >= 0`` (broadcast), in integers only."""
-    # (p + 2^(n-1) - 1 + lsb(floor(p / 2^n))) >> n: the remainder r rounds up when r > 2^(n-1), and at
-    # r == 2^(n-1) exactly when the floor is odd (p itself for n == 0); |p| < 2^62 keeps the sum in range
-    n = n.to(torch.int64)
-    half_m1 = ((torch.bitwise_left_shift(torch.ones_like(n), n) >> 1) - 1).clamp_min_(0)  # small: per channel
-    odd = torch.bitwise_and(torch.bitwise_right_shift(p, n), 1)
-    if bool((n == 0).any()):
-        odd.mul_((n > 0).to(torch.int64))
-    return torch.bitwise_right_shift(odd.add_(p).add_(half_m1), n)
-
-
 def div_rne(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``round_half_even(a / b)`` for int64 ``a`` and positive int64 ``b`` (broadcast), exactly."""
     f = torch.div(a, b, rounding_mode="floor")
@@ -170,6 +159,8 @@ class IntOp:
                 q = rshift_rne(v * m.reshape(shape), n.reshape(shape))
             else:  # after a sum pool: round (V * M) / (d * 2^n) exactly
                 q = div_rne(v * m.reshape(shape), torch.bitwise_left_shift(torch.full_like(n, d), n).reshape(shape))
+            if "window_shift" in p:  # a bit window: the 8-bit code, then the shifter (numerics.window)
+                q = rshift_rne(q.clamp_(p["base_qmin"], p["base_qmax"]), p["window_shift"])
             q.clamp_(p["qmin"], p["qmax"])
             if "clip_lo" in p:  # a carried clip (ReLU6 ...) as per-channel code bounds
                 q = torch.minimum(torch.maximum(q, _per_channel(p["clip_lo"], q)), _per_channel(p["clip_hi"], q))
@@ -442,7 +433,9 @@ class _Builder:
         if v.clip is None and v.codes is not None and torch.equal(v.codes[0], s_out) and v.codes[1:] == (qmin, qmax):
             return v
         c = v.example.shape[1] if v.example.dim() > 1 else 1
-        ratio = _scale_vec(v.scale, c) / s_out.double()
+        # a bit window requantizes to its step_bits-wide codes (step d8) and shifts them (numerics.window)
+        s_req = q.base_step().detach().float().reshape(()) if q.windowed else s_out
+        ratio = _scale_vec(v.scale, c) / s_req.double()
         m_bits = min(_MAX_M_BITS, 62 - _bitlen(v.bound))
         max_shift = 62 - _bitlen(v.divisor)
         m, n = requant_params(ratio, m_bits)
@@ -455,6 +448,11 @@ class _Builder:
             m, n = m[:1], n[:1]
         params = {"multiplier": m, "shift": n, "divisor": v.divisor, "qmin": qmin, "qmax": qmax,
                   "out_scale": float(s_out), "bits": q.spec.bits, "signed": bool(q.signed)}
+        if q.windowed:
+            params["base_qmin"], params["base_qmax"] = qrange(q.spec.q_step_bits, bool(q.signed))
+            params["base_scale"] = float(s_req)
+            params["base_bits"] = q.spec.q_step_bits
+            params["window_shift"] = int(q.window_shift)
         if v.divisor == 1 and v.bound * float(m.max()) < _EXACT:  # a faster exact evaluation (see IntOp.run)
             params["float64_exact"] = True
             params["factor_f64"] = torch.ldexp(m.double(), -n)
@@ -695,6 +693,9 @@ def _input_val(b: _Builder, st: dict[str, Any], q: FakeQuantizer | None, name: s
         raise ConfigError(f"{name}: the first layer's input is not quantized")
     if not q.spec.symmetric or q.axis is not None or q.spec.rounding != "nearest":
         raise ConfigError(f"{name}: the input quantizer must be per tensor, zero point 0, rounding='nearest'")
+    if q.windowed:
+        raise ConfigError(f"{name}: the model input's quantizer is a bit window; export quantizes the input in one "
+                          "stage (quantize the first layer's input with a plain step, e.g. first_last_bits)")
     qmin, qmax = qrange(q.spec.bits, bool(q.signed), q.spec.narrow)
     s_in = q.scale.detach().float().reshape(())
     if st["input_val"] is not None:

@@ -13,7 +13,10 @@
   the file stores, use ``INT4`` at opset 21 whenever their codes fit (onnxruntime runs that by default).
   Codes narrower than their type (CQAT's 5-bit weights ride in ``INT8``; a 4-bit activation in ``UINT8``) get
   a ``Clip`` at ``q_max * s`` before the quantizer, so the stored codes keep their range.  The input quantizer
-  is the first of them.
+  is the first of them.  A bit-window requantization (CQAT ``step="window"``, :mod:`hwquant.numerics.window`)
+  is two: ``QuantizeLinear(d8)`` to the 8-bit code, ``DequantizeLinear(1)`` (the code as an exact float),
+  ``Clip`` to the window's range times ``2^shift``, ``QuantizeLinear(2^shift)`` (the shifter: an exact
+  division rounded half to even) and ``DequantizeLinear`` at the effective step ``2^shift * d8``.
 * ``conv2d`` / ``linear`` -> ``DequantizeLinear(int weights, per-channel scale, axis 0)`` and, for the bias,
   ``DequantizeLinear(int32 bias, s_x * s_w, axis 0)``, feeding a float ``Conv`` / ``Gemm``: the QDQ pattern
   onnxruntime fuses into ``QLinearConv`` / ``QGemm`` where the types allow.  Weight codes beyond +-64 (8-bit
@@ -202,6 +205,26 @@ def to_onnx(model, path: str | os.PathLike, example_input: torch.Tensor | None =
         if params is not None and "clip_lo" in params:  # a carried clip: per-channel code bounds
             src = g.clip(src, params["clip_lo"].double() * scale, params["clip_hi"].double() * scale,
                          len(shapes[name]))
+        if params is not None and "window_shift" in params:
+            # a bit window (numerics.window): the 8-bit quantizer, its codes as exact floats (scale 1), the
+            # shifter as a QuantizeLinear with step 2^shift (c8 / 2^shift is exact, rounded half to even) after
+            # a Clip that keeps the window's range, then the value at the effective step
+            t8, _ = _qtype(onnx, params["base_qmin"], params["base_qmax"], opset, int4=False)
+            q8 = g.node("QuantizeLinear", [src, g.const(f"{name}.base_scale",
+                                                          np.array(params["base_scale"], dtype=np.float32)),
+                                           g.zp(t8)])
+            src = g.node("DequantizeLinear", [q8, g.const("one", np.array(1.0, dtype=np.float32)), g.zp(t8)])
+            k = 2.0 ** params["window_shift"]
+            qt = _qtype(onnx, qmin, qmax, opset, int4=int4_activations)[0]
+            src = g.node("Clip", [src, g.const(f"{name}.wlo", np.array(qmin * k, dtype=np.float32)),
+                                  g.const(f"{name}.whi", np.array(qmax * k, dtype=np.float32))])
+            q = g.node("QuantizeLinear", [src, g.const(f"{name}.window", np.array(k, dtype=np.float32)), g.zp(qt)],
+                       f"{name}:q")
+            if codes_outputs:
+                c = g.node("Cast", [q], f"{name}:codes", to=TP.INT32)
+                g.outputs.append(g.h.make_tensor_value_info(c, TP.INT32, shapes[name]))
+            return g.node("DequantizeLinear", [q, g.const(f"{name}.scale", np.array(scale, dtype=np.float32)),
+                                               g.zp(qt)])
         s = g.const(f"{name}.scale", np.array(scale, dtype=np.float32))
         if clip:
             lo = g.const(f"{name}.lo", np.array(qmin * scale, dtype=np.float32))

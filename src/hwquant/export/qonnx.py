@@ -12,7 +12,10 @@ graph is built here, one node group per :class:`~hwquant.export.integer.IntOp`, 
 :func:`hwquant.export.onnx.to_onnx`:
 
 * the input quantizer and every ``requant`` -> ``Quant(scale, zeropt 0, bits)`` with the op's own width,
-  sign and range (5-bit weights, 3/4/6-bit activations, 8-bit first/last layers, all natively);
+  sign and range (5-bit weights, 3/4/6-bit activations, 8-bit first/last layers, all natively); a bit-window
+  requantization (CQAT ``step="window"``) -> ``Quant(d8, 8 bits)`` then ``Quant(2^shift d8, bits)``: exact
+  with power-of-two steps; with float steps the second ``Quant`` divides ``fl32(c8 d8)`` by ``2^shift d8``,
+  which can miss a shifter tie by an ulp (the QDQ graph takes the codes as exact floats instead);
 * ``conv2d`` / ``linear`` -> a float initializer ``fl32(q_w * s_w)`` through a per-channel ``Quant``
   (``scale`` shaped ``[C, 1, 1, 1]`` / ``[C, 1]``, which qonnx broadcasts; ``w_bits``, signed, not narrow:
   the integer model does not record a weight quantizer's ``narrow``, and the wider range holds every code),
@@ -115,10 +118,15 @@ def to_qonnx(imodel: IntegerModel, path: str | os.PathLike, *, codes_outputs: bo
     shapes: dict[str, list] = {op.name: ["N", *op.shape[1:]] for op in imodel.ops}
     shapes[imodel.input_name] = ["N", *imodel.input_shape[1:]]
 
-    def quant(src: str, name: str, scale: np.ndarray, bits: int, signed: bool, narrow: bool, shape: list) -> str:
+    def quant(src: str, name: str, scale: np.ndarray, bits: int, signed: bool, narrow: bool, shape: list,
+              out: str | None = None) -> str:
         s = g.const(f"{name}.scale", np.asarray(scale, dtype=np.float32))
         z = g.const(f"{name}.zeropt", np.zeros((), dtype=np.float32))
         b = g.const(f"{name}.bitwidth", np.array(bits, dtype=np.float32))
+        if out is not None:  # an inner stage (a bit window's 8-bit quantizer): not a value of the integer model
+            g.nodes.append(g.h.make_node("Quant", [src, s, z, b], [out], name=g.uniq(f"{name}.Quant"),
+                                         domain=QONNX_DOMAIN, signed=int(signed), narrow=0, rounding_mode="ROUND"))
+            return out
         out = f"{name}{_SUFFIX}"
         g.nodes.append(g.h.make_node("Quant", [src, s, z, b], [out], name=g.uniq(f"{name}.Quant"),
                                      domain=QONNX_DOMAIN, signed=int(signed), narrow=int(narrow),
@@ -144,6 +152,9 @@ def to_qonnx(imodel: IntegerModel, path: str | os.PathLike, *, codes_outputs: bo
             if "clip_lo" in p:  # a carried clip (ReLU6 ...): per-channel code bounds before the Quant
                 src = g.clip(src, p["clip_lo"].double() * p["out_scale"], p["clip_hi"].double() * p["out_scale"],
                              len(op.shape))
+            if "window_shift" in p:  # a bit window: the 8-bit Quant, then the window's Quant at 2^shift its step
+                src = quant(src, f"{op.name}.base", np.array(p["base_scale"]), int(p["base_bits"]), signed, False,
+                            shapes[op.name], out=g.uniq(f"{op.name}.base8"))
             names[op.name] = quant(src, op.name, np.array(p["out_scale"]), bits, signed, narrow, shapes[op.name])
         elif k in ("conv2d", "linear"):
             w = p["weight"].numpy()

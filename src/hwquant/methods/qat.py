@@ -21,6 +21,11 @@ estimator, zero where the code is clipped.
 * ``step="mse"`` calibrates the step on the FP32 model so that the *clipped* codes minimise the mean squared
   error (the clip is chosen for the stored codes, not the 8-bit range); the 8-bit grid with that step is
   what an 8-bit datapath runs, and the 4/5-bit codes are its low bits;
+* ``step="window"`` is the hardware reading of "quantize to 8 bits, then keep 4/5 bits": one 8-bit min-max
+  quantizer (``d8 = peak / Q(8)``, following the peak in training as above) and a shifter,
+  ``q = sat_bits(rne(q8 / 2^s))`` with ``q8 = sat_8(rne(x / d8))``, the shift ``s in 0..8 - bits`` chosen per
+  layer by MSE at calibration and kept (:mod:`hwquant.numerics.window`, the ``window`` observer); the
+  effective step is ``2^s * d8``, and the integer model and the ONNX graph requantize in the same two stages;
 * during training the weight step follows the weights (``dynamic``: ``s = r * max|W| / Q`` every step with the
   ratio ``r`` fixed at calibration), the activation step follows an EMA of the batch peak (``act_range="ema"``)
   or stays at its calibrated value (``"static"``).
@@ -50,7 +55,7 @@ from ..numerics.uniform import check_bits, qrange
 from ..spec import QuantSpec
 
 ACT_RANGES = ("ema", "static")
-CQAT_STEPS = ("max", "mse")
+CQAT_STEPS = ("max", "mse", "window")
 
 
 QAT_CONFIGS: dict[str, type] = {}  # method name -> config class (``hwquant qat --method``, checkpoint rebuild)
@@ -148,7 +153,8 @@ class CQATConfig(_QATCommon):
 
     Attributes:
         base_bits: width the step is sized for (8), ``>= w_bits, a_bits``.
-        step: ``"mse"`` (clip calibrated for the clipped codes) or ``"max"`` (literal ``peak / Q(base_bits)``).
+        step: ``"mse"`` (clip calibrated for the clipped codes), ``"max"`` (literal ``peak / Q(base_bits)``) or
+            ``"window"`` (the ``base_bits`` min-max code shifted right by a per-layer shift, saturated).
         act_range: ``"ema"`` (the activation step follows an EMA of the batch peak) or ``"static"``.
         pow2_step: with ``pow2``: ``"round"`` (the MSE step rounded to the nearest power of two in the log
             domain) or ``"search"`` (the MSE-best power of two).  ``search`` starts better (ResNet-20 W5A4
@@ -177,6 +183,12 @@ class CQATConfig(_QATCommon):
             raise ConfigError(f"pow2_step must be round or search, got {self.pow2_step!r}")
 
     def _specs(self, wb: int, ab: int) -> tuple[QuantSpec, QuantSpec]:
+        if self.step == "window":
+            w = QuantSpec(bits=wb, signed=True, granularity=self._gran(), observer="window",
+                          step_bits=self.base_bits, clip_at="window", range_mode="dynamic")
+            a = QuantSpec(bits=ab, signed=None, observer="window", step_bits=self.base_bits, clip_at="window",
+                          range_mode=self.act_range, ema_decay=self.ema_decay)
+            return w, a
         literal = self.step == "max"
         obs = "minmax" if literal else "mse"
         clip_at = "step" if literal else "codes"

@@ -23,6 +23,11 @@ How the scale evolves in training is the spec's ``range_mode`` (QAT); with ``Q =
 (1 for min-max, < 1 for an MSE or percentile clip), so the clip keeps following the peak in training.
 After every forward ``scale`` holds the step that was used, so ``codes``, ``params`` and export read one
 place whatever the mode.
+
+A bit-window quantizer (``spec.clip_at="window"``, :mod:`hwquant.numerics.window`) also holds
+``window_shift``, the shift ``s`` its observer chose: ``scale`` is the effective step ``2^s * d8``, the tracked
+modes keep ``clip_ratio = 2^s`` (``d8`` follows the peak of the ``step_bits`` range), and codes are the
+two-stage ``sat_bits(rne(sat_8(rne(x / d8)) / 2^s))``.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ import torch
 from torch import nn
 
 from ..collectives import all_reduce_
-from ..numerics.uniform import _check_scale, _shape_param, fake_quantize_trusted, qrange, quantize
+from ..numerics.uniform import _check_scale, _shape_param, code_dtype, fake_quantize_trusted, qrange, quantize
+from ..numerics.window import window_codes, window_fake_quantize
 from ..observers import make_observer
 from ..spec import QuantParams, QuantSpec
 
@@ -89,14 +95,27 @@ class FakeQuantizer(nn.Module):
             self.step = nn.Parameter(torch.empty(0))
         if mode == "pact":
             self.alpha = nn.Parameter(torch.empty(0))
+        if spec.clip_at == "window":
+            self.register_buffer("window_shift", torch.zeros((), dtype=torch.int64))
 
     # ----------------------------------------------------------------- state
     @property
     def calibrated(self) -> bool:
         return self.scale.numel() > 0
 
-    def set_params(self, params: QuantParams, peak: torch.Tensor | None = None) -> None:
+    @property
+    def windowed(self) -> bool:
+        """Whether this is a bit-window quantizer (``spec.clip_at == "window"``)."""
+        return self.spec.clip_at == "window"
+
+    def base_step(self) -> torch.Tensor:
+        """A window quantizer's ``step_bits`` step ``d8 = scale / 2^shift`` (exact: a power-of-two divisor)."""
+        return self.scale / 2.0 ** int(self.window_shift)
+
+    def set_params(self, params: QuantParams, peak: torch.Tensor | None = None, shift: int | None = None) -> None:
         """Install calibrated parameters and enable quantization.
+
+        ``shift``: a window quantizer's shift (``scale`` is then the effective step ``2^shift * d8``).
 
         For the training range modes this also sets their state: ``clip_ratio = scale * Q / peak`` and the
         EMA's ``running_max = peak`` (``peak``: the observed ``max|x|`` / ``max x``; needed for
@@ -111,12 +130,20 @@ class FakeQuantizer(nn.Module):
         self.enabled = True
         mode = self.spec.range_mode
         q = float(self.spec.clip_levels(params.signed))
+        if self.windowed:
+            limit = self.spec.q_step_bits - self.spec.bits
+            if isinstance(shift, bool) or not isinstance(shift, int) or not 0 <= shift <= limit:
+                raise ValueError(f"a window quantizer needs a shift in 0..{limit}, got {shift!r}")
+            self.window_shift = torch.tensor(shift, dtype=torch.int64, device=device)
         if mode in ("dynamic", "ema"):
             if peak is None:
                 raise ValueError(f"range_mode={mode!r} needs the observed peak to set clip_ratio")
             peak = peak.detach().to(self.scale.device, torch.float32).reshape(self.scale.shape)
             s_obs = params.scale.detach().to(self.scale.device, torch.float32).reshape(self.scale.shape)
-            ratio = torch.where(peak > 0, s_obs * q / peak.clamp_min(1e-30), torch.ones_like(peak))
+            if self.windowed:  # the 8-bit step follows the peak; the window stays 2^shift above it
+                ratio = torch.where(peak > 0, torch.full_like(peak, 2.0 ** shift), torch.ones_like(peak))
+            else:
+                ratio = torch.where(peak > 0, s_obs * q / peak.clamp_min(1e-30), torch.ones_like(peak))
             self.clip_ratio = ratio.clone()
             if mode == "ema":
                 self.running_max = peak.clone()
@@ -160,7 +187,10 @@ class FakeQuantizer(nn.Module):
         params = self.observer.compute()
         self.calib_info = self.observer.summary()
         peak = self.observer.peak_seen(params.signed) if self.spec.range_mode in ("dynamic", "ema") else None
-        self.set_params(params, peak)
+        if self.windowed:
+            self.set_params(params, peak, self.observer.shift)
+        else:  # (subclasses such as MPQ's weight quantizer take no shift)
+            self.set_params(params, peak)
         self.observing = False
         self.observer = None
         return params
@@ -230,6 +260,9 @@ class FakeQuantizer(nn.Module):
             _check_scale(self.scale)
             self._checked = self.scale
         signed = bool(self.signed)
+        if self.windowed:
+            d8 = _shape_param(self.base_step().to(x.dtype), x, self.axis)
+            return window_fake_quantize(x, d8, int(self.window_shift), self.spec.bits, self.spec.q_step_bits, signed)
         qmin, qmax = qrange(self.spec.bits, signed, self.spec.narrow)
         s = _shape_param(self.scale.to(x.dtype), x, self.axis)
         z = None if self.spec.symmetric else _shape_param(self.zero_point.to(x.dtype), x, self.axis)
@@ -237,6 +270,10 @@ class FakeQuantizer(nn.Module):
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes of ``x`` with the current parameters (for export and tests)."""
+        if self.windowed:
+            d8 = _shape_param(self.base_step().to(x.dtype), x, self.axis)
+            c = window_codes(x, d8, int(self.window_shift), self.spec.bits, self.spec.q_step_bits, bool(self.signed))
+            return c.to(code_dtype(*qrange(self.spec.bits, bool(self.signed))))
         return quantize(
             x,
             self.scale,
@@ -253,6 +290,8 @@ class FakeQuantizer(nn.Module):
         s = self.spec
         sign = {True: "signed", False: "unsigned", None: "auto-sign"}[self.signed]
         step = "" if s.step_bits in (None, s.bits) else f", step_bits={s.step_bits} (clip_at={s.clip_at})"
+        if self.windowed:
+            step += f", window_shift={int(self.window_shift)}"
         mode = "" if s.range_mode == "static" else f", range_mode={s.range_mode}"
         p2 = ", pow2" if s.pow2 else ""
         return (f"bits={s.bits}, {sign}, {s.granularity}, rounding={s.rounding}{step}{mode}{p2}, "

@@ -7,9 +7,10 @@ Every observer has the same interface::
     params = obs.compute()
 
 and is registered by name with :func:`register_observer`, so a :class:`~hwquant.spec.QuantSpec` selects it
-with ``observer="minmax"``.  Registered: ``minmax``, ``percentile``, ``mse``, ``kl``, ``aciq``, ``ggd``; extra
-arguments come from ``spec.observer_args`` (e.g. ``{"percentile": 99.9}``, ``{"dist": "gauss"}``).  The
-distribution-based observers keep a bounded seeded reservoir sample (:mod:`hwquant.observers.sampling`).
+with ``observer="minmax"``.  Registered: ``minmax``, ``percentile``, ``mse``, ``kl``, ``aciq``,
+``ggd``, ``window``; extra arguments come from ``spec.observer_args`` (e.g. ``{"percentile": 99.9}``,
+``{"dist": "gauss"}``).  The distribution-based observers keep a bounded seeded reservoir sample
+(:mod:`hwquant.observers.sampling`).
 """
 
 from .aciq import ACIQObserver, aciq_clip_ratio
@@ -21,6 +22,7 @@ from .minmax import MinMaxObserver
 from .mse import MSEObserver
 from .percentile import PercentileObserver
 from .sampling import Reservoir, SamplingObserver
+from .window import WindowObserver
 
 __all__ = [
     "OBSERVERS",
@@ -34,6 +36,7 @@ __all__ = [
     "PercentileObserver",
     "Reservoir",
     "SamplingObserver",
+    "WindowObserver",
     "aciq_clip_ratio",
     "kl_threshold_bins",
     "make_observer",
