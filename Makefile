@@ -15,8 +15,9 @@ ARGS ?=
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# the demo exports to ONNX and checks the graph in onnxruntime: the onnx extra is part of the main install
 $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
-	$(BIN)/python -m pip install -q $(PIP_ARGS) $(CONSTRAINTS) -e .
+	$(BIN)/python -m pip install -q $(PIP_ARGS) $(CONSTRAINTS) -e '.[onnx]'
 	touch $@
 
 $(DEV_STAMP): pyproject.toml constraints.txt | $(BIN)/python

@@ -422,6 +422,25 @@ def test_demo_quick_tells_the_story_and_exports_bit_exactly(tmp_path):
         assert last["scheduler"]["last_epoch"] == 5, sub
 
 
+def test_demo_without_onnxruntime_fails_before_training(tmp_path, capsys, monkeypatch):
+    """The demo's export step needs onnx + onnxruntime: a plain install is told so at once (exit 2), not after
+    the FP32 training (as a fresh `make demo` was, when the main install left the onnx extra out)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    assert main(["demo", "--quick", "--out", str(tmp_path / "d"), "--cache", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "needs onnxruntime: pip install 'hwquant[onnx]'" in err and "Traceback" not in err
+    assert not (tmp_path / "d").exists() and not (tmp_path / "c").exists()
+
+
+def test_make_demo_installs_the_onnx_extra():
+    make = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
+    stamp = make[make.index("$(STAMP): pyproject.toml"):].splitlines()[1]
+    assert "-e '.[onnx]'" in stamp, stamp
+
+
 def test_demo_rejects_bad_options_before_work(tmp_path, capsys):
     assert main(["demo", "--quick", "--qat-epochs", "-1", "--out", str(tmp_path / "d")]) == 2
     assert "qat_epochs must be >= 0" in capsys.readouterr().err

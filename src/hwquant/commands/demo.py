@@ -21,6 +21,7 @@ set checked): well under two minutes, what the tests run.
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -146,6 +147,11 @@ def run_demo(cfg: DemoOptions) -> dict[str, Any]:
     _set_threads(o.threads)
     out = check_output_dir(o.out)
     check_output_dir(o.cache, "--cache")
+    # step 4 checks the ONNX graph in onnxruntime: say so now, not after the training
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"the demo's export step needs {' and '.join(missing)}: pip install 'hwquant[onnx]' "
+                          "(make demo installs it)")
     dataset, message = resolve_dataset(o.dataset, o.data_dir, fallback=True)
     if message:
         print(message, flush=True)
