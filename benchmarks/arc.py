@@ -173,13 +173,20 @@ def _run_one(proto: str, variant: str, bits: int, seed: int, epochs: dict[str, i
                                  seed=seed, out=str(out), resume=resumable(out), progress=False, **kw))
         test = res["final"]
     arc = res.get("arc") or {}
-    return {"protocol": proto, "run": variant, "bits": bits, "seed": seed, "top1": test["top1"],
+    return {"protocol": proto, "run": variant, "bits": bits, "seed": seed, "cpu": _cpu(), "top1": test["top1"],
             "top5": test["top5"], "train_s": sum(e["seconds"] for e in res["history"]),
             "clip": arc.get("clip"), "error_scale": arc.get("error_scale")}
 
 
 def _key(r: dict[str, Any]) -> tuple:
     return r["protocol"], r["run"], r["bits"], r["seed"]
+
+
+def _cpu() -> str:
+    """The CPU model the runs were made on: float results are deterministic per machine, not across CPUs."""
+    from .common import machine_info
+
+    return str(machine_info()["processor"])
 
 
 def _selected(only: str | None, proto: str, variant: str, bits: int, seed: int) -> bool:
@@ -195,14 +202,18 @@ def _selected(only: str | None, proto: str, variant: str, bits: int, seed: int) 
 
 
 def _kept_rows(earlier: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows of an earlier results file that this (partial) run did not make, kept per protocol when this run's
-    seed-0 FP32 accuracy equals the earlier one (same code, same data: the runs are deterministic), or when
-    this run did not retrain it."""
-    have = {_key(r) for r in rows}
+    """Rows of an earlier results file that this (partial) run did not make.
+
+    Rows made on another CPU are all kept, with their own FP32 reference (each row names its ``cpu``; drops
+    are taken against the FP32 run of the same CPU, see :func:`_summarise`).  Rows of this CPU are kept per
+    protocol when this run's seed-0 FP32 accuracy equals the earlier one (same code, same data, same CPU: the
+    runs are deterministic), or when this run did not retrain it."""
+    have = {(_key(r), r["cpu"]) for r in rows}
+    cpu = rows[0]["cpu"] if rows else _cpu()
     now = {r["protocol"]: r["top1"] for r in rows if r["run"] == "fp32" and r["seed"] == 0}
-    then = {r["protocol"]: r["top1"] for r in earlier if r["run"] == "fp32" and r["seed"] == 0}
-    return [r for r in earlier if _key(r) not in have and now.get(r["protocol"], then.get(r["protocol"]))
-            == then.get(r["protocol"])]
+    then = {r["protocol"]: r["top1"] for r in earlier if r["run"] == "fp32" and r["seed"] == 0 and r["cpu"] == cpu}
+    return [r for r in earlier if (_key(r), r["cpu"]) not in have
+            and (r["cpu"] != cpu or now.get(r["protocol"], then.get(r["protocol"])) == then.get(r["protocol"]))]
 
 
 def _earlier_file(out_dir) -> dict[str, Any]:
@@ -216,7 +227,11 @@ def _earlier_file(out_dir) -> dict[str, Any]:
 
 
 def _earlier_rows(out_dir) -> list[dict[str, Any]]:
-    return list(((_earlier_file(out_dir).get("results") or {}).get("accuracy") or {}).get("rows", []))
+    """The earlier file's accuracy rows, each with its ``cpu`` (the file's machine for rows that predate it)."""
+    f = _earlier_file(out_dir)
+    cpu = str((f.get("machine") or {}).get("processor", "unknown"))
+    return [{**r, "cpu": r.get("cpu", cpu)}
+            for r in ((f.get("results") or {}).get("accuracy") or {}).get("rows", [])]
 
 
 def accuracy(quick: bool, write=None, out_dir=None) -> dict[str, Any] | None:
@@ -267,16 +282,18 @@ def _default_rule() -> dict[str, Any]:
 
 
 def _summarise(acc: dict[str, Any]) -> None:
-    """Per protocol, variant and bits: mean over seeds, spread (max - min), drop vs the FP32 mean."""
+    """Per protocol, variant, bits and CPU: mean over seeds, spread (max - min), drop vs the FP32 mean of the
+    same protocol and CPU."""
     groups: dict[tuple, list[float]] = {}
     for r in acc["rows"]:
-        groups.setdefault((r["protocol"], r["run"], r["bits"]), []).append(r["top1"])
-    fp32 = {p: sum(v) / len(v) for (p, run, _), v in groups.items() if run == "fp32"}
+        groups.setdefault((r["protocol"], r["run"], r["bits"], r.get("cpu", "")), []).append(r["top1"])
+    fp32 = {(p, cpu): sum(v) / len(v) for (p, run, _, cpu), v in groups.items() if run == "fp32"}
     summary = []
-    for (p, run, bits), v in groups.items():
+    for (p, run, bits, cpu), v in groups.items():
         mean = sum(v) / len(v)
-        summary.append({"protocol": p, "run": run, "bits": bits, "seeds": len(v), "top1_mean": mean,
-                        "spread": max(v) - min(v), "drop_vs_fp32": fp32[p] - mean if p in fp32 else None})
+        ref = fp32.get((p, cpu))
+        summary.append({"protocol": p, "run": run, "bits": bits, "cpu": cpu, "seeds": len(v), "top1_mean": mean,
+                        "spread": max(v) - min(v), "drop_vs_fp32": ref - mean if ref is not None else None})
     acc["summary"] = summary
 
 
@@ -380,15 +397,16 @@ def table(results: dict[str, Any]) -> str:
         md += (f"\n## Accuracy (ResNet-20, Fashion-MNIST; from scratch {acc['epochs']['scratch']} epochs, fine-tune "
                f"{acc['epochs']['finetune']} epoch at lr {acc['finetune_lr']} from the seed-0 FP32 run)\n\n"
                f"`RTZ default` = ARCConfig's default: rounding {d['rounding']}, clip {d['clip']}, error steps per "
-               f"{d['error_scale']}. Mean over seeds; spread = max - min."
+               f"{d['error_scale']}. Mean over seeds; spread = max - min; drops against the FP32 run of the same "
+               "CPU (float training is deterministic per CPU, not across CPUs)."
                + (f" Measured {acc['measured']} (not rerun with this file's latency tables)." if acc.get("measured")
                   else "") + "\n\n")
         md += markdown_table(acc["summary"], [("protocol", "protocol"), ("run", "run"), ("bits", "G bits"),
-                                              ("seeds", "seeds"), ("top1_mean", "top-1"), ("spread", "spread"),
-                                              ("drop_vs_fp32", "drop vs FP32 (pt)")]) + "\n"
+                                              ("cpu", "CPU"), ("seeds", "seeds"), ("top1_mean", "top-1"),
+                                              ("spread", "spread"), ("drop_vs_fp32", "drop vs FP32 (pt)")]) + "\n"
         md += "\n### Every run\n\n" + markdown_table(acc["rows"], [
-            ("protocol", "protocol"), ("run", "run"), ("bits", "G bits"), ("seed", "seed"), ("top1", "top-1"),
-            ("top5", "top-5"), ("train_s", "train s")]) + "\n"
+            ("protocol", "protocol"), ("run", "run"), ("bits", "G bits"), ("seed", "seed"), ("cpu", "CPU"),
+            ("top1", "top-1"), ("top5", "top-5"), ("train_s", "train s")]) + "\n"
     fid = results.get("fidelity")
     if fid:
         cols = [(k, k) for k in fid["rows"][0]]

@@ -24,9 +24,10 @@ with the same steps, so only the implementation differs.  ``x fp32`` is the medi
 Part 2, ``accuracy``: Fashion-MNIST ResNet-20 (the demo's cached 4-epoch checkpoint, trained if missing),
 every run fine-tuned from it with the same seed, epochs, schedule and data order, through ``hwquant qat``
 (:func:`hwquant.pipelines.run_qat`) with its defaults (lr 0.005 cosine, gradient norm clipped at 2): an FP32
-control (the BN-folded float model fine-tuned with the same schedule), CQAT W5A4 with the calibrated step
-(``step=mse``) and with the literal one (``step=max``), STE, PACT and LSQ at W5A4, and STE at W4A4.  First
-conv and last FC at 8 bits for every quantized run.  Reported:
+control (the BN-folded float model fine-tuned with the same schedule); at W5A4 and W4A4: CQAT as a bit window of
+the 8-bit min-max quantizer (``step=window``: codes = the 8-bit codes shifted right by a per-layer shift) and
+with the calibrated step (``step=mse``), STE, PACT and LSQ; CQAT W5A4 with the literal step (``step=max``) last.
+First conv and last FC at 8 bits for every quantized run.  Reported:
 test top-1 before fine-tuning (the PTQ starting point) and after, the drop against the FP32 control and
 against the original checkpoint, training time, and the loss curves (``qat_loss.png``).  Quick mode runs two
 short runs on the small CNN / digits.
@@ -189,28 +190,79 @@ def speed(quick: bool) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- accuracy
-RUNS = [  # name, QAT options
+RUNS = [  # name, QAT options; in the order they run: what the bars rest on first (a partial table lands after each)
     ("fp32 control", {"method": "fp32"}),
+    ("cqat w5a4 (step=window, fixed point)", {"method": "cqat", "step": "window", "pow2": True}),
     ("cqat w5a4 (step=mse)", {"method": "cqat", "step": "mse"}),
-    ("cqat w5a4 (step=max, literal)", {"method": "cqat", "step": "max"}),
+    ("cqat w4a4 (step=window, fixed point)", {"method": "cqat", "step": "window", "pow2": True, "w_bits": 4}),
+    ("cqat w4a4 (step=mse)", {"method": "cqat", "step": "mse", "w_bits": 4}),
     ("ste w5a4", {"method": "ste"}),
     ("pact w5a4", {"method": "pact"}),
     ("lsq w5a4", {"method": "lsq"}),
     ("ste w4a4", {"method": "ste", "w_bits": 4}),
+    ("pact w4a4", {"method": "pact", "w_bits": 4}),
+    ("lsq w4a4", {"method": "lsq", "w_bits": 4}),
+    ("cqat w5a4 (step=max, literal)", {"method": "cqat", "step": "max"}),
 ]
+EXPORTED = ("cqat w5a4 (step=window, fixed point)",)  # integer model and ONNX checked on the test images
+EXPORT_IMAGES = 1000
+
+
+def _selected(only: str | None, name: str) -> bool:
+    """Whether ``HWQUANT_QAT_ONLY`` (comma-separated prefixes of run names) selects a run; the FP32 control,
+    which every drop is measured from, always runs."""
+    return not only or name == "fp32 control" or any(name.startswith(o.strip()) for o in only.split(","))
+
+
+def _earlier_rows(out_dir) -> tuple[list[dict[str, Any]], str]:
+    """The earlier ``qat.json``'s accuracy rows and the CPU they were measured on."""
+    import json
+
+    from .common import results_dir
+
+    path = results_dir(out_dir) / f"{NAME}.json"
+    if not path.exists():
+        return [], ""
+    f = json.loads(path.read_text())
+    cpu = str((f.get("machine") or {}).get("processor", ""))
+    return [{**r, "cpu": r.get("cpu", cpu)} for r in ((f.get("results") or {}).get("accuracy") or {}).get("rows", [])
+            ], cpu
+
+
+def _kept(earlier: list[dict[str, Any]], rows: list[dict[str, Any]], cpu: str) -> list[dict[str, Any]]:
+    """Earlier rows this (partial) run did not make.  Rows of another CPU are kept with their own FP32 control
+    and checkpoint (float training is deterministic per CPU, not across CPUs; each row names its ``cpu`` and its
+    drops are taken within it); rows of this CPU when they come from the same checkpoint (its test top-1) and
+    the same FP32 control as this run's."""
+    have = {(r["run"], r["cpu"]) for r in rows}
+    ctl = next((r.get("top1") for r in rows if r["run"] == "fp32 control"), None)
+    ctl_then = next((r.get("top1") for r in earlier if r["run"] == "fp32 control" and r.get("cpu") == cpu), None)
+    ck = next((r.get("checkpoint_top1") for r in rows if "checkpoint_top1" in r), None)
+    return [r for r in earlier if (r["run"], r.get("cpu")) not in have and (
+        r.get("cpu") != cpu or (ctl is not None and ctl == ctl_then and r.get("checkpoint_top1") == ck))]
 
 
 def _checkpoint(quick: bool) -> Path:
     return float_checkpoint(quick, "bench_qat_digits")
 
 
-def accuracy(quick: bool) -> dict[str, Any]:
+def accuracy(quick: bool, write=None, out_dir=None) -> dict[str, Any]:
+    """Every run of :data:`RUNS` (finished runs are read back, so an interrupted benchmark resumes); ``write`` is
+    called with the partial result after each run, so a partial table lands on disk.  ``HWQUANT_QAT_ONLY``
+    runs a subset (prefixes of run names) and keeps the earlier file's other rows (see :func:`_kept`)."""
     from hwquant.pipelines import QATOptions, resumable, run_qat
+
+    from .common import machine_info
+
+    only = None if quick else os.environ.get("HWQUANT_QAT_ONLY")
+    earlier, _ = _earlier_rows(out_dir) if only else ([], "")
+    cpu = str(machine_info()["processor"])
+    order = {name: i for i, (name, _) in enumerate(RUNS)}
 
     ck = _checkpoint(quick)
     runs_dir = Path(os.environ.get("HWQUANT_BENCH_RUNS", "runs")) / ("bench_qat_quick" if quick else "bench_qat")
     epochs = 1 if quick else int(os.environ.get("HWQUANT_QAT_EPOCHS", "2"))
-    plan = RUNS[:2] if quick else RUNS
+    plan = RUNS[:2] if quick else [(n, o) for n, o in RUNS if _selected(only, n)]
     extra = {"batch_size": 64, "channels_last": False} if quick else {}
     rows, curves = [], {}
     for name, opts in plan:
@@ -218,7 +270,7 @@ def accuracy(quick: bool) -> dict[str, Any]:
         cfg = QATOptions(checkpoint=str(ck), epochs=epochs, lr=QAT_LR, out=str(out), resume=resumable(out),
                          progress=False, **extra, **opts)
         row = {"run": name, "w_bits": cfg.w_bits if cfg.method != "fp32" else 32,
-               "a_bits": cfg.a_bits if cfg.method != "fp32" else 32}
+               "a_bits": cfg.a_bits if cfg.method != "fp32" else 32, "cpu": cpu}
         try:
             res = run_qat(cfg)
         except DataError as e:  # a run that diverges is a result, not a crash of the benchmark
@@ -232,14 +284,53 @@ def accuracy(quick: bool) -> dict[str, Any]:
                      "top5": res["final"]["top5"], "checkpoint_top1": res["fp32"]["top1"],
                      "train_s": train_s, "note": "reused finished checkpoint" if reused else ""})
         curves[name] = res["step_loss"]
+        if cfg.method != "fp32":
+            rows[-1]["windows"] = _window_shifts(out)
+        if name in EXPORTED and not quick:
+            rows[-1].update(_export_check(out))
         print(f"  {name}: start {res['start']['top1']:.2f}% -> {res['final']['top1']:.2f}%", flush=True)
-    control = rows[0].get("top1")
+        if write is not None:
+            write(_finish(rows + _kept(earlier, rows, cpu), ck, epochs, cfg, curves, order))
+    return _finish(rows + _kept(earlier, rows, cpu), ck, epochs, cfg, curves, order)
+
+
+def _export_check(run_dir: Path) -> dict[str, Any]:
+    """``hwquant export`` of a finished run: the integer model against fake quant and the ONNX graph in
+    onnxruntime (default options) against the integer model, every layer-input code of the first test images."""
+    from hwquant.pipelines import ExportOptions, run_export
+
+    ck = str(run_dir / "model.pt")
+    i = run_export(ExportOptions(checkpoint=ck, format="int", images=EXPORT_IMAGES, out=str(run_dir / "export"),
+                                 progress=False))["compare"]
+    o = run_export(ExportOptions(checkpoint=ck, format="onnx", images=EXPORT_IMAGES, out=str(run_dir / "export"),
+                                 progress=False))["onnx"]
+    return {"export": f"{i['codes_diff']} / {o['codes_diff']} of {i['codes']} ({i['images']} images, ORT "
+                      f"{o['optimize']})", "export_codes_diff": i["codes_diff"], "onnx_codes_diff": o["codes_diff"]}
+
+
+def _finish(rows, ck, epochs, cfg, curves, order=None) -> dict[str, Any]:
+    """Rows in :data:`RUNS` order (this CPU's first), with drops against the FP32 control of the same CPU."""
+    cpu = rows[0].get("cpu") if rows else None
+    if order:
+        rows = sorted(rows, key=lambda r: (r.get("cpu") != cpu, r.get("cpu", ""), order.get(r["run"], len(order))))
+    controls = {r.get("cpu"): r.get("top1") for r in rows if r["run"] == "fp32 control"}
     for r in rows:
+        control = controls.get(r.get("cpu"))
         if "top1" in r and control is not None:
             r["drop_vs_control"] = control - r["top1"]
             r["drop_vs_checkpoint"] = r["checkpoint_top1"] - r["top1"]
     return {"checkpoint": str(ck), "epochs": epochs, "lr": QAT_LR, "grad_clip": cfg.grad_clip, "rows": rows,
             "curves": curves}
+
+
+def _window_shifts(run_dir: Path) -> str:
+    """``layer:shift`` of every bit-window activation quantizer of a finished run (``""`` when none)."""
+    import torch
+
+    state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+    sd = state.get("model", state) if isinstance(state, dict) else {}
+    shifts = [int(v) for k, v in sd.items() if k.endswith("input_quant.window_shift")] if isinstance(sd, dict) else []
+    return " ".join(str(s) for s in shifts)
 
 
 def _plot(curves: dict[str, list], path: Path) -> None:
@@ -269,18 +360,24 @@ def table(results: dict[str, Any]) -> str:
                                     ("first_steps_s", "first 3 steps s")]), "",
         f"## Accuracy: fine-tuned {acc['epochs']} epoch(s) at lr {acc['lr']} (cosine, gradient norm clipped at "
         f"{acc['grad_clip']}) from {acc['checkpoint']}", "",
-        markdown_table(acc["rows"], [("run", "run"), ("w_bits", "W"), ("a_bits", "A"),
+        markdown_table(acc["rows"], [("run", "run"), ("cpu", "CPU"), ("w_bits", "W"), ("a_bits", "A"),
                                      ("start_top1", "top-1 before QAT"), ("top1", "top-1"), ("top5", "top-5"),
                                      ("drop_vs_control", "drop vs FP32 control (pt)"),
                                      ("drop_vs_checkpoint", "drop vs checkpoint (pt)"), ("train_s", "train s"),
-                                     ("note", "note")]),
+                                     ("windows", "window shifts (4-bit layer inputs)"),
+                                     ("export", "codes differ: int vs FQ / ORT vs int"), ("note", "note")]),
         "",
     ])
 
 
 def main(quick: bool = False, out_dir: str | os.PathLike | Path | None = None) -> dict[str, Any]:
     """Measure, write ``qat.{json,md}`` (+ ``qat_loss.png``) and return ``{"results", "table", "json", "md"}``."""
-    results: dict[str, Any] = {"speed": speed(quick), "accuracy": accuracy(quick)}
+    results: dict[str, Any] = {"speed": speed(quick)}
+
+    def write(partial):  # after every accuracy run: a partial table on disk
+        write_results(NAME, {**results, "accuracy": partial}, table({**results, "accuracy": partial}), out_dir=out_dir)
+
+    results["accuracy"] = accuracy(quick, write, out_dir)
     md = table(results)
     json_path, md_path = write_results(NAME, results, md, out_dir=out_dir)
     _plot(results["accuracy"]["curves"], Path(json_path).with_name("qat_loss.png"))

@@ -128,7 +128,7 @@ def test_qat_and_ggd_fit_quick(tmp_path, monkeypatch):
     assert {"fp32", "hwquant cqat w5a4", "naive ste", "torch fake_quantize"} <= set(speed)
     assert all(_positive(r["median_ms"]) and _positive(r["x_fp32"]) for r in speed.values())
     rows = qat["accuracy"]["rows"]
-    assert [r["run"] for r in rows] == ["fp32 control", "cqat w5a4 (step=mse)"]
+    assert [r["run"] for r in rows] == ["fp32 control", "cqat w5a4 (step=window, fixed point)"]
     assert rows[0]["drop_vs_control"] == 0.0 and rows[1]["top1"] > 50.0  # digits: chance is 10%
     assert (tmp_path / "qat_loss.png").stat().st_size > 1000
     fit = _load(tmp_path, "ggd_fit")["results"]
@@ -173,8 +173,8 @@ def test_arc_partial_runs_select_and_keep_rows():
     assert ("scratch", "fp32", 32, 1) in [p for p in arc.plan() if arc._selected("scratch:8", *p)]
     assert all(arc._selected(None, *p) for p in arc.plan())
 
-    def row(proto, run, bits, seed, top1):
-        return {"protocol": proto, "run": run, "bits": bits, "seed": seed, "top1": top1}
+    def row(proto, run, bits, seed, top1, cpu="A"):
+        return {"protocol": proto, "run": run, "bits": bits, "seed": seed, "top1": top1, "cpu": cpu}
 
     earlier = [row("scratch", "fp32", 32, 0, 90.0), row("scratch", "SR+max", 8, 0, 89.0),
                row("finetune", "fp32", 32, 0, 91.0), row("finetune", "SR+max", 8, 0, 90.5)]
@@ -182,6 +182,15 @@ def test_arc_partial_runs_select_and_keep_rows():
     assert arc._kept_rows(earlier, same) == earlier[1:]  # the rerun FP32 replaces its earlier row
     other = [row("scratch", "fp32", 32, 0, 90.3)]
     assert arc._kept_rows(earlier, other) == earlier[2:]  # scratch changed: only the fine-tune rows stay
+    # another CPU: every earlier row stays, and each drop is taken against its own CPU's FP32 run
+    moved = [row("scratch", "fp32", 32, 0, 90.3, cpu="B"), row("scratch", "SR+max", 6, 0, 88.0, cpu="B")]
+    assert arc._kept_rows(earlier, moved) == earlier
+    acc = {"rows": moved + earlier}
+    arc._summarise(acc)
+    drops = {(r["protocol"], r["run"], r["bits"], r["cpu"]): r["drop_vs_fp32"] for r in acc["summary"]}
+    assert drops[("scratch", "SR+max", 6, "B")] == pytest.approx(2.3)
+    assert drops[("scratch", "SR+max", 8, "A")] == pytest.approx(1.0)
+    assert drops[("finetune", "SR+max", 8, "A")] == pytest.approx(0.5)
 
 
 def _mpq_row(key, top1, kib, seed=0, model="m"):
