@@ -33,12 +33,12 @@ def _row(name: str, model, example, pe, fp32: dict[str, Any]) -> dict[str, Any]:
 
 def main(quick: bool = False, out_dir: str | os.PathLike | Path | None = None) -> dict[str, Any]:
     from hwquant.hw import PEArray, cost_report
-    from hwquant.pipelines import _loaders_for, load_model
+    from hwquant.pipelines import checkpoint_loaders, load_model
 
     ck = float_checkpoint(quick, "bench_export_digits")
     runs = Path(os.environ.get("HWQUANT_BENCH_RUNS", "runs")) / ("bench_export_quick" if quick else "bench_export")
     float_model, fck = load_model(ck)
-    example = next(iter(_loaders_for(fck, None, 1).test))[0][:1]
+    example = next(iter(checkpoint_loaders(fck, None, 1).test))[0][:1]
     arrays = {"2-bit bricks (reconfigurable)": PEArray(), "8-bit bricks (fixed 8x8)": PEArray(brick_bits=8,
                                                                                             bricks_per_pe=1)}
     models = [("FP32", float_model)] + [(name, load_model(_build(kind, opts, ck, quick, runs))[0])

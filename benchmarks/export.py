@@ -88,12 +88,12 @@ def _timings(qmodel, imodel, float_model, x0, repeats: int) -> dict[str, Any]:
 
 def timing_only(quick: bool, out_dir=None) -> dict[str, Any]:
     from hwquant.export import integer_model
-    from hwquant.pipelines import _loaders_for, load_model
+    from hwquant.pipelines import checkpoint_loaders, load_model
 
     ck = float_checkpoint(quick, "bench_export_digits")
     runs = Path(os.environ.get("HWQUANT_BENCH_RUNS", "runs")) / ("bench_export_quick" if quick else "bench_export")
     float_model, fck = load_model(ck)
-    x0 = next(iter(_loaders_for(fck, None, BATCH).test))[0]
+    x0 = next(iter(checkpoint_loaders(fck, None, BATCH).test))[0]
     rows = []
     for name, kind, opts in _models(quick):
         path = _build(kind, opts, ck, quick, runs)
@@ -112,10 +112,10 @@ def timing_only(quick: bool, out_dir=None) -> dict[str, Any]:
 def _row(name: str, path: Path, quick: bool, float_model, max_images: int | None = None) -> dict[str, Any]:
     """Checks of one quantized checkpoint on the test set (its first ``max_images`` images; ``None``: all)."""
     from hwquant.export import check_onnx, compare, integer_model, to_onnx, verify, write_golden
-    from hwquant.pipelines import _loaders_for, load_model
+    from hwquant.pipelines import checkpoint_loaders, load_model
 
     qmodel, ck = load_model(path)
-    loaders = _loaders_for(ck, None, BATCH)
+    loaders = checkpoint_loaders(ck, None, BATCH)
     batches = None if max_images is None else -(-max_images // BATCH)
     x0 = next(iter(loaders.test))[0]
     t0 = time.perf_counter()

@@ -251,9 +251,9 @@ def _pow2_diagnosis(float_model, fck: dict[str, Any], batches: int = 2) -> list[
     from hwquant.methods import CQATConfig, prepare_qat
     from hwquant.nn import fold_batchnorm
     from hwquant.nn.swap import quant_layers
-    from hwquant.pipelines import _loaders_for
+    from hwquant.pipelines import checkpoint_loaders
 
-    calib = _loaders_for(fck, None, 128).calib
+    calib = checkpoint_loaders(fck, None, 128).calib
     configs = {"mse": CQATConfig(), "round": CQATConfig(pow2=True),
                "search": CQATConfig(pow2=True, pow2_step="search")}
     qmodels = {k: prepare_qat(float_model, c, calib).eval() for k, c in configs.items()}

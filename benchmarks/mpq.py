@@ -232,7 +232,7 @@ def _earlier(out_dir) -> dict[str, Any]:
 
 def main(quick: bool = False, out_dir: str | os.PathLike | Path | None = None) -> dict[str, Any]:
     from hwquant.hw import cost_report
-    from hwquant.pipelines import _loaders_for, load_model
+    from hwquant.pipelines import checkpoint_loaders, load_model
 
     only = None if quick else os.environ.get("HWQUANT_MPQ_ONLY")
     finished_only = not quick and os.environ.get("HWQUANT_MPQ_FINISHED_ONLY") == "1"
@@ -266,7 +266,7 @@ def main(quick: bool = False, out_dir: str | os.PathLike | Path | None = None) -
             if ck is None:
                 continue
             float_model, fck = load_model(ck)
-            example = next(iter(_loaders_for(fck, None, 1).test))[0][:1]
+            example = next(iter(checkpoint_loaders(fck, None, 1).test))[0][:1]
             fp32 = cost_report(float_model, example)["total"]
             ctx[model] = (ck, example, fp32)
             models[model] = {"checkpoint": str(ck), "fp32_top1": fck["metrics"]["top1"],

@@ -145,11 +145,11 @@ def _config(method: str, wb: int, ab: int, first_last: int | None = None):
 
 
 def model_rows(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    from hwquant.pipelines import _loaders_for, load_model
+    from hwquant.pipelines import checkpoint_loaders, load_model
 
     ck_path = _checkpoint(quick)
     model, ck = load_model(ck_path)
-    loaders = _loaders_for(ck, None, 512)
+    loaders = checkpoint_loaders(ck, None, 512)
     fp32 = evaluate(model, loaders.test)
     rows = []
     plan = [(v, fl, st) for v, fl, sts in VARIANTS for st in sts]

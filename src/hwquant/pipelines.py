@@ -108,7 +108,8 @@ def _use_channels_last(wanted: bool, model: nn.Module, loaders) -> bool:
     return False
 
 
-def _set_threads(threads: int | None) -> None:
+def set_threads(threads: int | None) -> None:
+    """``torch.set_num_threads(threads)`` for a command's ``--threads`` (``None``: leave torch's default)."""
     if threads is not None:
         if threads < 1:
             raise ConfigError(f"threads must be >= 1, got {threads}")
@@ -600,18 +601,18 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 def rebuild_quantized(model: nn.Module, ptq_meta: dict[str, Any]) -> nn.Module:
     """The quantized module structure a PTQ checkpoint's state dict belongs to (parameters not loaded)."""
     if ptq_meta["method"] == "ggd":
-        from .methods.ggd_ptq import _set_own_bias
+        from .methods.ggd_ptq import set_own_bias
 
         gcfg = GGDPTQConfig(**ptq_meta["config"])
         qmodel = quantize_model(fold_batchnorm(model), gcfg.recipe())
         if gcfg.bias == "own":
-            _set_own_bias(qmodel, gcfg.bias_bits, gcfg.fl_radius, placeholder=True)
+            set_own_bias(qmodel, gcfg.bias_bits, gcfg.fl_radius, placeholder=True)
         return qmodel
     ocfg = ObserverPTQConfig(**ptq_meta["config"])
     return quantize_model(fold_batchnorm(model) if ocfg.fold_bn else model, ocfg.recipe())
 
 
-def _loaders_for(ck: dict[str, Any], data_dir: str | None, batch_size: int):
+def checkpoint_loaders(ck: dict[str, Any], data_dir: str | None, batch_size: int):
     """The calibration and test loaders of a checkpoint's data split (its train loader is not for training)."""
     d = ck["data"]
     return make_loaders(d["dataset"], data_dir=data_dir or d.get("data_dir"), batch_size=batch_size,
@@ -688,7 +689,7 @@ def _check_resume(cfg, out: Path) -> None:
 
 def run_train(cfg: TrainOptions) -> dict[str, Any]:
     """Train a float model; writes OUT/model.pt, OUT/last.pt, OUT/metrics.json, OUT/config.yaml."""
-    _set_threads(cfg.threads)
+    set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     dist_info = init_from_env(device=device)
     device = rank_device(device)
@@ -767,7 +768,7 @@ def _model_for_ptq(cfg: PTQOptions):
 def run_ptq(cfg: PTQOptions) -> dict[str, Any]:
     """PTQ a float checkpoint (or ``--model`` with ``--weights``); writes OUT/model.pt (quantized), OUT/ptq.json,
     OUT/config.yaml."""
-    _set_threads(cfg.threads)
+    set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     out = check_output_dir(cfg.out)
     if cfg.model is not None:
@@ -777,7 +778,7 @@ def run_ptq(cfg: PTQOptions) -> dict[str, Any]:
         model, ck = load_model(cfg.checkpoint)
         if "ptq" in ck or "qat" in ck:
             raise CheckpointError(f"{cfg.checkpoint} is already quantized; give the float checkpoint")
-        loaders = _loaders_for(ck, cfg.data_dir, cfg.batch_size)
+        loaders = checkpoint_loaders(ck, cfg.data_dir, cfg.batch_size)
         source = cfg.checkpoint
     if loaders.calib is None or len(loaders.calib) == 0:
         raise ConfigError("the checkpoint's data split has no calibration images (trained with calib_size=0)")
@@ -820,7 +821,7 @@ def run_qat(cfg: QATOptions) -> dict[str, Any]:
     Reports the test accuracy of the float model, of the quantized model right after initialisation (the PTQ
     starting point) and after fine-tuning, and the loss curve.
     """
-    _set_threads(cfg.threads)
+    set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     dist_info = init_from_env(device=device)
     device = rank_device(device)
@@ -885,12 +886,12 @@ def run_qat(cfg: QATOptions) -> dict[str, Any]:
 
 def run_eval(cfg: EvalOptions) -> dict[str, Any]:
     """Evaluate a float or quantized checkpoint on its dataset's test split."""
-    _set_threads(cfg.threads)
+    set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     if cfg.out:
         check_output_dir(cfg.out)
     model, ck = load_model(cfg.checkpoint)
-    loaders = _loaders_for(ck, cfg.data_dir, cfg.batch_size)
+    loaders = checkpoint_loaders(ck, cfg.data_dir, cfg.batch_size)
     res = evaluate(model, loaders.test, progress=cfg.progress, device=device)
     res = {"checkpoint": str(cfg.checkpoint), "dataset": ck["data"]["dataset"], **res}
     if cfg.out:
@@ -911,7 +912,7 @@ def run_cost(cfg: CostOptions) -> dict[str, Any]:
     if cfg.out:
         check_output_dir(cfg.out)
     model, ck = load_model(cfg.checkpoint)
-    example = next(iter(_loaders_for(ck, cfg.data_dir, 1).test))[0][:1]
+    example = next(iter(checkpoint_loaders(ck, cfg.data_dir, 1).test))[0][:1]
     pe = cfg.pe()
     rep = cost_report(model, example, pe)
     fp32 = cost_report(create_model_from_args(ck["model_args"]).eval(), example, pe)["total"]
@@ -941,7 +942,7 @@ def run_report(cfg: ReportOptions) -> dict[str, Any]:
     """Build and write the report of a run directory (see :mod:`hwquant.report.run_report`)."""
     from .report.run_report import build_report, write_report
 
-    _set_threads(cfg.threads)
+    set_threads(cfg.threads)
     out = Path(cfg.out) if cfg.out else Path(cfg.run_dir) / "report"
     check_output_dir(out)
     report, plots = build_report(cfg.run_dir, images=cfg.images, batch_size=cfg.batch_size, data_dir=cfg.data_dir)
@@ -967,7 +968,7 @@ def _limited(loader, images: int | None):
 
 def run_export(cfg: ExportOptions) -> dict[str, Any]:
     """Export a quantized checkpoint (or RTL rounding units) and check the export; writes OUT/export.json."""
-    _set_threads(cfg.threads)
+    set_threads(cfg.threads)
     resolve_device(cfg.device)  # checked only: the integer model runs on the CPU
     out = check_output_dir(cfg.out)
     if cfg.format == "rtl":
@@ -986,7 +987,7 @@ def _export_model(cfg: ExportOptions, out: Path) -> dict[str, Any]:
     model, ck = load_model(cfg.checkpoint)
     if "ptq" not in ck and not ("qat" in ck and ck["qat"]["method"] != "fp32"):
         raise CheckpointError(f"{cfg.checkpoint} is not a quantized checkpoint (run hwquant ptq or qat first)")
-    loaders = _loaders_for(ck, cfg.data_dir, cfg.batch_size)
+    loaders = checkpoint_loaders(ck, cfg.data_dir, cfg.batch_size)
     example = next(iter(loaders.test))[0][:1]
     imodel = integer_model(model, example)
     layers = imodel.layers()

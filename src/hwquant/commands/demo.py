@@ -41,11 +41,10 @@ from ..pipelines import (
     TrainOptions,
     _check_choice,
     _h,
-    _loaders_for,
     _save_config,
-    _set_threads,
     _write_json,
     check_output_dir,
+    checkpoint_loaders,
     load_model,
     resumable,
     run_export,
@@ -53,6 +52,7 @@ from ..pipelines import (
     run_qat,
     run_report,
     run_train,
+    set_threads,
 )
 
 QUICK = {"model": "small_cnn", "dataset": "digits", "epochs": 12, "batch_size": 64, "check_images": None,
@@ -144,7 +144,7 @@ def run_demo(cfg: DemoOptions) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     o = cfg.effective()
-    _set_threads(o.threads)
+    set_threads(o.threads)
     out = check_output_dir(o.out)
     check_output_dir(o.cache, "--cache")
     # step 4 checks the ONNX graph in onnxruntime: say so now, not after the training
@@ -170,7 +170,7 @@ def run_demo(cfg: DemoOptions) -> dict[str, Any]:
                                resume=resumable(train_dir), **common))
         trained_now = True
     model, ck = load_model(ckpt)
-    loaders = _loaders_for(ck, None, 256)
+    loaders = checkpoint_loaders(ck, None, 256)
     example = next(iter(loaders.test))[0][:1]
 
     def cost(m) -> dict[str, float]:  # per image on the default PE array (counts, no timing)

@@ -87,7 +87,10 @@ def _np_type(onnx, t):
     return onnx.helper.tensor_dtype_to_np_dtype(t)
 
 
-class _Graph:
+class OnnxGraph:
+    """An ONNX graph under construction: nodes, initializers (named uniquely) and extra outputs; shared by the
+    QDQ export here and the QONNX export (:mod:`hwquant.export.qonnx`)."""
+
     def __init__(self, onnx, opset: int):
         self.onnx = onnx
         self.h = onnx.helper
@@ -96,6 +99,19 @@ class _Graph:
         self.outputs: list = []
         self.opset = opset
         self.n = 0
+
+    def save(self, path: str | os.PathLike, graph_name: str, inputs: list, outputs: list, opsets: list,
+             max_ir_version: int) -> Path:
+        """Make the model of this graph, check it with ``onnx.checker`` and write it to ``path`` atomically (a
+        temp file in the same directory, renamed: an interrupted export leaves no partial file)."""
+        from ..fileio import atomic_write
+
+        h = self.h
+        graph = h.make_graph(self.nodes, graph_name, inputs, [*outputs, *self.outputs], self.inits)
+        model = h.make_model(graph, opset_imports=opsets, producer_name="hwquant")
+        model.ir_version = min(model.ir_version, max_ir_version)
+        self.onnx.checker.check_model(model)
+        return atomic_write(path, lambda tmp: self.onnx.save(model, tmp))
 
     def uniq(self, base: str) -> str:
         self.n += 1
@@ -192,7 +208,7 @@ def to_onnx(model, path: str | os.PathLike, example_input: torch.Tensor | None =
         imodel = integer_model(model, example_input)
     if opset < 13:
         raise ConfigError(f"opset must be >= 13 (per-channel DequantizeLinear), got {opset}")
-    g = _Graph(onnx, opset)
+    g = OnnxGraph(onnx, opset)
     TP = onnx.TensorProto
     names: dict[str, str] = {}  # integer value name -> float ONNX tensor name (the dequantized value)
     x_in = "input"
@@ -285,17 +301,9 @@ def to_onnx(model, path: str | os.PathLike, example_input: torch.Tensor | None =
     out_name = g.node("Identity", [names[imodel.output_name]], "logits")
     h = g.h
     shape = ["N", *imodel.input_shape[1:]]
-    outputs = [h.make_tensor_value_info(out_name, TP.FLOAT, shapes[imodel.output_name]), *g.outputs]
-    graph = h.make_graph(g.nodes, "hwquant_qdq", [h.make_tensor_value_info(x_in, TP.FLOAT, shape)], outputs, g.inits)
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", opset)], producer_name="hwquant")
-    model.ir_version = min(model.ir_version, 10)
-    onnx.checker.check_model(model)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    onnx.save(model, str(tmp))
-    os.replace(tmp, path)
-    return path
+    return g.save(path, "hwquant_qdq", [h.make_tensor_value_info(x_in, TP.FLOAT, shape)],
+                  [h.make_tensor_value_info(out_name, TP.FLOAT, shapes[imodel.output_name])],
+                  [h.make_opsetid("", opset)], max_ir_version=10)
 
 
 def _has_int4(model) -> bool:

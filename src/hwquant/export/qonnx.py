@@ -69,7 +69,7 @@ import torch
 
 from ..errors import ConfigError, HwquantError
 from .integer import IntegerModel
-from .onnx import _Graph
+from .onnx import OnnxGraph
 from .onnx import _need_onnx as _need_onnx_for
 from .tally import Tally, labelled_batches
 
@@ -112,7 +112,7 @@ def to_qonnx(imodel: IntegerModel, path: str | os.PathLike, *, codes_outputs: bo
         raise ConfigError("to_qonnx needs an IntegerModel (hwquant.export.integer_model)")
     if opset < 11:
         raise ConfigError(f"opset must be >= 11, got {opset}")
-    g = _Graph(onnx, opset)
+    g = OnnxGraph(onnx, opset)
     TP = onnx.TensorProto
     names: dict[str, str] = {}  # integer value name -> float tensor name
     shapes: dict[str, list] = {op.name: ["N", *op.shape[1:]] for op in imodel.ops}
@@ -177,20 +177,9 @@ def to_qonnx(imodel: IntegerModel, path: str | os.PathLike, *, codes_outputs: bo
             names[op.name] = g.float_op(op, ins, "QONNX")
     out_name = g.node("Identity", [names[imodel.output_name]], "logits")
     h = g.h
-    outputs = [h.make_tensor_value_info(out_name, TP.FLOAT, shapes[imodel.output_name]), *g.outputs]
-    graph = h.make_graph(g.nodes, "hwquant_qonnx", [h.make_tensor_value_info("input", TP.FLOAT,
-                                                                             shapes[imodel.input_name])],
-                         outputs, g.inits)
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", opset), h.make_opsetid(QONNX_DOMAIN, 1)],
-                         producer_name="hwquant")
-    model.ir_version = min(model.ir_version, 8)
-    onnx.checker.check_model(model)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    onnx.save(model, str(tmp))
-    os.replace(tmp, path)
-    return path
+    return g.save(path, "hwquant_qonnx", [h.make_tensor_value_info("input", TP.FLOAT, shapes[imodel.input_name])],
+                  [h.make_tensor_value_info(out_name, TP.FLOAT, shapes[imodel.output_name])],
+                  [h.make_opsetid("", opset), h.make_opsetid(QONNX_DOMAIN, 1)], max_ir_version=8)
 
 
 # ------------------------------------------------------------------------------------------ numpy executor

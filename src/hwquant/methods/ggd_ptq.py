@@ -320,7 +320,7 @@ def layer_sqnr(float_model: nn.Module, qmodel: nn.Module, x: torch.Tensor) -> di
     return {n: sqnr_db(outs["f"][n], outs["q"][n]) for n in names}
 
 
-def _set_own_bias(qmodel: nn.Module, bits: int, radius: int, placeholder: bool = False) -> None:
+def set_own_bias(qmodel: nn.Module, bits: int, radius: int, placeholder: bool = False) -> None:
     """Give every biased layer its own fixed-point bias quantizer (FL by error minimisation).
 
     ``placeholder=True`` only builds the modules (to load a checkpoint's state dict into them).
@@ -385,7 +385,7 @@ def ggd_ptq(model: nn.Module, config: GGDPTQConfig, calib_loader: Iterable, *, p
         qmodel = qmodel.to(memory_format=torch.channels_last)
     n = calibrate(qmodel, calib_loader, max_batches=config.calib_batches, progress=progress)
     if config.bias == "own":
-        _set_own_bias(qmodel, config.bias_bits, config.fl_radius)
+        set_own_bias(qmodel, config.bias_bits, config.fl_radius)
     t_calib = time.perf_counter() - t0
     scorer = CalibScorer(float_model, calib_loader, config.bft_samples, channels_last=cl,
                          criterion=config.bft_criterion)

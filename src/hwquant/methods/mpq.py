@@ -48,11 +48,11 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..nn.quantizer import FakeQuantizer, _GradScale
+from ..nn.quantizer import FakeQuantizer, GradScale
 from ..nn.swap import quant_layers
-from ..numerics.uniform import _shape_param, fake_quantize_trusted, qrange
+from ..numerics.uniform import fake_quantize_trusted, qrange, shape_param
 from ..spec import QuantParams, QuantSpec
-from .qat import _QATCommon, register_qat
+from .qat import QATConfigBase, register_qat
 
 MPQ_CHOICES = ("flips", "random")
 
@@ -124,7 +124,7 @@ class MixedWeightQuantizer(FakeQuantizer):
     # --------------------------------------------------------------- tracking
     def _coarse_codes(self, w: torch.Tensor) -> torch.Tensor:
         qmin, qmax = qrange(self.spec.bits, True, self.spec.narrow)
-        s = _shape_param(2 * self.scale.to(w.dtype), w, self.axis)
+        s = shape_param(2 * self.scale.to(w.dtype), w, self.axis)
         return torch.round(w.detach() / s).clamp_(qmin, qmax).to(_code_dtype(self.spec.bits))
 
     def _new_step(self, w: torch.Tensor) -> bool:
@@ -186,7 +186,7 @@ class MixedWeightQuantizer(FakeQuantizer):
         if step:
             self._track(w)
         qmin, qmax = qrange(self.spec.bits, True, self.spec.narrow)
-        sf = _shape_param(self.scale.to(w.dtype), w, self.axis)
+        sf = shape_param(self.scale.to(w.dtype), w, self.axis)
         r = self.spec.rounding
         out = fake_quantize_trusted(w, 2 * sf, None, qmin, qmax, r, self.generator, self.axis)
         if bool(self.extra.any()):
@@ -200,7 +200,7 @@ class MixedWeightQuantizer(FakeQuantizer):
                     self.slowed_share_sum += near.float().mean().double()
                     self.slowed_steps += 1
                 factor = torch.where(near, torch.tensor(self.gamma, dtype=w.dtype), torch.tensor(1.0, dtype=w.dtype))
-            out = _GradScale.apply(out, factor)
+            out = GradScale.apply(out, factor)
         return out
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
@@ -212,7 +212,7 @@ class MixedWeightQuantizer(FakeQuantizer):
                 y = self.forward(x)
             finally:
                 self.train(was)
-        return torch.round(y / _shape_param(self.scale.to(y.dtype), y, self.axis)).to(_code_dtype(self.code_bits))
+        return torch.round(y / shape_param(self.scale.to(y.dtype), y, self.axis)).to(_code_dtype(self.code_bits))
 
     def extra_repr(self) -> str:
         n = self.extra.numel()
@@ -222,7 +222,7 @@ class MixedWeightQuantizer(FakeQuantizer):
 
 @register_qat("mpq")
 @dataclass(frozen=True)
-class MPQConfig(_QATCommon):
+class MPQConfig(QATConfigBase):
     """MPQ retraining (see the module docstring).
 
     Attributes:

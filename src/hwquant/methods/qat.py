@@ -70,7 +70,7 @@ def register_qat(name: str):
 
 
 @dataclass(frozen=True)
-class _QATCommon(abc.ABC):
+class QATConfigBase(abc.ABC):
     """Fields every QAT method shares.
 
     Attributes:
@@ -148,7 +148,7 @@ class _QATCommon(abc.ABC):
 
 @register_qat("cqat")
 @dataclass(frozen=True)
-class CQATConfig(_QATCommon):
+class CQATConfig(QATConfigBase):
     """CQAT: an 8-bit (``base_bits``) step, codes clipped to ``w_bits`` / ``a_bits`` (see the module docstring).
 
     Attributes:
@@ -202,7 +202,7 @@ class CQATConfig(_QATCommon):
 
 @register_qat("ste")
 @dataclass(frozen=True)
-class STEConfig(_QATCommon):
+class STEConfig(QATConfigBase):
     """Plain min-max QAT with the straight-through estimator: ``s = max|W| / q_max`` every step, activations
     ``s = EMA(peak) / q_max``."""
 
@@ -215,7 +215,7 @@ class STEConfig(_QATCommon):
 
 @register_qat("pact")
 @dataclass(frozen=True)
-class PACTConfig(_QATCommon):
+class PACTConfig(QATConfigBase):
     """PACT (Choi et al. 2018): activations with a trained clip ``alpha`` (initialised from the MSE clip on
     the calibration data), ``s = alpha / q_max``; weights min-max as :class:`STEConfig`."""
 
@@ -229,7 +229,7 @@ class PACTConfig(_QATCommon):
 
 @register_qat("lsq")
 @dataclass(frozen=True)
-class LSQConfig(_QATCommon):
+class LSQConfig(QATConfigBase):
     """LSQ (Esser et al. 2020): weights and activations with a trained step (LSQ gradient scaled by
     ``1 / sqrt(n q_max)``), initialised from the MSE-optimal step on the calibration data."""
 
@@ -244,12 +244,12 @@ class LSQConfig(_QATCommon):
 
 
 
-def build_qat_model(model: nn.Module, config: _QATCommon) -> nn.Module:
+def build_qat_model(model: nn.Module, config: QATConfigBase) -> nn.Module:
     """The QAT module structure for ``config`` (BN folded, layers swapped), quantizers not initialised.
 
     Loading a QAT checkpoint's state dict into it restores the trained model.
     """
-    if not isinstance(config, _QATCommon):
+    if not isinstance(config, QATConfigBase):
         names = ", ".join(c.__name__ for c in QAT_CONFIGS.values())
         raise ConfigError(f"prepare_qat needs a QAT config ({names}), got {type(config).__name__}")
     base = fold_batchnorm(model) if config.fold_bn else model
@@ -257,7 +257,7 @@ def build_qat_model(model: nn.Module, config: _QATCommon) -> nn.Module:
 
 
 def prepare_qat(
-    model: nn.Module, config: _QATCommon, calib_loader: Iterable | None = None, *, progress: bool = False
+    model: nn.Module, config: QATConfigBase, calib_loader: Iterable | None = None, *, progress: bool = False
 ) -> nn.Module:
     """A fake-quantized copy of ``model`` ready to train (see the module docstring).
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..numerics.uniform import _shape_param, fake_quantize_trusted, qrange
+from ..numerics.uniform import fake_quantize_trusted, qrange, shape_param
 from ..spec import QuantSpec
 from .quantizer import FakeQuantizer
 
@@ -156,7 +156,7 @@ class _QuantMixin:
         iq, wq = self.input_quant, self.weight_quant
         x_hat, w_hat = self.quantized_input(x), self.quantized_weight()
         qx = torch.round(x_hat / iq.scale.to(x_hat.dtype))
-        qw = torch.round(w_hat / _shape_param(wq.scale.to(w_hat.dtype), w_hat, wq.axis))
+        qw = torch.round(w_hat / shape_param(wq.scale.to(w_hat.dtype), w_hat, wq.axis))
         s_acc = self.accumulator_scale()
         qb = self.bias_codes(s_acc)  # representable: no_integer_form() said so
         qmin, qmax = qrange(iq.spec.bits, bool(iq.signed), iq.spec.narrow)

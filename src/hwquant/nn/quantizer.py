@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..collectives import all_reduce_
-from ..numerics.uniform import _check_scale, _shape_param, code_dtype, fake_quantize_trusted, qrange, quantize
+from ..numerics.uniform import check_scale, code_dtype, fake_quantize_trusted, qrange, quantize, shape_param
 from ..numerics.window import window_codes, window_fake_quantize
 from ..observers import make_observer
 from ..spec import QuantParams, QuantSpec
@@ -51,7 +51,7 @@ def _pow2_(s: torch.Tensor) -> torch.Tensor:
     return s.log2_().round_().exp2_()
 
 
-class _GradScale(torch.autograd.Function):
+class GradScale(torch.autograd.Function):
     """Identity forward, gradient times ``g`` backward (LSQ's step-size gradient scale)."""
 
     @staticmethod
@@ -236,14 +236,14 @@ class FakeQuantizer(nn.Module):
         qmin, qmax = qrange(self.spec.bits, signed, self.spec.narrow)
         if self.spec.range_mode == "learned":
             n = x.numel() if self.axis is None else x.numel() // x.shape[self.axis]
-            s = _GradScale.apply(self.step.clamp_min(1e-8), 1.0 / math.sqrt(n * qmax))
+            s = GradScale.apply(self.step.clamp_min(1e-8), 1.0 / math.sqrt(n * qmax))
             lsq = True
         else:
             s = self.alpha.clamp_min(1e-8) / self.spec.clip_levels(signed)
             lsq = False
         with torch.no_grad():
             self.scale.copy_(s.detach())
-        s = _shape_param(s.to(x.dtype), x, self.axis)
+        s = shape_param(s.to(x.dtype), x, self.axis)
         return fake_quantize_trusted(x, s, None, qmin, qmax, self.spec.rounding, self.generator, self.axis, lsq=lsq)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -257,21 +257,21 @@ class FakeQuantizer(nn.Module):
         if mode != "static":
             self._tracked_scale(x)
         if self._checked is not self.scale:  # validate a newly installed scale once, not every forward
-            _check_scale(self.scale)
+            check_scale(self.scale)
             self._checked = self.scale
         signed = bool(self.signed)
         if self.windowed:
-            d8 = _shape_param(self.base_step().to(x.dtype), x, self.axis)
+            d8 = shape_param(self.base_step().to(x.dtype), x, self.axis)
             return window_fake_quantize(x, d8, int(self.window_shift), self.spec.bits, self.spec.q_step_bits, signed)
         qmin, qmax = qrange(self.spec.bits, signed, self.spec.narrow)
-        s = _shape_param(self.scale.to(x.dtype), x, self.axis)
-        z = None if self.spec.symmetric else _shape_param(self.zero_point.to(x.dtype), x, self.axis)
+        s = shape_param(self.scale.to(x.dtype), x, self.axis)
+        z = None if self.spec.symmetric else shape_param(self.zero_point.to(x.dtype), x, self.axis)
         return fake_quantize_trusted(x, s, z, qmin, qmax, self.spec.rounding, self.generator, self.axis)
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes of ``x`` with the current parameters (for export and tests)."""
         if self.windowed:
-            d8 = _shape_param(self.base_step().to(x.dtype), x, self.axis)
+            d8 = shape_param(self.base_step().to(x.dtype), x, self.axis)
             c = window_codes(x, d8, int(self.window_shift), self.spec.bits, self.spec.q_step_bits, bool(self.signed))
             return c.to(code_dtype(*qrange(self.spec.bits, bool(self.signed))))
         return quantize(

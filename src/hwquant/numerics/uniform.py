@@ -118,7 +118,8 @@ def _as_param(p: float | torch.Tensor, x: torch.Tensor, axis: int | None, dtype:
     return t.reshape(shape)
 
 
-def _check_scale(scale: torch.Tensor) -> None:
+def check_scale(scale: torch.Tensor) -> None:
+    """Raise :class:`ConfigError` unless every entry of ``scale`` is finite and positive."""
     if not torch.isfinite(scale).all() or (scale <= 0).any():
         raise ConfigError("quantization scale must be finite and > 0")
 
@@ -155,7 +156,7 @@ def _prepare(x, scale, zero_point, bits, signed, rounding, axis, narrow):
         raise ConfigError(f"rounding must be one of {', '.join(ROUNDING_MODES)}, got {rounding!r}")
     qmin, qmax = qrange(bits, signed, narrow)
     s = _as_param(scale, x, axis, x.dtype)
-    _check_scale(s)
+    check_scale(s)
     z = None
     if not (isinstance(zero_point, (int, float)) and zero_point == 0):
         z = _as_param(zero_point, x, axis, x.dtype)
@@ -680,7 +681,7 @@ def _native_fq(x: torch.Tensor, sf: float, zf: float, qmin: int, qmax: int, want
     return y, m
 
 
-def _shape_param(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+def shape_param(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
     """A trusted scale / zero point (0-d, or 1-d along ``axis``) viewed to broadcast against ``x``."""
     if axis is None:
         return t.reshape(())

@@ -280,7 +280,7 @@ def build_report(run_dir: str | Path, images: int = 256, batch_size: int = 128, 
     """The report's numbers (JSON-ready) and its plots (PNG bytes by name) for ``run_dir``."""
     from ..export import integer_model
     from ..hw import cost_report
-    from ..pipelines import _loaders_for, load_model
+    from ..pipelines import checkpoint_loaders, load_model
 
     run_dir = Path(run_dir)
     ck_path = run_dir / "model.pt"
@@ -292,7 +292,7 @@ def build_report(run_dir: str | Path, images: int = 256, batch_size: int = 128, 
         raise ConfigError(f"images must be >= 1, got {images}")
     run = _run_files(run_dir)
     model, ck = load_model(ck_path)
-    loaders = _loaders_for(ck, data_dir, batch_size)
+    loaders = checkpoint_loaders(ck, data_dir, batch_size)
     source = loaders.calib if loaders.calib is not None and len(loaders.calib) else loaders.test
     batches: list[tuple[torch.Tensor, torch.Tensor | None]] = []
     seen = 0
