@@ -1,7 +1,7 @@
 """hwquant: hardware-friendly quantization of convolutional networks.
 
 Layers run one way: ``numerics`` (pure math) <- ``observers`` / ``nn`` (quantized layers) <- ``methods``
-<- ``pipelines`` / ``cli``.
+<- ``saved`` (``hq.save`` / ``hq.load``) <- ``pipelines`` / ``cli``.
 """
 
 from . import export, hw, numerics
@@ -20,6 +20,7 @@ from .methods import (
     ptq,
 )
 from .nn import LayerQuant, QuantRecipe, calibrate, fold_batchnorm, quantize_model
+from .saved import load, save
 from .spec import QuantParams, QuantSpec
 
 __version__ = "0.1.0"
@@ -46,9 +47,11 @@ __all__ = [
     "export",
     "fold_batchnorm",
     "hw",
+    "load",
     "numerics",
     "prepare_arc",
     "prepare_qat",
     "ptq",
     "quantize_model",
+    "save",
 ]

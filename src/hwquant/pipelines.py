@@ -28,7 +28,6 @@ from .methods import (
     GGDPTQConfig,
     MPQConfig,
     ObserverPTQConfig,
-    build_qat_model,
     mpq_summary,
     prepare_arc,
     prepare_qat,
@@ -39,10 +38,10 @@ from .methods import (
 from .models import create_model_from_args, list_models
 from .models.registry import build_model
 from .models.user import check_user_spec, is_user_spec, load_weights
-from .nn import float_eval_layers, fold_batchnorm, quantize_model
+from .nn import float_eval_layers, fold_batchnorm
 from .numerics.gradient import GRAD_CLIPS
+from .saved import rebuild
 from .train import TrainConfig, atomic_write_text, evaluate, fit, load_checkpoint, save_checkpoint
-from .train.checkpoint import nonfinite_tensor, state_dict_mismatch
 from .train.distributed import current, init_from_env, rank_device
 
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "digits", "synthetic", "folder")
@@ -561,55 +560,10 @@ def _say(msg: str) -> None:
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a float or quantized model from a checkpoint written by train/ptq; returns (model, ckpt).
-
-    The model is on the CPU.  A checkpoint of a user's model names its ``.py`` file, which is imported (run)
-    again here: load such checkpoints only from sources you trust, as you would run their code.
-    """
+    """Rebuild a float or quantized model from a checkpoint written by train/ptq/qat (or :func:`hwquant.save`);
+    returns (model, ckpt).  The model is on the CPU; see :func:`hwquant.saved.rebuild`."""
     ck = load_checkpoint(path)
-    if "model_args" not in ck or "model" not in ck:
-        raise CheckpointError(f"{path} has no model (is it a training 'last.pt'? use model.pt)")
-    model = None
-    if isinstance(ck["model_args"], dict) and ck["model_args"].get("source") == "user":
-        try:
-            model = create_model_from_args(ck["model_args"])
-        except ConfigError as e:
-            raise CheckpointError(f"{path}: cannot rebuild its model {ck['model_args'].get('name')!r}: {e}") from None
-    try:
-        if model is None:
-            model = create_model_from_args(ck["model_args"])
-        if "ptq" in ck:
-            model = rebuild_quantized(model, ck["ptq"])
-        elif "qat" in ck:
-            if ck["qat"]["method"] == "fp32":
-                model = fold_batchnorm(model)
-            else:
-                model = build_qat_model(model, QAT_CONFIGS[ck["qat"]["method"]](**ck["qat"]["config"]))
-        problem = state_dict_mismatch(model, ck["model"])
-        if problem:
-            raise CheckpointError(f"{path} does not match its model description: {problem}")
-        bad = nonfinite_tensor(ck["model"])
-        if bad:
-            raise CheckpointError(f"{path}: {bad} holds NaN or infinite values (a diverged training?)")
-        model.load_state_dict(ck["model"])
-    except (RuntimeError, KeyError, TypeError, ConfigError) as e:
-        raise CheckpointError(f"{path} does not match its model description: {str(e).splitlines()[0]}") from None
-    model.eval()
-    return model, ck
-
-
-def rebuild_quantized(model: nn.Module, ptq_meta: dict[str, Any]) -> nn.Module:
-    """The quantized module structure a PTQ checkpoint's state dict belongs to (parameters not loaded)."""
-    if ptq_meta["method"] == "ggd":
-        from .methods.ggd_ptq import set_own_bias
-
-        gcfg = GGDPTQConfig(**ptq_meta["config"])
-        qmodel = quantize_model(fold_batchnorm(model), gcfg.recipe())
-        if gcfg.bias == "own":
-            set_own_bias(qmodel, gcfg.bias_bits, gcfg.fl_radius, placeholder=True)
-        return qmodel
-    ocfg = ObserverPTQConfig(**ptq_meta["config"])
-    return quantize_model(fold_batchnorm(model) if ocfg.fold_bn else model, ocfg.recipe())
+    return rebuild(ck, path), ck
 
 
 def checkpoint_loaders(ck: dict[str, Any], data_dir: str | None, batch_size: int):
