@@ -275,3 +275,12 @@ def test_window_requant_is_the_8_bit_requant_then_the_shifter():
     # float steps: requantization ties cascade through this untrained net as with the one-stage step (measured:
     # window 1379, step="mse" 1432 of 475648 codes); the power-of-two window is exact (test above)
     assert res["codes"] > 0 and res["codes_diff"] <= 5e-3 * res["codes"]
+
+
+def test_integer_model_and_compare_leave_the_callers_mode():
+    qm = prepare_qat(_net("small_cnn"), STEConfig(w_bits=4, a_bits=4, pow2=True), _batches())
+    qm.train()
+    im = integer_model(qm, _batches(1)[0][0][:1])
+    assert qm.training
+    compare(qm, im, _batches(1, seed=2))
+    assert qm.training and all(m.training for m in qm.modules())

@@ -936,6 +936,7 @@ def compare(qmodel: nn.Module, imodel: IntegerModel, batches: Iterable, *, max_b
     """
     from tqdm.auto import tqdm
 
+    was_training = qmodel.training  # compared in eval mode; the caller's mode is restored
     qmodel.eval()
     device = model_device(qmodel)
     layer_inputs: dict[str, torch.Tensor] = {}
@@ -978,6 +979,7 @@ def compare(qmodel: nn.Module, imodel: IntegerModel, batches: Iterable, *, max_b
     finally:
         for h in hooks:
             h.remove()
+        qmodel.train(was_training)
     t = tally.totals()
     return {"images": tally.images, "max_abs_diff": max_abs_diff, "out_diff": n_diff, "out_elements": n_out,
             "top1_fake_quant": tally.top1("other"), "top1_integer": tally.top1("reference"),
