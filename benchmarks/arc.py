@@ -190,15 +190,28 @@ def _cpu() -> str:
 
 
 def _selected(only: str | None, proto: str, variant: str, bits: int, seed: int) -> bool:
-    """Whether ``HWQUANT_ARC_ONLY`` (``proto:bits`` prefixes, comma-separated) selects a run: the FP32 run of
-    seed 0 with any row of its protocol (the reference every drop is measured from, and the fine-tuning
+    """Whether ``HWQUANT_ARC_ONLY`` selects a run: comma-separated ``proto:bits`` prefixes, each optionally
+    followed by ``:variant`` (a prefix of the variant's name, e.g. ``scratch:6:RTZ default``).  The FP32 run of
+    seed 0 comes with any row of its protocol (the reference every drop is measured from, and the fine-tuning
     start), seed 1 with the protocol's 8-bit rows."""
+    return _priority(only, proto, variant, bits, seed) is not None
+
+
+def _priority(only: str | None, proto: str, variant: str, bits: int, seed: int) -> int | None:
+    """The index of the first ``HWQUANT_ARC_ONLY`` entry that selects the run (``None``: not selected; ``0`` for
+    every run without a selection): selected runs run in the order of the entries, after the FP32 reference."""
     if not only:
-        return True
-    sel = only.split(",")
-    if variant == "fp32":
-        return any(o.startswith(proto) and (seed == 0 or f"{proto}:8".startswith(o)) for o in sel)
-    return any(f"{proto}:{bits}".startswith(o) for o in sel)
+        return 0
+    for i, entry in enumerate(only.split(",")):
+        parts = entry.strip().split(":", 2)  # proto[:bits[:variant prefix]]
+        sel, vprefix = ":".join(parts[:2]), (parts[2] if len(parts) > 2 else "")
+        if variant == "fp32":
+            if sel.startswith(proto) and (seed == 0 or f"{proto}:8".startswith(sel)):
+                return -1
+            continue
+        if f"{proto}:{bits}".startswith(sel) and variant.startswith(vprefix):
+            return i
+    return None
 
 
 def _kept_rows(earlier: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -254,9 +267,8 @@ def accuracy(quick: bool, write=None, out_dir=None) -> dict[str, Any] | None:
         acc["rows"] = sorted(made + _kept_rows(earlier, made), key=lambda r: order.get(_key(r), len(order)))
         _summarise(acc)
 
-    for proto, variant, bits, seed in plan():
-        if not _selected(only, proto, variant, bits, seed):
-            continue
+    todo = [(_priority(only, *p), i, p) for i, p in enumerate(plan())]
+    for _, _, (proto, variant, bits, seed) in sorted(t for t in todo if t[0] is not None):
         if finished_only and not (runs_dir / _slug(proto, variant, bits, seed) / "model.pt").exists():
             continue
         row = _run_one(proto, variant, bits, seed, epochs, runs_dir)

@@ -172,6 +172,11 @@ def test_arc_partial_runs_select_and_keep_rows():
     assert {b for p, v, b, s in picked if v != "fp32"} == {6} and {p for p, *_ in picked} == {"scratch"}
     assert ("scratch", "fp32", 32, 1) in [p for p in arc.plan() if arc._selected("scratch:8", *p)]
     assert all(arc._selected(None, *p) for p in arc.plan())
+    # a variant prefix after the bits; runs follow the order of the entries, the FP32 reference first
+    only = "scratch:6:RTZ default,scratch:6:SR"
+    picked = sorted((arc._priority(only, *p), i, p) for i, p in enumerate(arc.plan()) if arc._selected(only, *p))
+    assert [p for *_, p in picked] == [("scratch", "fp32", 32, 0), ("scratch", "RTZ default", 6, 0),
+                                       ("scratch", "SR+max", 6, 0)]
 
     def row(proto, run, bits, seed, top1, cpu="A"):
         return {"protocol": proto, "run": run, "bits": bits, "seed": seed, "top1": top1, "cpu": cpu}
