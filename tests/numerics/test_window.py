@@ -88,6 +88,17 @@ def test_window_fake_quantize_value_and_clipped_ste():
     assert x.grad.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]  # 10 and -1 saturate
 
 
+def test_window_fake_quantize_values_are_exact_with_autograd():
+    """The training forward returns codes times the step bit for bit (no x + (y - x) float rounding)."""
+    g = torch.Generator().manual_seed(7)
+    d8 = torch.tensor(0.0123)
+    x = (torch.randn(100000, generator=g) * 0.3).requires_grad_()
+    c = window_codes(x, d8, 2, 5, 8, True).float()
+    assert torch.equal(window_fake_quantize(x, d8, 2, 5, 8, True), c * (d8 * 4))
+    with torch.no_grad():
+        assert torch.equal(window_fake_quantize(x, d8, 2, 5, 8, True), c * (d8 * 4))
+
+
 def test_window_mse_and_observer_choice_against_brute_force():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(20000, generator=g).abs() ** 2  # heavy tail, unsigned

@@ -62,21 +62,36 @@ def window_codes(x: torch.Tensor, base_step: torch.Tensor, shift: int, bits: int
         return window_codes_float(x.detach(), base_step, shift, bits, base_bits, signed)[1].to(torch.int64)
 
 
+class _WindowSTE(torch.autograd.Function):
+    """Forward: the exact window values ``c * step``; backward: the gradient where the code is not saturated."""
+
+    @staticmethod
+    def forward(ctx, x, y, mask):  # noqa: D401
+        ctx.save_for_backward(mask)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None, None
+
+
 def window_fake_quantize(x: torch.Tensor, base_step: torch.Tensor, shift: int, bits: int, base_bits: int,
                          signed: bool) -> torch.Tensor:
     """``c * 2^shift * base_step`` with the straight-through estimator: gradient 1 where the window's code is
-    not saturated (``q_min <= x / (2^shift base_step) <= q_max``), 0 where it is (as the other quantizers)."""
+    not saturated (``q_min <= x / (2^shift base_step) <= q_max``), 0 where it is (as the other quantizers).
+    The values are exactly the codes times the step, with or without autograd."""
     step = base_step * (2.0 ** int(shift))
     with torch.no_grad():
         _, c = window_codes_float(x.detach(), base_step, shift, bits, base_bits, signed)
-        y = c.mul_(step)
-    if not x.requires_grad:
-        return y.to(x.dtype)
+        y = c.mul_(step).to(x.dtype)
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return y
     qmin, qmax = qrange(bits, signed)
     with torch.no_grad():
         t = x.detach() / step
         mask = ((t >= qmin) & (t <= qmax)).to(x.dtype)
-    return (x * mask + (y - x * mask).detach()).to(x.dtype)
+    return _WindowSTE.apply(x, y, mask)
 
 
 def window_mse(x: torch.Tensor, peak: torch.Tensor, bits: int, base_bits: int, signed: bool,
