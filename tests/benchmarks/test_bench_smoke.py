@@ -238,3 +238,29 @@ def test_pow2_step_quick_has_both_settings_and_seeds(tmp_path, monkeypatch):
     assert all(10.0 < r["top1"] <= 100.0 and 0.0 <= r["start_top1"] <= 100.0 for r in res["rows"])
     md = (tmp_path / "pow2_step.md").read_text()
     assert "mean +- half spread" in md and "| search | 2 |" in md
+
+
+def test_qat_partial_runs_select_and_keep_rows():
+    """``HWQUANT_QAT_ONLY`` runs the FP32 control and the named runs; earlier rows of another CPU stay with their
+    own control, rows of this CPU only while the control and the checkpoint reproduce."""
+    from benchmarks import qat
+
+    names = [n for n, _ in qat.RUNS]
+    picked = [n for n in names if qat._selected("cqat w4a4,lsq", n)]
+    assert picked == ["fp32 control", "cqat w4a4 (step=window, fixed point)", "cqat w4a4 (step=mse)", "lsq w5a4",
+                      "lsq w4a4"]
+
+    def row(run, top1, cpu="A", ck=91.0):
+        return {"run": run, "top1": top1, "cpu": cpu, "checkpoint_top1": ck}
+
+    earlier = [row("fp32 control", 92.0), row("ste w5a4", 91.0), row("fp32 control", 93.0, "B"),
+               row("ste w5a4", 92.5, "B")]
+    same = [row("fp32 control", 92.0), row("lsq w5a4", 91.5)]
+    assert qat._kept(earlier, same, "A") == earlier[1:]
+    moved = [row("fp32 control", 92.1), row("lsq w5a4", 91.5)]  # this CPU's control changed
+    assert qat._kept(earlier, moved, "A") == earlier[2:]
+    out = qat._finish(same + qat._kept(earlier, same, "A"), "ck", 2, type("C", (), {"grad_clip": 2.0}), {},
+                      {n: i for i, n in enumerate(names)})
+    drops = {(r["run"], r["cpu"]): r["drop_vs_control"] for r in out["rows"]}
+    assert drops[("ste w5a4", "A")] == pytest.approx(1.0) and drops[("ste w5a4", "B")] == pytest.approx(0.5)
+    assert [r["cpu"] for r in out["rows"]][:3] == ["A", "A", "A"]  # this CPU's rows first
