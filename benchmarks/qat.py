@@ -214,19 +214,18 @@ def _selected(only: str | None, name: str) -> bool:
     return not only or name == "fp32 control" or any(name.startswith(o.strip()) for o in only.split(","))
 
 
-def _earlier_rows(out_dir) -> tuple[list[dict[str, Any]], str]:
-    """The earlier ``qat.json``'s accuracy rows and the CPU they were measured on."""
+def _earlier_rows(out_dir) -> list[dict[str, Any]]:
+    """The earlier ``qat.json``'s accuracy rows, each with its ``cpu`` (the file's machine for older rows)."""
     import json
 
     from .common import results_dir
 
     path = results_dir(out_dir) / f"{NAME}.json"
     if not path.exists():
-        return [], ""
+        return []
     f = json.loads(path.read_text())
     cpu = str((f.get("machine") or {}).get("processor", ""))
-    return [{**r, "cpu": r.get("cpu", cpu)} for r in ((f.get("results") or {}).get("accuracy") or {}).get("rows", [])
-            ], cpu
+    return [{**r, "cpu": r.get("cpu", cpu)} for r in ((f.get("results") or {}).get("accuracy") or {}).get("rows", [])]
 
 
 def _kept(earlier: list[dict[str, Any]], rows: list[dict[str, Any]], cpu: str) -> list[dict[str, Any]]:
@@ -255,7 +254,7 @@ def accuracy(quick: bool, write=None, out_dir=None) -> dict[str, Any]:
     from .common import machine_info
 
     only = None if quick else os.environ.get("HWQUANT_QAT_ONLY")
-    earlier, _ = _earlier_rows(out_dir) if only else ([], "")
+    earlier = _earlier_rows(out_dir) if only else []
     cpu = str(machine_info()["processor"])
     order = {name: i for i, (name, _) in enumerate(RUNS)}
 
