@@ -2,8 +2,10 @@
 
 **Quantizer** (one run, interleaved, medians; ratios to a plain copy into a reused buffer): at 1M / 16M / 64M
 float32 elements (a gradient-like normal tensor with a few outliers): hwquant RTZ + z-score, nearest + z-score,
-SR + max (fused kernel, counter-based random numbers) with a reused code buffer, and RTZ + z-score into a
-fresh tensor; against the eager torch chains (RTZ: ``mean, std, max, clamp, div, trunc, cast``; SR:
+SR + max (fused kernel, counter-based random numbers), RTZ + search per tensor and per sample (128 rows, the
+default's error scaling) with a reused code buffer; RTZ + z-score codes and the per-sample float output (what
+training consumes) into fresh tensors, next to a copy into a fresh tensor (a fresh 64 MB tensor costs its page
+faults, about 3x the copy itself); against the eager torch chains (RTZ: ``mean, std, max, clamp, div, trunc, cast``; SR:
 ``max, div, rand_like, floor, clamp, cast``).  ``RTZ x SR`` compares hwquant's RTZ with hwquant's SR and with
 eager SR.
 
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 
 from hwquant.methods import ARCConfig, prepare_arc
 from hwquant.models import create_model
-from hwquant.numerics.gradient import fake_quantize_gradient_rows, quantize_gradient
+from hwquant.numerics.gradient import fake_quantize_gradient_rows, quantize_gradient, quantize_gradient_rows
 
 from .common import markdown_table, paired_ratio, time_interleaved, write_results
 
@@ -65,9 +67,12 @@ def _contenders(g, buf, codes, gen) -> dict[str, Any]:
         "hwquant nearest+zscore": lambda: quantize_gradient(g, rounding="nearest", out=codes),
         "hwquant sr+max": lambda: quantize_gradient(g, rounding="stochastic", clip="max", generator=gen, out=codes),
         "hwquant rtz+search": lambda: quantize_gradient(g, clip="search", out=codes),
-        "hwquant rtz+max per sample (128 rows, float output)": lambda: fake_quantize_gradient_rows(
-            g.view(128, -1), clip="max"),
+        "hwquant rtz+search per sample (128 rows)": lambda: quantize_gradient_rows(
+            g.view(128, -1), clip="search", out=codes.view(128, -1)),
         "hwquant rtz+zscore (fresh output)": lambda: quantize_gradient(g),
+        "copy (fresh output)": lambda: torch.empty_like(g).copy_(g),
+        "hwquant rtz+search per sample (fresh float output)": lambda: fake_quantize_gradient_rows(
+            g.view(128, -1), clip="search"),
         "eager rtz+zscore": lambda: _eager_rtz(g),
         "eager sr+max": lambda: _eager_sr(g, gen),
     }

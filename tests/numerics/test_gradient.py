@@ -261,3 +261,35 @@ def test_search_with_fewer_than_one_over_p_elements_is_max(monkeypatch):
     monkeypatch.setattr(G, "gradient_hist", lambda *a: pytest.fail("histogram computed"))
     assert G.gradient_clip(g[0].contiguous(), 8, "search") == 9.0
     assert torch.equal(G.row_clips(g, 8, "search"), G.row_clips(g, 8, "max"))
+
+
+@pytest.mark.parametrize("bits", [4, 8, 12])
+@pytest.mark.parametrize("native", [True, False])
+def test_per_sample_codes_equal_each_row_quantized_alone(bits, native, monkeypatch):
+    """quantize_gradient_rows: the codes (int8, int16 above 8 bits) and step of every row equal
+    quantize_gradient's on that row alone (the oracle), on the fused kernel and the torch path, also into a
+    reused buffer; the float output is codes * step."""
+    from hwquant.numerics import gradient as G
+    from hwquant.numerics.uniform import native_status
+
+    if native and not native_status()["available"]:
+        pytest.skip("no C compiler")
+    if not native:
+        monkeypatch.setattr(G, "_native", lambda: None)
+    g = torch.randn(16, 4, 7, 7, generator=torch.Generator().manual_seed(5))
+    g[:6] *= 1e-4
+    g = g.contiguous(memory_format=torch.channels_last)
+    codes, s = G.quantize_gradient_rows(g, bits, "zero", "max")
+    assert codes.dtype == (torch.int8 if bits <= 8 else torch.int16) and s.shape == (16,)
+    assert codes.is_contiguous(memory_format=torch.channels_last)
+    for i in range(16):
+        ref, sr = quantize_gradient(g[i].contiguous(), bits, "zero", "max")
+        assert torch.equal(codes[i], ref) and float(s[i]) == float(sr), i
+    assert int(codes[:6].abs().max()) == 2 ** (bits - 1) - 1  # the easy samples use the whole code range
+    buf = torch.empty_like(codes)
+    again, _ = G.quantize_gradient_rows(g, bits, "zero", "max", out=buf)
+    assert again.data_ptr() == buf.data_ptr() and torch.equal(buf, codes)
+    y, _ = G.fake_quantize_gradient_rows(g, bits, "zero", "max")
+    assert torch.equal(y, codes.float() * s.view(-1, 1, 1, 1))
+    with pytest.raises(ConfigError, match="out must be"):
+        G.quantize_gradient_rows(g, bits, out=torch.empty(3, dtype=codes.dtype))

@@ -68,6 +68,9 @@ __all__ = [
     "gradient_stats",
     "search_clip",
     "quantize_gradient",
+    "quantize_gradient_rows",
+    "fake_quantize_gradient_rows",
+    "row_clips",
 ]
 
 GRAD_CLIPS = ("zscore", "search", "max", "dsgc")
@@ -392,23 +395,55 @@ def row_clips(g: torch.Tensor, bits: int = 8, clip: str = "zscore", k: float = 3
     return _search_rows(mean, std, mx, hist, default_fraction(bits) if fraction is None else fraction, m)[0]
 
 
-def fake_quantize_gradient_rows(g: torch.Tensor, bits: int = 8, rounding: str = "zero", clip: str = "zscore",
-                                k: float = 3.0, generator: torch.Generator | None = None, *,
-                                fraction: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample scaling: ``(codes * scale, c)`` with one clip ``c[n]`` (and step ``c[n] / Q``) per row of
-    ``g`` (the batch axis 0 of an error gradient), each row quantized as :func:`fake_quantize_gradient` would
-    quantize it alone (same multiplier rule, rounding and clamp)."""
+def _quantize_rows(g, bits, rounding, clip, k, generator, kind, out=None, fraction=None):
+    """Per-row codes (``kind="codes"``: int8 for ``bits <= 8``, else int16) or ``codes * scale`` (``"float"``,
+    ``g``'s dtype), written into ``out`` when given; returns ``(tensor, clips [N] float64, steps [N] float32)``."""
     _check(bits, rounding, clip, k, fraction)
     q = 2 ** (bits - 1) - 1
     c = row_clips(g, bits, clip, k, fraction=fraction)
     c = torch.where(c > 0, c, torch.full_like(c, torch.finfo(torch.float32).tiny * q))
     s = (c / q).float()
     r = _multipliers(c, q)
+    want = g.dtype if kind == "float" else (torch.int8 if bits <= 8 else torch.int16)
+    if out is not None and (out.dtype != want or out.shape != g.shape or out.stride() != g.stride()):
+        raise ConfigError(f"out must be a {want} tensor of g's shape and strides {tuple(g.shape)}")
     lib = _native() if _fast(g) and _rows_dense(g) and rounding in ("zero", "nearest") else None
     if lib is not None:
-        y = torch.empty_like(g)  # same layout: every row is one contiguous block of y as of g
+        y = torch.empty_like(g, dtype=want) if out is None else out  # same layout: row i of y is row i of g
+        code = 2 if kind == "float" else (0 if bits <= 8 else 1)
         lib.hwq_gq_rows(g.data_ptr(), y.data_ptr(), g.shape[0], g.numel() // g.shape[0], r.data_ptr(), s.data_ptr(),
-                        float(q), _MODE[rounding], _threads())
-        return y, c
+                        float(q), _MODE[rounding], code, _threads())
+        return y, c, s
     shape = (-1,) + (1,) * (g.dim() - 1)
-    return _codes_torch(g, r.view(shape), q, rounding, generator).mul_(s.view(shape)).to(g.dtype), c
+    t = _codes_torch(g, r.view(shape), q, rounding, generator)
+    t = t.mul_(s.view(shape)).to(g.dtype) if kind == "float" else t.to(want)
+    if out is not None:
+        return out.copy_(t), c, s
+    return t, c, s
+
+
+def quantize_gradient_rows(g: torch.Tensor, bits: int = 8, rounding: str = "zero", clip: str = "zscore",
+                           k: float = 3.0, generator: torch.Generator | None = None, *,
+                           out: torch.Tensor | None = None, fraction: float | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample codes and steps: ``(codes, scales)``, ``codes`` int8 (``bits <= 8``) or int16 of ``g``'s shape
+    and layout, ``scales`` float32 ``[N]`` (one per row of the batch axis 0); ``g[i] ~ codes[i] * scales[i]``,
+    every row quantized as :func:`quantize_gradient` would quantize it alone.  ``out``: a reused code buffer.
+
+    >>> codes, s = quantize_gradient_rows(torch.tensor([[0.5, -0.26, 1.0], [0.01, 0.02, -0.04]]), 4, clip="max")
+    >>> codes.tolist(), s.tolist()
+    ([[3, -1, 7], [1, 3, -7]], [0.1428571492433548, 0.0057142856530845165])
+    """
+    codes, _, s = _quantize_rows(g, bits, rounding, clip, k, generator, "codes", out=out, fraction=fraction)
+    return codes, s
+
+
+def fake_quantize_gradient_rows(g: torch.Tensor, bits: int = 8, rounding: str = "zero", clip: str = "zscore",
+                                k: float = 3.0, generator: torch.Generator | None = None, *,
+                                fraction: float | None = None, out: torch.Tensor | None = None
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample scaling: ``(codes * scale, c)`` with one clip ``c[n]`` (and step ``c[n] / Q``) per row of
+    ``g`` (the batch axis 0 of an error gradient), each row quantized as :func:`fake_quantize_gradient` would
+    quantize it alone (same multiplier rule, rounding and clamp).  ``out``: a reused float buffer."""
+    y, c, _ = _quantize_rows(g, bits, rounding, clip, k, generator, "float", out=out, fraction=fraction)
+    return y, c

@@ -390,21 +390,35 @@ void hwq_row_stats(const float *restrict x, int64_t rows, int64_t len, double *r
   }
 }
 
-/* y = clamp(R(x * r[row]), -qm, qm) * s[row] per row of x[rows][len]; R: 0 toward zero, 1 nearest even */
-void hwq_gq_rows(const float *restrict x, float *restrict y, int64_t rows, int64_t len, const float *restrict rr,
-                 const float *restrict sr, float qm, int mode, int nt) {
+/* per row of x[rows][len]: codes q = clamp(R(x * r[row]), -qm, qm), R: 0 toward zero, 1 nearest even; kind 0: int8
+   codes, 1: int16 codes, 2: float q * s[row] (what hwq_gq does for one row) */
+#define GQR_LOOP(STORE) \
+  if (mode == 0) { _Pragma("omp simd") for (int64_t j = 0; j < len; j++) { STORE(T0(clampf(xr[j] * m, -qm, qm))); } } \
+  else { _Pragma("omp simd") for (int64_t j = 0; j < len; j++) { STORE(clampf(rintf(xr[j] * m), -qm, qm)); } }
+
+void hwq_gq_rows(const float *restrict x, void *restrict out, int64_t rows, int64_t len, const float *restrict rr,
+                 const float *restrict sr, float qm, int mode, int kind, int nt) {
   _Pragma("omp parallel for schedule(static) num_threads(nt) if(rows * len > 32768)")
   for (int64_t r = 0; r < rows; r++) {
     const float *restrict xr = x + r * len;
-    float *restrict yr = y + r * len;
     float m = rr[r], s = sr[r];
-    if (mode == 0) {
-      _Pragma("omp simd")
-      for (int64_t j = 0; j < len; j++) yr[j] = truncf(clampf(xr[j] * m, -qm, qm)) * s;
+#define T0(v) (v)
+    if (kind == 0) {
+      int8_t *restrict q = (int8_t *)out + r * len;
+#define SR8(v) q[j] = (int8_t)(int32_t)(v)
+      GQR_LOOP(SR8)
+    } else if (kind == 1) {
+      int16_t *restrict q = (int16_t *)out + r * len;
+#define SR16(v) q[j] = (int16_t)(int32_t)(v)
+      GQR_LOOP(SR16)
     } else {
-      _Pragma("omp simd")
-      for (int64_t j = 0; j < len; j++) yr[j] = clampf(rintf(xr[j] * m), -qm, qm) * s;
+      float *restrict yr = (float *)out + r * len;
+#undef T0
+#define T0(v) truncf(v)
+#define SRF(v) yr[j] = (v) * s
+      GQR_LOOP(SRF)
     }
+#undef T0
   }
 }
 
@@ -548,7 +562,7 @@ def _load_native():
     lib.hwq_stats_hist.restype = None
     lib.hwq_row_stats.argtypes = [P, I64, I64, P, P, I64, I]
     lib.hwq_row_stats.restype = None
-    lib.hwq_gq_rows.argtypes = [P, P, I64, I64, P, P, F, I, I]
+    lib.hwq_gq_rows.argtypes = [P, P, I64, I64, P, P, F, I, I, I]
     lib.hwq_gq_rows.restype = None
     lib.hwq_gq.argtypes = [P, P, I64, F, F, F, I, I, ctypes.c_uint64, I]
     lib.hwq_gq.restype = None
