@@ -202,6 +202,31 @@ def test_eval_computes_on_integer_codes_exactly():
     torch.testing.assert_close(y_float, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cin", [48, 64])  # accumulator bound below 2^24 (float32 sums) and above it (float64)
+def test_eval_rescale_equals_the_double_route_for_large_accumulators(cin):
+    """The exact path's rescale: acc * s_acc in float32 (acc < 2^24) gives the bits of fl32(acc * s_acc) taken
+    in double; checked on accumulators up to the float32 bound and past it, with unround per-channel steps."""
+    torch.manual_seed(5)
+    conv = nn.Conv2d(cin, 7, 3, padding=1, bias=True)
+    with torch.no_grad():
+        conv.weight.abs_()  # positive weights and inputs: sums near the bound
+    q = QuantConv2d.from_float(conv, QuantSpec(bits=8, granularity="channel"), QuantSpec(bits=8, signed=None))
+    x = torch.rand(3, cin, 9, 9) * 3.7
+    q.weight_quant.calibrate_from(q.weight.detach())
+    q.input_quant.calibrate_from(x)
+    qx = q.input_quant.codes(x).double()
+    qw = q.weight_quant.codes(q.weight).double()
+    s_acc = (q.input_quant.scale * q.weight_quant.scale).double()
+    qb = torch.round(conv.bias.detach() * torch.reciprocal(s_acc.float())).double()
+    acc = F.conv2d(qx, qw, qb, padding=1)
+    ref = (acc * s_acc.reshape(1, -1, 1, 1)).float()
+    q.eval()
+    with torch.no_grad():
+        y = q(x)
+    assert torch.equal(y, ref)
+    assert float(acc.abs().max()) > 2**21  # large sums, not a trivial case
+
+
 def test_a_layer_without_integer_form_says_so_and_evaluates_in_float():
     """A float bias (bias_bits=None): no integer accumulator.  The layer says why (explicitly, not by catching
     an error), evaluates on the float path (the training path's value), is listed by float_eval_layers, and the
