@@ -16,8 +16,9 @@ z-score, first/last float), interleaved, ``x fp32`` = median per-round ratio.
 protocols: from scratch (``HWQUANT_ARC_EPOCHS``, default 2) and fine-tuning the seed-0 FP32 run for
 ``HWQUANT_ARC_FT_EPOCHS`` (1) epoch at lr 0.005; same seed, data order and epochs within a protocol.  Rows:
 FP32, then at G8/G6/G4 SR + max, nearest + max, RTZ + max, RTZ + z-score k = 3 (the literal reading), RTZ with
-ARCConfig's default rule, RTZ + DSGC; seeds 0 and 1 for FP32, SR and the default at 8 bits.  Finished runs are
-read back (an interrupted benchmark resumes) and the results file is rewritten after every run;
+ARCConfig's default rule, RTZ + DSGC; seeds 0 and 1 (``HWQUANT_ARC_SEEDS``) for FP32, SR and the default at
+8 bits.  Finished runs are read back (an interrupted benchmark resumes) and the results file is rewritten after
+every run;
 ``HWQUANT_ARC_ONLY=scratch:8`` runs a subset; ``HWQUANT_ARC_FINISHED_ONLY=1`` only reads back finished runs
 (the tables of a partial benchmark, with fresh latency figures).  The plot ``arc_clip.png`` shows the clip
 per layer over training: the default rule next to k = 3 and DSGC.
@@ -136,7 +137,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "RTZ default": {},
 }
 BITS = (8, 6, 4)
-SEEDS_8 = (0, 1)  # FP32, SR and the default at 8 bits: two seeds, so the noise is visible
+# FP32, SR and the default at 8 bits: two seeds (HWQUANT_ARC_SEEDS="0,1,2" for more), so the noise is visible
+SEEDS_8 = tuple(int(s) for s in os.environ.get("HWQUANT_ARC_SEEDS", "0,1").split(","))
 TWO_SEEDS = ("fp32", "SR+max", "RTZ default")
 PROTOCOLS = {"scratch": "from scratch", "finetune": "fine-tune from the FP32 checkpoint"}
 FINETUNE_LR = 0.005
