@@ -155,7 +155,7 @@ class _QuantMixin:
     def _exact_forward(self, x: torch.Tensor, op) -> torch.Tensor:
         iq, wq = self.input_quant, self.weight_quant
         x_hat, w_hat = self.quantized_input(x), self.quantized_weight()
-        qx = torch.round(x_hat / iq.scale.to(x_hat.dtype))
+        qx = (x_hat / iq.scale.to(x_hat.dtype)).round_()  # x_hat itself untouched: hooks may hold it
         qw = torch.round(w_hat / shape_param(wq.scale.to(w_hat.dtype), w_hat, wq.axis))
         s_acc = self.accumulator_scale()
         qb = self.bias_codes(s_acc)  # representable: no_integer_form() said so
