@@ -190,3 +190,61 @@ def test_bad_configs_and_inputs(digits_small_cnn):
         ptq(model, GGDPTQConfig(bft=False), [(x, y)])
     with pytest.raises(ConfigError, match="observer"):
         ObserverPTQConfig(observer="magic")
+
+
+class _InPlace(torch.nn.Module):
+    """Modifies conv outputs in place with non-idempotent ops (a replayed output must be a copy)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(1, 6, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(6, 6, 3, padding=1)
+        self.fc = torch.nn.Linear(6, 4)
+
+    def forward(self, x):
+        a = self.c1(x)
+        a.mul_(1.5).add_(0.25)
+        a = torch.relu(a)
+        b = self.c2(a)
+        b += a
+        return self.fc(b.mean((2, 3)))
+
+
+@pytest.mark.parametrize("name", ["digits", "mobile", "two_branch", "inplace"])
+def test_bft_prefix_cache_changes_nothing_but_the_work(digits_small_cnn, name):
+    """BFT replaying the layers before the tuned one gives the same changes and scores as recomputing them,
+    on nets with a residual add, in-place ReLU / ReLU6 and in-place arithmetic on conv outputs (a replayed
+    tensor that is not a copy would show here) and a shared input quantizer; and it does replay."""
+    from hwquant.methods.ggd_ptq import CalibScorer, backward_forward_tuning
+
+    if name == "digits":
+        model, loaders = digits_small_cnn
+        calib = loaders.calib
+    elif name == "inplace":
+        torch.manual_seed(1)
+        model = _InPlace().eval()
+    else:  # the user networks of the export tests, on random 12x12 images
+        import importlib.util
+        from pathlib import Path
+
+        path = Path(__file__).parents[1] / "export" / "user_models.py"
+        spec = importlib.util.spec_from_file_location("user_models", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        torch.manual_seed(1)
+        model = mod.USER_MODELS[name]().eval()
+    if name != "digits":
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(128, 1, 12, 12, generator=g), torch.randint(0, 4, (128,), generator=g)
+        calib = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 128, 32)]
+    runs = {}
+    for cached in (True, False):
+        qm, _ = ptq(model, GGDPTQConfig(w_bits=4, a_bits=4, bft=False), calib)
+        ref = fold_batchnorm(model).eval()
+        scorer = CalibScorer(ref, calib, 64, criterion="kl")
+        holdout = CalibScorer(ref, calib, 64, criterion="kl", skip=64)
+        runs[cached] = backward_forward_tuning(qm, scorer, holdout=holdout, prefix_cache=cached)
+    a, b = runs[True], runs[False]
+    assert {k: v for k, v in a.items() if k != "prefix_cache"} == {k: v for k, v in b.items() if k != "prefix_cache"}
+    assert a["prefix_cache"]["enabled"] and a["prefix_cache"]["replayed"] > 0
+    assert b["prefix_cache"]["replayed"] == 0

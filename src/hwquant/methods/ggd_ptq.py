@@ -160,6 +160,7 @@ class CalibScorer:
         if criterion not in BFT_CRITERIA:
             raise ConfigError(f"criterion must be one of {', '.join(BFT_CRITERIA)}, got {criterion!r}")
         self.criterion = criterion
+        self.batch_hook = None  # called with (id(self), batch index) before each batch (BFT's prefix cache)
         self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.ref: list[torch.Tensor] = []
         self.labels = "data"
@@ -200,7 +201,9 @@ class CalibScorer:
         model.eval()
         c1 = c5 = n = 0
         sig = noise = kl = 0.0
-        for (x, y), ref in zip(self.batches, self.ref, strict=True):
+        for i, ((x, y), ref) in enumerate(zip(self.batches, self.ref, strict=True)):
+            if self.batch_hook is not None:
+                self.batch_hook((id(self), i))
             logits = model(x)
             k = min(5, logits.shape[1])
             top = logits.topk(k, dim=1).indices
@@ -246,19 +249,133 @@ def _is_pow2(q: FakeQuantizer) -> bool:
     return bool(torch.all(torch.log2(q.scale) == torch.round(torch.log2(q.scale))))
 
 
+class PrefixCache:
+    """Replays, while BFT tunes a quantizer, the outputs of the quantized layers that run before it is used.
+
+    In eval mode on a fixed batch, a layer call that comes before the first call of every layer using the tuned
+    quantizer (an input quantizer can be shared by the layers that read one value) cannot depend on it: it
+    returns the same bits in every candidate as in the configuration BFT last kept.  So each quantized layer's
+    ``forward`` is wrapped: calls at a position (in the batch's call sequence) before that limit return a copy
+    of the kept output instead of recomputing it (a copy: the caller may modify it in place), later calls
+    compute and their outputs are recorded; :meth:`accept` makes the record of a kept candidate the cache,
+    :meth:`begin` drops a rejected one's.  Results are identical to running without it (tested); the saving is
+    the layers before the tuned one (about half of every candidate's forward).  Disabled (everything computed)
+    when a batch's call sequence changes between runs (data-dependent control flow) or the cache would exceed
+    half of ``budget_bytes``.
+    """
+
+    def __init__(self, layers: list[tuple[str, nn.Module]], budget_bytes: int = 2 << 30, enabled: bool = True):
+        self.layers = layers if enabled else []
+        self.budget = budget_bytes
+        self.enabled = enabled
+        self.seq: dict[tuple, list[str]] = {}  # batch key -> layer names in call order
+        self.cache: dict[tuple, torch.Tensor] = {}  # (batch key, position) -> kept output
+        self.pending: dict[tuple, torch.Tensor] = {}
+        self.tuning: set[str] | None = None
+        self.batch: tuple | None = None
+        self.pos = 0
+        self.recording = False
+        self.replayed = self.computed = 0
+
+    def __enter__(self) -> PrefixCache:
+        for name, m in self.layers:
+            m.forward = self._wrap(name, m.forward)  # an instance attribute: nn.Module.__call__ (and hooks) as usual
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for _, m in self.layers:
+            if "forward" in m.__dict__:
+                del m.forward
+        self.cache.clear()
+        self.pending.clear()
+
+    def start_batch(self, key: tuple) -> None:
+        self.batch, self.pos = key, 0
+        self.recording = key not in self.seq  # the first run of a batch records its call sequence
+        self.seq.setdefault(key, [])
+
+    def begin(self, names: set[str] | None) -> None:
+        """A new candidate that changes the layers ``names`` (every layer using the tuned quantizer; ``None``:
+        replay nothing); drops the last candidate's record."""
+        self.tuning = names
+        self.pending.clear()
+
+    def accept(self) -> None:
+        """The configuration just scored is kept: its record becomes the cache."""
+        if not self.enabled:
+            return
+        self.cache.update(self.pending)
+        self.pending.clear()
+        if sum(t.numel() * t.element_size() for t in self.cache.values()) > self.budget // 2:
+            self._disable()
+
+    def _disable(self) -> None:
+        self.enabled = False
+        self.cache.clear()
+        self.pending.clear()
+
+    def _limit(self, seq: list[str]) -> int:
+        """The position of the first call of a changed layer (0: none is called, nothing is replayed)."""
+        if not self.tuning:
+            return 0
+        return next((i for i, n in enumerate(seq) if n in self.tuning), 0)
+
+    def _wrap(self, name: str, forward):
+        def call(*args, **kwargs):
+            if not self.enabled or self.batch is None:
+                return forward(*args, **kwargs)
+            pos = self.pos
+            self.pos += 1
+            seq = self.seq[self.batch]
+            if self.recording:
+                seq.append(name)
+            elif pos >= len(seq) or seq[pos] != name:
+                self._disable()  # the sequence changed: nothing is replayed from here on
+                return forward(*args, **kwargs)
+            key = (self.batch, pos)
+            if pos < self._limit(seq) and key in self.cache:
+                self.replayed += 1
+                return self.cache[key].clone()
+            out = forward(*args, **kwargs)
+            self.computed += 1
+            if isinstance(out, torch.Tensor):
+                self.pending[key] = out.detach().clone()
+            return out
+
+        return call
+
+
 def backward_forward_tuning(
     qmodel: nn.Module, scorer: CalibScorer, *, passes: tuple[str, ...] = ("backward", "forward"), progress=False,
-    holdout: CalibScorer | None = None,
+    holdout: CalibScorer | None = None, prefix_cache: bool = True,
 ) -> dict[str, Any]:
     """Greedy per-layer FL tuning (see the module docstring); returns the metrics before and after (on the
-    scoring images and the held-out ones), the changes kept and the candidates the hold-out rejected."""
+    scoring images and the held-out ones), the changes kept and the candidates the hold-out rejected.
+    ``prefix_cache``: replay the layers that run before the tuned one (:class:`PrefixCache`; same results)."""
     layers = list(quant_layers(qmodel))
     use_holdout = holdout is not None and holdout.images > 0
+    scorers = (scorer, holdout) if use_holdout else (scorer,)
+    with PrefixCache(layers, enabled=prefix_cache) as cache:
+        for sc in scorers:
+            sc.batch_hook = cache.start_batch
+        try:
+            out = _bft(qmodel, layers, scorer, holdout if use_holdout else None, passes, progress, cache)
+        finally:
+            for sc in scorers:
+                sc.batch_hook = None
+    out["prefix_cache"] = {"replayed": cache.replayed, "computed": cache.computed, "enabled": cache.enabled}
+    return out
+
+
+def _bft(qmodel, layers, scorer, holdout, passes, progress, cache) -> dict[str, Any]:
+    use_holdout = holdout is not None
+    cache.begin(None)
     best_m = scorer.metrics(qmodel)
     best = scorer.key(best_m)
     start_m = best_m
     hold_m = holdout.metrics(qmodel) if use_holdout else None
     hold_start = hold_m
+    cache.accept()
     changes: list[dict[str, Any]] = []
     rejected = 0
     total = sum(2 * len(layers) for _ in passes)
@@ -277,8 +394,10 @@ def backward_forward_tuning(
                     continue
                 base = q.scale.clone()
                 choice = None
+                users = {n for n, lay in layers if q is lay.weight_quant or q is lay.input_quant}
                 for delta in (-1, 1):  # FL + delta  <=>  scale * 2^-delta
                     q.scale = base * (2.0 ** -delta)
+                    cache.begin(users)
                     m = scorer.metrics(qmodel)
                     if scorer.key(m) > best:
                         if use_holdout:
@@ -288,6 +407,7 @@ def backward_forward_tuning(
                                 continue
                             hold_m = h
                         best, best_m, choice = scorer.key(m), m, delta
+                        cache.accept()
                 q.scale = base * (2.0 ** -choice) if choice is not None else base
                 if choice is not None:
                     changes.append({"pass": direction, "layer": name, "operand": kind, "delta_fl": choice,
