@@ -16,9 +16,11 @@ from .gradient import (
     GRAD_ROUNDINGS,
     dequantize_gradient,
     fake_quantize_gradient,
+    fake_quantize_gradient_rows,
     gradient_clip,
     gradient_stats,
     quantize_gradient,
+    quantize_gradient_rows,
 )
 from .metrics import mse, sqnr_db
 from .rounding import ROUNDING_MODES, check_rounding, round_tensor
@@ -41,9 +43,11 @@ __all__ = [
     "GRAD_ROUNDINGS",
     "dequantize_gradient",
     "fake_quantize_gradient",
+    "fake_quantize_gradient_rows",
     "gradient_clip",
     "gradient_stats",
     "quantize_gradient",
+    "quantize_gradient_rows",
     "MAX_BITS",
     "MIN_BITS",
     "ROUNDING_MODES",
