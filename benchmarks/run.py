@@ -25,6 +25,7 @@ REGISTRY: dict[str, str] = {
     "ptq": "benchmarks.ptq",
     "qat": "benchmarks.qat",
     "ggd_fit": "benchmarks.ggd_fit",
+    "bft": "benchmarks.bft",
     "rtl": "benchmarks.rtl",
     "export": "benchmarks.export",
     "arc": "benchmarks.arc",

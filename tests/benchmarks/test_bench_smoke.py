@@ -264,3 +264,15 @@ def test_qat_partial_runs_select_and_keep_rows():
     drops = {(r["run"], r["cpu"]): r["drop_vs_control"] for r in out["rows"]}
     assert drops[("ste w5a4", "A")] == pytest.approx(1.0) and drops[("ste w5a4", "B")] == pytest.approx(0.5)
     assert [r["cpu"] for r in out["rows"]][:3] == ["A", "A", "A"]  # this CPU's rows first
+
+
+def test_bft_quick(tmp_path, monkeypatch):
+    """The BFT cost benchmark: both variants per setting, the same result, the cache replaying layer calls."""
+    monkeypatch.setenv(common.RESULTS_ENV, str(tmp_path))
+    monkeypatch.setenv("HWQUANT_BENCH_RUNS", str(tmp_path / "runs"))
+    bench_run.run(["bft"], quick=True, verbose=False)
+    rows = _load(tmp_path, "bft")["results"]["rows"]
+    assert [(r["setting"], r["bft"]) for r in rows] == [
+        (s, b) for s in ("W8A8", "W4A4, first/last 8-bit") for b in ("prefix cache", "no cache")]
+    assert all(r["same_result"] and _positive(r["seconds"]) for r in rows)
+    assert all(r["replayed_pct"] > 0 for r in rows if r["bft"] == "prefix cache")

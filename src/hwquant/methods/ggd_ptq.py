@@ -369,6 +369,7 @@ def backward_forward_tuning(
 
 def _bft(qmodel, layers, scorer, holdout, passes, progress, cache) -> dict[str, Any]:
     use_holdout = holdout is not None
+    evals0 = scorer.evaluations + (holdout.evaluations if use_holdout else 0)  # scorers can be reused
     cache.begin(None)
     best_m = scorer.metrics(qmodel)
     best = scorer.key(best_m)
@@ -417,7 +418,7 @@ def _bft(qmodel, layers, scorer, holdout, passes, progress, cache) -> dict[str, 
     return {"criterion": scorer.criterion, "before": start_m, "after": best_m,
             "holdout_images": holdout.images if use_holdout else 0, "holdout_before": hold_start,
             "holdout_after": hold_m, "rejected_by_holdout": rejected, "changes": changes,
-            "evaluations": scorer.evaluations + (holdout.evaluations if use_holdout else 0)}
+            "evaluations": scorer.evaluations + (holdout.evaluations if use_holdout else 0) - evals0}
 
 
 # ----------------------------------------------------------------------------- report
