@@ -289,6 +289,15 @@ def _seed_from(generator: torch.Generator | None) -> int:
     return int(torch.randint(0, 2**62, (1,), generator=generator))
 
 
+def _output_kind(g: torch.Tensor, bits: int, kind: str, out: torch.Tensor | None) -> tuple[torch.dtype, int]:
+    """The output dtype (``g``'s for ``kind="float"``, int8 codes up to 8 bits, else int16) and the kernels'
+    output code (0 int8, 1 int16, 2 float); checks a given ``out`` buffer against them."""
+    want = g.dtype if kind == "float" else (torch.int8 if bits <= 8 else torch.int16)
+    if out is not None and (out.dtype != want or out.shape != g.shape or out.stride() != g.stride()):
+        raise ConfigError(f"out must be a {want} tensor of g's shape and strides {tuple(g.shape)}")
+    return want, 2 if kind == "float" else (0 if bits <= 8 else 1)
+
+
 def _quantize(g, bits, rounding, clip, k, generator, kind, c=None, out=None, fraction=None):
     _check(bits, rounding, clip, k, fraction)
     if c is None:
@@ -299,23 +308,19 @@ def _quantize(g, bits, rounding, clip, k, generator, kind, c=None, out=None, fra
     s = torch.tensor(c / q, dtype=torch.float32)
     r = _multiplier(c, q)
     sf = float(s)
+    want, code = _output_kind(g, bits, kind, out)
     lib = _native() if _fast(g) else None
     if lib is not None:
         seed = _seed_from(generator) if rounding == "stochastic" else 0
-        want = g.dtype if kind == "float" else (torch.int8 if bits <= 8 else torch.int16)
         if out is None:
             out = torch.empty_like(g, dtype=want)  # same memory layout: the kernel maps element i to i
-        elif out.dtype != want or out.shape != g.shape or out.stride() != g.stride():
-            raise ConfigError(f"out must be a {want} tensor of g's shape and strides {tuple(g.shape)}")
-        code = 2 if kind == "float" else (0 if bits <= 8 else 1)
         lib.hwq_gq(g.data_ptr(), out.data_ptr(), g.numel(), r, sf, float(q), _MODE[rounding], code, seed,
                    _threads())
         return out, s
     t = _codes_torch(g, r, q, rounding, generator)
-    t = t.mul_(sf).to(g.dtype) if kind == "float" else t.to(torch.int8 if bits <= 8 else torch.int16)
+    t = t.mul_(sf).to(want) if kind == "float" else t.to(want)
     if out is not None:
-        out.copy_(t)
-        return out, s
+        return out.copy_(t), s
     return t, s
 
 
@@ -404,13 +409,10 @@ def _quantize_rows(g, bits, rounding, clip, k, generator, kind, out=None, fracti
     c = torch.where(c > 0, c, torch.full_like(c, torch.finfo(torch.float32).tiny * q))
     s = (c / q).float()
     r = _multipliers(c, q)
-    want = g.dtype if kind == "float" else (torch.int8 if bits <= 8 else torch.int16)
-    if out is not None and (out.dtype != want or out.shape != g.shape or out.stride() != g.stride()):
-        raise ConfigError(f"out must be a {want} tensor of g's shape and strides {tuple(g.shape)}")
+    want, code = _output_kind(g, bits, kind, out)
     lib = _native() if _fast(g) and _rows_dense(g) and rounding in ("zero", "nearest") else None
     if lib is not None:
         y = torch.empty_like(g, dtype=want) if out is None else out  # same layout: row i of y is row i of g
-        code = 2 if kind == "float" else (0 if bits <= 8 else 1)
         lib.hwq_gq_rows(g.data_ptr(), y.data_ptr(), g.shape[0], g.numel() // g.shape[0], r.data_ptr(), s.data_ptr(),
                         float(q), _MODE[rounding], code, _threads())
         return y, c, s
