@@ -276,3 +276,22 @@ def test_bft_quick(tmp_path, monkeypatch):
         (s, b) for s in ("W8A8", "W4A4, first/last 8-bit") for b in ("prefix cache", "no cache")]
     assert all(r["same_result"] and _positive(r["seconds"]) for r in rows)
     assert all(r["replayed_pct"] > 0 for r in rows if r["bft"] == "prefix cache")
+
+
+def test_arc_clip_plot_needs_all_three_rules(tmp_path):
+    """The clip-over-training plot is drawn from the default, k = 3 and DSGC runs together; with only some of
+    their logs (a partial run) nothing is drawn, so an earlier complete plot is not replaced by a partial one."""
+    import json
+
+    from benchmarks import arc
+
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    log = {"layer1.0.conv1": {"error": [[1, 0.5, 1.0], [2, 0.25, 1.0]]}}
+    names = ["RTZ default", "RTZ+zscore k=3 (literal)", "RTZ+DSGC"]
+    for i, name in enumerate(names):
+        d = runs / arc._slug("scratch", name, 8, 0)
+        d.mkdir(parents=True)
+        (d / "arc_clips.json").write_text(json.dumps(log))
+        drawn = arc._clip_plot(runs, out)
+        assert (drawn is None) == (i < len(names) - 1)
+    assert (out / "arc_clip.png").stat().st_size > 1000
