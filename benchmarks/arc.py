@@ -38,7 +38,7 @@ from hwquant.methods import ARCConfig, prepare_arc
 from hwquant.models import create_model
 from hwquant.numerics.gradient import fake_quantize_gradient_rows, quantize_gradient, quantize_gradient_rows
 
-from .common import markdown_table, paired_ratio, time_interleaved, write_results
+from .common import env_int, env_ints, markdown_table, paired_ratio, time_interleaved, write_results
 
 NAME = "arc"
 
@@ -140,10 +140,19 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 BITS = (8, 6, 4)
 # FP32, SR and the default at 8 bits: two seeds (HWQUANT_ARC_SEEDS="0,1,2" for more), so the noise is visible
-SEEDS_8 = tuple(int(s) for s in os.environ.get("HWQUANT_ARC_SEEDS", "0,1").split(","))
-TWO_SEEDS = ("fp32", "SR+max", "RTZ default")
+SEEDS_8 = env_ints("HWQUANT_ARC_SEEDS", "0,1")
+TWO_SEEDS = ("fp32", "SR+max", "RTZ default", "nearest per sample")
 PROTOCOLS = {"scratch": "from scratch", "finetune": "fine-tune from the FP32 checkpoint"}
 FINETUNE_LR = 0.005
+
+
+def _epochs() -> dict[str, int]:
+    return {"scratch": env_int("HWQUANT_ARC_EPOCHS", 2), "finetune": env_int("HWQUANT_ARC_FT_EPOCHS", 1)}
+
+
+def check_settings() -> None:
+    """Parse this benchmark's environment settings (``python -m benchmarks.run`` calls it before any work)."""
+    _epochs()
 
 
 def plan(seeds: tuple[int, ...] | None = None) -> list[tuple[str, str, int, int]]:
@@ -262,8 +271,7 @@ def accuracy(quick: bool, write=None, out_dir=None) -> dict[str, Any] | None:
     ``HWQUANT_ARC_ONLY`` the earlier results file's other rows are kept (see :func:`_kept_rows`)."""
     if quick or os.environ.get("HWQUANT_ARC_ACCURACY", "1") == "0":
         return None
-    epochs = {"scratch": int(os.environ.get("HWQUANT_ARC_EPOCHS", "2")),
-              "finetune": int(os.environ.get("HWQUANT_ARC_FT_EPOCHS", "1"))}
+    epochs = _epochs()
     only = os.environ.get("HWQUANT_ARC_ONLY")  # e.g. "scratch:8" to run a subset
     finished_only = os.environ.get("HWQUANT_ARC_FINISHED_ONLY") == "1"  # tables of the runs done so far
     runs_dir = Path(os.environ.get("HWQUANT_BENCH_RUNS", "runs")) / "bench_arc"

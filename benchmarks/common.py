@@ -175,6 +175,32 @@ def machine_line(info: dict[str, Any]) -> str:
     )
 
 
+# ---------------------------------------------------------------------------------------- settings
+class SettingError(ValueError):
+    """A benchmark setting from the environment that does not parse; ``python -m benchmarks.run`` prints it
+    on one line and exits with status 2 before any benchmark starts."""
+
+
+def env_ints(name: str, default: str, *, minimum: int = 0) -> tuple[int, ...]:
+    """``$name`` as comma-separated integers (each ``>= minimum``), else ``default``."""
+    raw = os.environ.get(name, default)
+    try:
+        vals = tuple(int(v) for v in raw.split(","))
+    except ValueError:
+        raise SettingError(f"{name} must be comma-separated integers, got {raw!r}") from None
+    if not vals or min(vals) < minimum:
+        raise SettingError(f"{name} values must be >= {minimum}, got {raw!r}")
+    return vals
+
+
+def env_int(name: str, default: int, *, minimum: int = 1) -> int:
+    """``$name`` as one integer ``>= minimum``, else ``default``."""
+    vals = env_ints(name, str(default), minimum=minimum)
+    if len(vals) != 1:
+        raise SettingError(f"{name} must be one integer, got {os.environ.get(name)!r}")
+    return vals[0]
+
+
 # ---------------------------------------------------------------------------------------- results
 def results_dir(explicit: str | os.PathLike | None = None) -> Path:
     """``explicit``, else ``$HWQUANT_BENCH_RESULTS``, else ``benchmarks/results``."""

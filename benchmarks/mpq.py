@@ -41,7 +41,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from .common import float_checkpoint, markdown_table, write_results
+from .common import env_int, float_checkpoint, markdown_table, write_results
 
 NAME = "mpq"
 VGG9_WIDTH = 0.25
@@ -113,7 +113,7 @@ def _run(model: str, key: str, opts: dict[str, Any], seed: int, ck: Path, quick:
     if not (out / "qat.json").exists():
         if not train:
             return None, out
-        epochs = 1 if quick else int(os.environ.get("HWQUANT_MPQ_EPOCHS", "2"))
+        epochs = 1 if quick else env_int("HWQUANT_MPQ_EPOCHS", 2)
         extra = {"batch_size": 64, "channels_last": False, "mpq_min_flips": 1} if quick else {}
         run_qat(QATOptions(checkpoint=str(ck), method="mpq", a_bits=4, epochs=epochs, seed=seed, out=str(out),
                            resume=resumable(out), progress=False, **extra, **opts))
@@ -230,6 +230,11 @@ def _earlier(out_dir) -> dict[str, Any]:
     return res if isinstance(res.get("models"), dict) else {}
 
 
+def check_settings() -> None:
+    """Parse this benchmark's environment settings (``python -m benchmarks.run`` calls it before any work)."""
+    env_int("HWQUANT_MPQ_EPOCHS", 2)
+
+
 def main(quick: bool = False, out_dir: str | os.PathLike | Path | None = None) -> dict[str, Any]:
     from hwquant.hw import cost_report
     from hwquant.pipelines import checkpoint_loaders, load_model
@@ -243,7 +248,7 @@ def main(quick: bool = False, out_dir: str | os.PathLike | Path | None = None) -
     ctx: dict[str, tuple] = {}
     rows: list[dict[str, Any]] = []
     results: dict[str, Any] = {}
-    epochs = 1 if quick else int(os.environ.get("HWQUANT_MPQ_EPOCHS", "2"))
+    epochs = 1 if quick else env_int("HWQUANT_MPQ_EPOCHS", 2)
 
     def write():
         nonlocal results

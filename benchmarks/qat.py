@@ -51,7 +51,7 @@ from hwquant.models import create_model
 from hwquant.nn import fold_batchnorm, quant_layers
 from hwquant.numerics import uniform
 
-from .common import float_checkpoint, loadavg, markdown_table, paired_ratio, time_interleaved, write_results
+from .common import env_int, float_checkpoint, loadavg, markdown_table, paired_ratio, time_interleaved, write_results
 
 NAME = "qat"
 IMAGE = 28
@@ -260,7 +260,7 @@ def accuracy(quick: bool, write=None, out_dir=None) -> dict[str, Any]:
 
     ck = _checkpoint(quick)
     runs_dir = Path(os.environ.get("HWQUANT_BENCH_RUNS", "runs")) / ("bench_qat_quick" if quick else "bench_qat")
-    epochs = 1 if quick else int(os.environ.get("HWQUANT_QAT_EPOCHS", "2"))
+    epochs = 1 if quick else env_int("HWQUANT_QAT_EPOCHS", 2)
     plan = RUNS[:2] if quick else [(n, o) for n, o in RUNS if _selected(only, n)]
     extra = {"batch_size": 64, "channels_last": False} if quick else {}
     rows, curves = [], {}
@@ -367,6 +367,11 @@ def table(results: dict[str, Any]) -> str:
                                      ("export", "codes differ: int vs FQ / ORT vs int"), ("note", "note")]),
         "",
     ])
+
+
+def check_settings() -> None:
+    """Parse this benchmark's environment settings (``python -m benchmarks.run`` calls it before any work)."""
+    env_int("HWQUANT_QAT_EPOCHS", 2)
 
 
 def main(quick: bool = False, out_dir: str | os.PathLike | Path | None = None) -> dict[str, Any]:

@@ -55,7 +55,10 @@ def run(
 ) -> dict[str, dict[str, Any]]:
     """Run ``names`` (default: all registered) and return ``{name: main(...)'s dict}``."""
     names = list(names or REGISTRY)
-    mods = {name: get_benchmark(name) for name in names}  # fail fast on a bad name
+    mods = {name: get_benchmark(name) for name in names}  # fail fast on a bad name or setting
+    for mod in mods.values():
+        if hasattr(mod, "check_settings"):
+            mod.check_settings()
     out: dict[str, dict[str, Any]] = {}
     for name, mod in mods.items():
         t0 = time.perf_counter()
@@ -76,7 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in args.names if n not in REGISTRY]
     if unknown:
         p.error(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(REGISTRY)}")
-    run(args.names, quick=args.quick, out_dir=args.results_dir)
+    from .common import SettingError
+
+    try:
+        run(args.names, quick=args.quick, out_dir=args.results_dir)
+    except SettingError as e:  # a bad HWQUANT_* setting: one line, nothing run
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -113,6 +113,30 @@ def test_run_cli_rejects_unknown_name(capsys):
     assert "unknown benchmark" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name,value,msg", [
+    ("HWQUANT_ARC_EPOCHS", "two", "HWQUANT_ARC_EPOCHS must be comma-separated integers, got 'two'"),
+    ("HWQUANT_ARC_FT_EPOCHS", "0", "HWQUANT_ARC_FT_EPOCHS values must be >= 1, got '0'"),
+    ("HWQUANT_QAT_EPOCHS", "1,2", "HWQUANT_QAT_EPOCHS must be one integer, got '1,2'"),
+])
+def test_run_cli_rejects_bad_setting_before_any_work(name, value, msg, tmp_path, monkeypatch, capsys):
+    """A setting that does not parse: one line, status 2, nothing written (checked before the first benchmark)."""
+    monkeypatch.setenv(name, value)
+    bench = "qat" if "QAT" in name else "arc"
+    assert bench_run.main(["quantizer", bench, "--results-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: {msg}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_env_ints_parses_seed_lists(monkeypatch):
+    monkeypatch.setenv("HWQUANT_X", "0,1, 2")
+    assert common.env_ints("HWQUANT_X", "0") == (0, 1, 2)
+    monkeypatch.delenv("HWQUANT_X")
+    assert common.env_ints("HWQUANT_X", "3,4") == (3, 4)
+    monkeypatch.setenv("HWQUANT_X", "-1")
+    with pytest.raises(common.SettingError, match="HWQUANT_X values must be >= 0"):
+        common.env_ints("HWQUANT_X", "0")
+
+
 def test_registry_modules_have_main():
     for name in bench_run.REGISTRY:
         assert callable(bench_run.get_benchmark(name).main)
@@ -147,7 +171,7 @@ def test_arc_plan_covers_the_issue_protocol():
     for proto in ("scratch", "finetune"):
         assert {(v, b) for p, v, b, _ in plan if p == proto} == {("fp32", 32)} | {
             (v, b) for v in arc.VARIANTS for b in (8, 6, 4)}
-        for v in ("fp32", "SR+max", "RTZ default"):
+        for v in ("fp32", "SR+max", "RTZ default", "nearest per sample"):
             b = 32 if v == "fp32" else 8
             assert sorted(s for p, vv, bb, s in plan if (p, vv, bb) == (proto, v, b)) == [0, 1]
     # the fine-tune runs start from the seed-0 scratch FP32 run, which comes first
