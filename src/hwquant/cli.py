@@ -16,16 +16,15 @@ from . import config as cfgmod
 from .errors import HwquantError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    # name: (options class, runner), names in hwquant.pipelines or "module:name" under hwquant, resolved
-    # lazily so `hwquant --help` stays fast
+    # name: (options class, runner) as "module:name" under hwquant, resolved lazily so `hwquant --help` stays fast
     "demo": ("commands.demo:DemoOptions", "commands.demo:run_demo"),
-    "train": ("TrainOptions", "run_train"),
-    "ptq": ("PTQOptions", "run_ptq"),
-    "qat": ("QATOptions", "run_qat"),
-    "eval": ("EvalOptions", "run_eval"),
-    "export": ("ExportOptions", "run_export"),
-    "cost": ("CostOptions", "run_cost"),
-    "report": ("ReportOptions", "run_report"),
+    "train": ("commands.train:TrainOptions", "commands.train:run_train"),
+    "ptq": ("commands.ptq:PTQOptions", "commands.ptq:run_ptq"),
+    "qat": ("commands.qat:QATOptions", "commands.qat:run_qat"),
+    "eval": ("commands.eval:EvalOptions", "commands.eval:run_eval"),
+    "export": ("commands.export:ExportOptions", "commands.export:run_export"),
+    "cost": ("commands.cost:CostOptions", "commands.cost:run_cost"),
+    "report": ("commands.report:ReportOptions", "commands.report:run_report"),
 }
 
 HELP = {
@@ -49,12 +48,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def resolve(name: str) -> Any:
-    """An options class or runner of :data:`COMMANDS`: ``"name"`` in :mod:`hwquant.pipelines`, or
-    ``"module:name"`` in ``hwquant.module``."""
+    """An options class or runner of :data:`COMMANDS`: ``"module:name"`` in ``hwquant.module``."""
     import importlib
 
     module, _, attr = name.rpartition(":")
-    return getattr(importlib.import_module(f"hwquant.{module or 'pipelines'}"), attr)
+    return getattr(importlib.import_module(f"hwquant.{module}"), attr)
 
 
 def build_parser() -> argparse.ArgumentParser:

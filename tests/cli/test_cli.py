@@ -223,17 +223,19 @@ def test_qat_refuses_a_quantized_checkpoint(trained, tmp_path, capsys):
                          ids=lambda p: p.name)
 def test_every_shipped_config_resolves(path):
     from hwquant import config as cfgmod
-    from hwquant import pipelines
     from hwquant.commands.demo import DemoOptions
+    from hwquant.commands.ptq import PTQOptions
+    from hwquant.commands.qat import QATOptions
+    from hwquant.commands.train import TrainOptions
 
-    cls = {"train": pipelines.TrainOptions, "ptq": pipelines.PTQOptions, "qat": pipelines.QATOptions,
+    cls = {"train": TrainOptions, "ptq": PTQOptions, "qat": QATOptions,
            "demo": DemoOptions}[path.stem.split("_")[0]]
     cfg = cfgmod.resolve(cls, cfgmod.load_yaml(path), {}, source=str(path))
     assert isinstance(cfg, cls)
 
 
 def test_qat_resume_continues_from_last_checkpoint(trained, tmp_path, monkeypatch):
-    import hwquant.pipelines as pl
+    import hwquant.commands.qat as pl  # the module whose fit the command calls
 
     def run(out, *extra):
         return main(["qat", "--checkpoint", str(trained / "model.pt"), "--method", "lsq", "--batch-size", "64",
@@ -449,7 +451,7 @@ def test_demo_rejects_bad_options_before_work(tmp_path, capsys):
 
 
 def test_arc_resume_is_exact_for_stochastic_rounding_and_the_clip_record(tmp_path, monkeypatch):
-    import hwquant.pipelines as pl
+    import hwquant.commands.train as pl  # the module whose fit the command calls
 
     def run(out, *extra):
         return main(["train", *SMALL, "--epochs", "2", "--grad-bits", "6", "--grad-rounding", "stochastic",
@@ -470,3 +472,18 @@ def test_arc_resume_is_exact_for_stochastic_rounding_and_the_clip_record(tmp_pat
     assert cut == full and steps == list(range(1, len(steps) + 1))  # one record per step, numbered on resume
     assert run(tmp_path / "cut", "--resume") == 0  # a finished run, resumed: the record stays
     assert json.loads((tmp_path / "cut" / "arc_clips.json").read_text()) == full
+
+
+def test_each_command_lives_in_its_module_and_pipelines_reexports_it():
+    """One module per command under hwquant.commands; the CLI resolves there; hwquant.pipelines is the same objects."""
+    import importlib
+
+    from hwquant import cli, pipelines
+
+    for name, (opts, runner) in cli.COMMANDS.items():
+        mod = importlib.import_module(f"hwquant.commands.{name}")
+        assert cli.resolve(opts) is getattr(mod, opts.split(":")[1])
+        assert cli.resolve(runner).__module__ == mod.__name__
+        if name != "demo":
+            assert getattr(pipelines, runner.split(":")[1]) is cli.resolve(runner)
+    assert set(pipelines.__all__) <= set(dir(pipelines))

@@ -172,3 +172,22 @@ def test_folder_needs_a_directory_and_has_no_fallback(tmp_path):
         resolve_dataset("folder", tmp_path / "nope", fallback=True)
     _folder(tmp_path)
     assert resolve_dataset("folder", tmp_path) == ("folder", None)
+
+
+def test_default_calibration_and_split_record_rebuild_the_same_split(tmp_path):
+    """The calibration defaults per dataset, and a checkpoint's ``data`` record that rebuilds the same split."""
+    from hwquant.data import default_calibration, split_record
+
+    assert default_calibration("digits", None) == (200, None)
+    assert default_calibration("Fashion-MNIST", None) == (1000, None)
+    assert default_calibration("folder", None) == (1000, 0.1)
+    assert default_calibration("folder", 7) == (7, None)  # asked for: no cap
+    _folder(tmp_path, per_class=10, size=(8, 8))
+    size, frac = default_calibration("folder", None)
+    a = make_loaders("folder", data_dir=tmp_path, batch_size=4, calib_size=size, max_calib_fraction=frac, seed=3)
+    rec = split_record(a.info, None, a.calib_size, 3)
+    assert rec["data_dir"] == a.info.source and rec["image_size"] == [8, 8] and rec["calib_size"] == 2
+    b = make_loaders(rec["dataset"], data_dir=rec["data_dir"], batch_size=4, calib_size=rec["calib_size"],
+                     seed=rec["seed"], image_size=rec["image_size"])
+    assert torch.equal(a.calib.data.images, b.calib.data.images)
+    assert torch.equal(a.train.data.images, b.train.data.images)

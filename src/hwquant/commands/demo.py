@@ -28,32 +28,27 @@ from pathlib import Path
 from typing import Any
 
 from ..data import resolve_dataset
+from ..device import DEVICES
 from ..errors import ConfigError
 from ..models import list_models
-from ..pipelines import (
+from .common import (
     DATASETS,
     DEVICE_HELP,
-    DEVICES,
-    ExportOptions,
-    PTQOptions,
-    QATOptions,
-    ReportOptions,
-    TrainOptions,
-    _check_choice,
-    _h,
-    _save_config,
-    _write_json,
+    check_choice,
     check_output_dir,
     checkpoint_loaders,
+    doc,
     load_model,
     resumable,
-    run_export,
-    run_ptq,
-    run_qat,
-    run_report,
-    run_train,
+    save_config,
     set_threads,
+    write_json,
 )
+from .export import ExportOptions, run_export
+from .ptq import PTQOptions, run_ptq
+from .qat import QATOptions, run_qat
+from .report import ReportOptions, run_report
+from .train import TrainOptions, run_train
 
 QUICK = {"model": "small_cnn", "dataset": "digits", "epochs": 12, "batch_size": 64, "check_images": None,
          "report_images": 100, "qat_steps": 5}
@@ -65,32 +60,32 @@ class DemoOptions:
     the best 4-bit model exported bit-exactly (integer model, onnxruntime, golden vectors), the hardware cost
     of every row and the report."""
 
-    model: str = field(default="resnet20", metadata=_h("model name"))
-    dataset: str = field(default="fashion_mnist", metadata=_h("dataset", DATASETS))
-    data_dir: str | None = field(default=None, metadata=_h("dataset directory"))
-    epochs: int = field(default=4, metadata=_h("FP32 training epochs"))
-    batch_size: int = field(default=128, metadata=_h("training batch size"))
-    lr: float = field(default=0.1, metadata=_h("peak learning rate of the FP32 training"))
-    seed: int = field(default=0, metadata=_h("seed"))
-    qat_epochs: int = field(default=1, metadata=_h("CQAT W5A4 and FP32-control fine-tuning epochs (0: skip)"))
-    qat_steps: int | None = field(default=150, metadata=_h(
+    model: str = field(default="resnet20", metadata=doc("model name"))
+    dataset: str = field(default="fashion_mnist", metadata=doc("dataset", DATASETS))
+    data_dir: str | None = field(default=None, metadata=doc("dataset directory"))
+    epochs: int = field(default=4, metadata=doc("FP32 training epochs"))
+    batch_size: int = field(default=128, metadata=doc("training batch size"))
+    lr: float = field(default=0.1, metadata=doc("peak learning rate of the FP32 training"))
+    seed: int = field(default=0, metadata=doc("seed"))
+    qat_epochs: int = field(default=1, metadata=doc("CQAT W5A4 and FP32-control fine-tuning epochs (0: skip)"))
+    qat_steps: int | None = field(default=150, metadata=doc(
         "optimizer steps per QAT epoch: the first N batches of each epoch (none: whole epochs)"))
-    bft_samples: int = field(default=128, metadata=_h("GGD: calibration images scoring backward-forward tuning"))
-    check_images: int | None = field(default=1000, metadata=_h(
+    bft_samples: int = field(default=128, metadata=doc("GGD: calibration images scoring backward-forward tuning"))
+    check_images: int | None = field(default=1000, metadata=doc(
         "test images for the integer-model and onnxruntime checks (none: the whole test set)"))
-    report_images: int = field(default=256, metadata=_h("held-out images for the report's per-layer measurements"))
-    quick: bool = field(default=False, metadata=_h(
+    report_images: int = field(default=256, metadata=doc("held-out images for the report's per-layer measurements"))
+    quick: bool = field(default=False, metadata=doc(
         "short version: small_cnn on scikit-learn digits, 12 epochs (replaces model, dataset, epochs, batch "
         "size, check and report images)"))
-    threads: int | None = field(default=None, metadata=_h("torch CPU threads"))
-    out: str = field(default="runs/demo", metadata=_h("output directory (report.md, results.json, one dir per row)"))
-    cache: str = field(default="runs/cache", metadata=_h("where trained float checkpoints are cached"))
-    device: str = field(default="auto", metadata=_h(DEVICE_HELP, DEVICES))
-    progress: bool = field(default=True, metadata=_h("show progress bars"))
+    threads: int | None = field(default=None, metadata=doc("torch CPU threads"))
+    out: str = field(default="runs/demo", metadata=doc("output directory (report.md, results.json, one dir per row)"))
+    cache: str = field(default="runs/cache", metadata=doc("where trained float checkpoints are cached"))
+    device: str = field(default="auto", metadata=doc(DEVICE_HELP, DEVICES))
+    progress: bool = field(default=True, metadata=doc("show progress bars"))
 
     def __post_init__(self) -> None:
         o = self.effective()
-        _check_choice("model", o.model, list_models())  # a user's model: hwquant train, then ptq
+        check_choice("model", o.model, list_models())  # a user's model: hwquant train, then ptq
         TrainOptions(model=o.model, dataset=o.dataset, epochs=o.epochs, batch_size=o.batch_size, lr=o.lr,
                      seed=o.seed, device=o.device)
         if o.qat_epochs < 0:
@@ -237,8 +232,8 @@ def run_demo(cfg: DemoOptions) -> dict[str, Any]:
               "step_loss": history.get("step_loss", []) if isinstance(history, dict) else [],
               "wall_seconds": time.perf_counter() - t_start}
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "results.json", result)
-    _save_config(out, cfg)
+    write_json(out / "results.json", result)
+    save_config(out, cfg)
     report_path = write_demo_report(out, result)
     for r in rows:
         print(f"  {r['row']}: top-1 {r['top1']:.2f}% ({r['top1'] - fp32_top1:+.2f} pt), {r['stored_kib']:.1f} KiB, "

@@ -36,10 +36,12 @@ from hwquant.data.registry import (
     Loaders,
     canonical_name,
     default_augment,
+    default_calibration,
     load_dataset,
     make_loaders,
     resolve_dataset,
     split_calibration,
+    split_record,
 )
 from hwquant.data.synthetic import SyntheticConfig, make_synthetic
 from hwquant.data.transforms import crop_at, hflip_where, normalize, random_crop, random_hflip, take_windows
@@ -62,6 +64,7 @@ __all__ = [
     "check_labels",
     "crop_at",
     "default_augment",
+    "default_calibration",
     "derive_seed",
     "download_cifar",
     "download_fashion_mnist",
@@ -84,5 +87,6 @@ __all__ = [
     "read_idx_labels",
     "resolve_dataset",
     "split_calibration",
+    "split_record",
     "take_windows",
 ]

@@ -30,10 +30,12 @@ __all__ = [
     "Loaders",
     "canonical_name",
     "default_augment",
+    "default_calibration",
     "load_dataset",
     "make_loaders",
     "resolve_dataset",
     "split_calibration",
+    "split_record",
 ]
 
 #: Valid dataset names, in the order shown in error messages.
@@ -50,6 +52,11 @@ DEFAULT_AUGMENT: dict[str, AugmentSpec] = {
     # for text, digits and other mirror-asymmetric images)
 }
 
+#: Held-out calibration images when none are asked for (the small digits set keeps fewer) ...
+DEFAULT_CALIB: dict[str, int] = {"digits": 200}
+DEFAULT_CALIB_SIZE = 1000
+#: ... and at most this fraction of the training split (a folder's size is unknown until it is read).
+DEFAULT_CALIB_FRACTION: dict[str, float] = {"folder": 0.1}
 _NUM_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "cifar100": 100, "digits": 10}
 _CALIB_STREAM = 0xCA11B
 
@@ -329,3 +336,24 @@ def make_loaders(
     test_loader = BatchLoader(test, eval_batch_size, channels_last=channels_last, **stats)
     return Loaders(train=train, calib=calib, test=test_loader, info=info, message=message,
                    calib_size=int(calib_size))
+
+
+def default_calibration(name: str, calib_size: int | None) -> tuple[int, float | None]:
+    """``(calib_size, max_calib_fraction)`` for :func:`make_loaders`: the given size, or the dataset's default
+    (:data:`DEFAULT_CALIB`, else :data:`DEFAULT_CALIB_SIZE`, capped at :data:`DEFAULT_CALIB_FRACTION`)."""
+    if calib_size is not None:
+        return calib_size, None
+    key = canonical_name(name)
+    return DEFAULT_CALIB.get(key, DEFAULT_CALIB_SIZE), DEFAULT_CALIB_FRACTION.get(key)
+
+
+def split_record(info: DatasetInfo, data_dir: str | None, calib_size: int, seed: int) -> dict:
+    """The ``data`` entry of a checkpoint: what rebuilds the same train / calibration / test splits later
+    (``make_loaders(d["dataset"], data_dir=d["data_dir"], calib_size=d["calib_size"], seed=d["seed"],
+    image_size=d.get("image_size"))``).  A folder dataset records its resolved directory and image size (the
+    images are resized when read, so another size would give other inputs)."""
+    meta = {"dataset": info.name, "data_dir": data_dir, "calib_size": calib_size, "seed": seed,
+            "source": info.source}
+    if info.name == "folder":
+        meta.update(data_dir=info.source, image_size=list(info.image_size))
+    return meta
