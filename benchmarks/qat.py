@@ -49,7 +49,7 @@ import hwquant as hq
 from hwquant.errors import DataError
 from hwquant.models import create_model
 from hwquant.nn import fold_batchnorm, quant_layers
-from hwquant.numerics import uniform
+from hwquant.numerics import native, uniform
 
 from .common import env_int, float_checkpoint, loadavg, markdown_table, paired_ratio, time_interleaved, write_results
 
@@ -132,16 +132,16 @@ def _stepper(model: nn.Module, x: torch.Tensor, y: torch.Tensor, torch_ops: bool
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
 
     def step() -> float:
-        saved = uniform._NATIVE["state"]
+        saved = native.STATE["state"]
         if torch_ops:
-            uniform._NATIVE["state"] = "failed"  # hwquant's torch-op path for this step only
+            native.STATE["state"] = "failed"  # hwquant's torch-op path for this step only
         try:
             opt.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x), y)
             loss.backward()
             opt.step()
         finally:
-            uniform._NATIVE["state"] = saved
+            native.STATE["state"] = saved
         return loss.item()
 
     return step

@@ -487,3 +487,21 @@ def test_each_command_lives_in_its_module_and_pipelines_reexports_it():
         if name != "demo":
             assert getattr(pipelines, runner.split(":")[1]) is cli.resolve(runner)
     assert set(pipelines.__all__) <= set(dir(pipelines))
+
+
+def test_train_and_ptq_of_a_model_leave_the_global_rng_alone(tmp_path):
+    """The commands seed the model's initial weights themselves and restore the caller's RNG state; the same seed
+    gives the same weights whatever state the caller left."""
+    from hwquant.commands.train import TrainOptions, run_train
+
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    opts = dict(model="small_cnn", dataset="digits", batch_size=64, calib_size=200, epochs=1, progress=False,
+                channels_last=False)
+    run_train(TrainOptions(**opts, out=str(tmp_path / "a")))
+    assert torch.equal(torch.random.get_rng_state(), before)
+    torch.manual_seed(7)  # another caller state: the same model
+    run_train(TrainOptions(**opts, out=str(tmp_path / "b")))
+    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

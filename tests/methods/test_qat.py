@@ -95,7 +95,7 @@ def test_native_and_torch_paths_agree_on_scale_gradients(monkeypatch, lsq):
     results = []
     for native in (True, False):
         if not native:
-            monkeypatch.setattr(uniform, "_native", lambda: None)
+            monkeypatch.setattr(uniform, "native_kernels", lambda: None)
         x = x0.clone().requires_grad_()
         s = torch.tensor(0.07, requires_grad=True)
         y = uniform.fake_quantize_trusted(x, s, None, -16, 15, lsq=lsq)

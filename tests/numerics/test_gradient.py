@@ -239,11 +239,11 @@ def test_per_sample_native_kernel_equals_torch_path(clip, monkeypatch):
     g[:12] *= 1e-3
     g = g.contiguous(memory_format=torch.channels_last)
     calls = []
-    real = G._native
-    monkeypatch.setattr(G, "_native", lambda: calls.append(1) or real())
+    real = G.native_kernels
+    monkeypatch.setattr(G, "native_kernels", lambda: calls.append(1) or real())
     y, c = G.fake_quantize_gradient_rows(g, 8, "zero", clip)
     assert calls  # the kernels ran
-    monkeypatch.setattr(G, "_native", lambda: None)
+    monkeypatch.setattr(G, "native_kernels", lambda: None)
     y_t, c_t = G.fake_quantize_gradient_rows(g, 8, "zero", clip)
     torch.testing.assert_close(c, c_t, rtol=1e-12, atol=0)
     assert torch.equal(y, y_t) and y.is_contiguous(memory_format=torch.channels_last)
@@ -275,7 +275,7 @@ def test_per_sample_codes_equal_each_row_quantized_alone(bits, native, monkeypat
     if native and not native_status()["available"]:
         pytest.skip("no C compiler")
     if not native:
-        monkeypatch.setattr(G, "_native", lambda: None)
+        monkeypatch.setattr(G, "native_kernels", lambda: None)
     g = torch.randn(16, 4, 7, 7, generator=torch.Generator().manual_seed(5))
     g[:6] *= 1e-4
     g = g.contiguous(memory_format=torch.channels_last)

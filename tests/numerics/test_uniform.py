@@ -1,5 +1,7 @@
 """Uniform quantizer checked against torch's fake-quantize ops and hand-worked cases."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -155,27 +157,46 @@ def test_native_kernels_are_cached_and_loaded_only_from_private_places(tmp_path,
     and a cached library that others may write is rebuilt instead of loaded."""
     import os
 
-    from hwquant.numerics import uniform
+    from hwquant.numerics import native, uniform
 
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(0o777)
     monkeypatch.setenv("HWQUANT_CACHE_DIR", str(shared))
-    assert uniform._cache_dir() != str(shared)
+    assert native.cache_dir() != str(shared)
     mine = tmp_path / "mine"
     monkeypatch.setenv("HWQUANT_CACHE_DIR", str(mine))
-    assert uniform._cache_dir() == str(mine) and (os.stat(mine).st_mode & 0o777) == 0o700
+    assert native.cache_dir() == str(mine) and (os.stat(mine).st_mode & 0o777) == 0o700
     if not uniform.native_status()["available"]:
         pytest.skip("no C compiler: nothing is built or loaded")
-    so = uniform._build_native()
+    so = native.build()
     assert os.path.dirname(so) == str(mine)
     good = open(so, "rb").read()
     with open(so, "wb") as f:
         f.write(b"planted")
     os.chmod(so, 0o666)  # writable by anyone: must not be trusted
-    assert uniform._build_native() == so
+    assert native.build() == so
     assert open(so, "rb").read() == good  # rebuilt, not loaded as found
     os.chmod(so, 0o644)
     with open(so, "wb") as f:  # our own private file is trusted (the cache works)
         f.write(b"ours")
-    assert uniform._build_native() == so and open(so, "rb").read() == b"ours"
+    assert native.build() == so and open(so, "rb").read() == b"ours"
+
+
+def test_native_source_is_package_data_and_keys_the_cache(tmp_path, monkeypatch):
+    """The kernels' C source ships as a file of the package (not a Python string), and the cached library's name
+    is keyed by it: an edited source cannot load a library built from the old one."""
+    from importlib import resources
+
+    from hwquant.numerics import native, uniform
+
+    path = resources.files("hwquant.numerics").joinpath("csrc", "hwq_kernels.c")
+    text = path.read_text(encoding="utf-8")
+    assert native.source() == text and "void hwq_fq(" in text and "hwq_gq_rows" in text
+    assert "hwq_fq(" not in Path(native.__file__).read_text()  # no C in the Python module
+    monkeypatch.setenv("HWQUANT_CACHE_DIR", str(tmp_path))
+    if not uniform.native_status()["available"]:
+        pytest.skip("no C compiler: nothing is built")
+    so = native.build()
+    monkeypatch.setattr(native, "source", lambda: text + "\n/* edited */\n")
+    assert native.build() != so  # another source, another library

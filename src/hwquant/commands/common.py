@@ -18,6 +18,7 @@ from ..device import DEVICES, supports_channels_last
 from ..errors import ConfigError
 from ..methods import ARCConfig, prepare_arc
 from ..models import list_models
+from ..models.registry import build_model
 from ..models.user import check_user_spec, is_user_spec
 from ..numerics.gradient import GRAD_CLIPS
 from ..saved import rebuild
@@ -85,6 +86,14 @@ def use_channels_last(wanted: bool, model: nn.Module, loaders) -> bool:
         if loader is not None:
             loader.channels_last = False
     return False
+
+
+def seeded_model(name: str, seed: int, **kwargs) -> nn.Module:
+    """``build_model(name, **kwargs)`` with its initial weights drawn after ``torch.manual_seed(seed)``, the
+    caller's global RNG state restored afterwards (a library call does not reseed the user's random streams)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(name, **kwargs)
 
 
 def set_threads(threads: int | None) -> None:

@@ -5,14 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..data import default_calibration, make_loaders, resolve_dataset, split_record
 from ..device import DEVICES, on_device, resolve_device
 from ..errors import CheckpointError, ConfigError
 from ..methods import GGDPTQConfig, ObserverPTQConfig, ptq
-from ..models.registry import build_model
 from ..models.user import load_weights
 from ..nn import float_eval_layers
 from ..train import evaluate, save_checkpoint
@@ -31,6 +29,7 @@ from .common import (
     float_eval_warnings,
     load_model,
     save_config,
+    seeded_model,
     set_threads,
     warn,
     write_json,
@@ -148,9 +147,8 @@ def _model_for_ptq(cfg: PTQOptions):
                            calib_size=calib_size, seed=seed, augment=False, fallback=False, drop_last=False,
                            image_size=cfg.image_size, max_calib_fraction=calib_fraction)
     info = loaders.info
-    torch.manual_seed(seed)
-    model = build_model(cfg.model, in_channels=info.in_channels, num_classes=info.num_classes,
-                        image_size=info.image_size)
+    model = seeded_model(cfg.model, seed, in_channels=info.in_channels, num_classes=info.num_classes,
+                         image_size=info.image_size)
     if cfg.weights is not None:
         load_weights(model, cfg.weights)
     else:

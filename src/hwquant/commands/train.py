@@ -12,7 +12,6 @@ from ..data import default_calibration, make_loaders, resolve_dataset, split_rec
 from ..device import DEVICES, resolve_device
 from ..errors import ConfigError
 from ..models import list_models
-from ..models.registry import build_model
 from ..train import TrainConfig, evaluate, fit, save_checkpoint
 from ..train.distributed import init_from_env, rank_device
 from .common import (
@@ -33,6 +32,7 @@ from .common import (
     save_arc_clips,
     save_config,
     say,
+    seeded_model,
     set_threads,
     use_channels_last,
     write_json,
@@ -104,9 +104,8 @@ def run_train(cfg: TrainOptions) -> dict[str, Any]:
                            world_size=dist_info.world_size, channels_last=cfg.channels_last,
                            image_size=cfg.image_size, max_calib_fraction=calib_fraction)
     info = loaders.info
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, in_channels=info.in_channels, num_classes=info.num_classes, width=cfg.width,
-                        image_size=info.image_size)
+    model = seeded_model(cfg.model, cfg.seed, in_channels=info.in_channels, num_classes=info.num_classes,
+                         width=cfg.width, image_size=info.image_size)
     if use_channels_last(cfg.channels_last, model, loaders):
         model = model.to(memory_format=torch.channels_last)
     data_meta = split_record(info, data_dir, loaders.calib_size, cfg.seed)

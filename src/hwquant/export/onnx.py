@@ -63,7 +63,7 @@ def onnx_available() -> bool:
     return True
 
 
-def _need_onnx(what: str = "ONNX export"):
+def need_onnx(what: str = "ONNX export"):
     try:
         import onnx
     except ImportError:
@@ -197,7 +197,7 @@ def to_onnx(model, path: str | os.PathLike, example_input: torch.Tensor | None =
     ``model`` is an :class:`IntegerModel`, or a fake-quantized model together with ``example_input`` (then its
     integer model is built first).
     """
-    onnx = _need_onnx()
+    onnx = need_onnx()
     if isinstance(model, IntegerModel):
         imodel = model
     else:
@@ -328,7 +328,7 @@ def session(path: str | os.PathLike, optimize: str = "auto"):
         import onnxruntime as ort
     except ImportError:
         raise HwquantError("checking ONNX needs onnxruntime: pip install 'hwquant[onnx]'") from None
-    onnx = _need_onnx()
+    onnx = need_onnx()
     if optimize == "auto":
         optimize = "basic" if _has_int4(onnx.load(str(path))) else "all"
     levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -347,7 +347,7 @@ def fused_ops(path: str | os.PathLike, optimize: str = "auto") -> dict[str, int]
 
     import onnxruntime as ort
 
-    onnx = _need_onnx()
+    onnx = need_onnx()
     sess_level = session(path, optimize)[1]
     with tempfile.TemporaryDirectory() as d:
         so = ort.SessionOptions()
@@ -391,6 +391,6 @@ def check_onnx(path: str | os.PathLike, imodel: IntegerModel, batches, *, max_ba
              "max_code_lsb": t["max_code_lsb"], "first_diff": t["first_diff"], "max_logit_lsb": max_logit_lsb,
              "top1_onnx": tally.top1("other"), "top1_integer": tally.top1("reference"),
              "agree": tally.prediction_agree, "layers": tally.layers}
-    stats["nodes"] = len(_need_onnx().load(str(path)).graph.node)
+    stats["nodes"] = len(need_onnx().load(str(path)).graph.node)
     stats["optimize"] = level
     return stats

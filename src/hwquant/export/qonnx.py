@@ -69,8 +69,7 @@ import torch
 
 from ..errors import ConfigError, HwquantError
 from .integer import IntegerModel
-from .onnx import OnnxGraph
-from .onnx import _need_onnx as _need_onnx_for
+from .onnx import OnnxGraph, need_onnx
 from .tally import Tally, labelled_batches
 
 __all__ = ["QONNX_DOMAIN", "check_qonnx", "qonnx_available", "run_numpy", "to_qonnx"]
@@ -107,7 +106,7 @@ def _narrow(where: str, bits: int, signed: bool, qmin: int, qmax: int) -> bool:
 def to_qonnx(imodel: IntegerModel, path: str | os.PathLike, *, codes_outputs: bool = False,
              opset: int = OPSET) -> Path:
     """Write the QONNX graph of ``imodel`` to ``path`` (atomically) and return the path."""
-    onnx = _need_onnx_for("QONNX export")
+    onnx = need_onnx("QONNX export")
     if not isinstance(imodel, IntegerModel):
         raise ConfigError("to_qonnx needs an IntegerModel (hwquant.export.integer_model)")
     if opset < 11:
@@ -244,7 +243,7 @@ def run_numpy(path_or_model, x: np.ndarray) -> dict[str, np.ndarray]:
     Standard ops: ``Conv`` / ``Gemm`` / pools sum in float64 and round once to float32; ``Add`` / ``Relu`` in
     float32.  ``Quant`` as qonnx (see :func:`_quant`).
     """
-    onnx = _need_onnx_for("QONNX export")
+    onnx = need_onnx("QONNX export")
     model = path_or_model if isinstance(path_or_model, onnx.ModelProto) else onnx.load(str(path_or_model))
     from onnx import numpy_helper
 
@@ -362,7 +361,7 @@ def check_qonnx(path: str | os.PathLike, imodel: IntegerModel, batches, *, max_b
     Raises:
         HwquantError: onnx is not installed, or ``executor="qonnx"`` without qonnx.
     """
-    onnx = _need_onnx_for("QONNX export")
+    onnx = need_onnx("QONNX export")
     if executor not in ("auto", "qonnx", "numpy"):
         raise ConfigError(f"executor must be auto, qonnx or numpy, got {executor!r}")
     if executor == "auto":

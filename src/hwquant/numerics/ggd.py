@@ -65,7 +65,7 @@ from .uniform import check_bits, fake_quantize
 FIT_METHODS = ("mle", "moments")
 
 
-def _scipy(name: str):
+def lazy_scipy(name: str):
     """``scipy.<name>``, imported on first use (keeps ``import hwquant`` free of scipy's ~0.5 s import)."""
     return importlib.import_module(f"scipy.{name}")
 
@@ -131,7 +131,7 @@ class GGD:
 
     def to_scipy(self):
         """Frozen ``scipy.stats.gengamma`` of the non-zero magnitudes (the continuous part, ``loc = 0``)."""
-        stats = _scipy("stats")
+        stats = lazy_scipy("stats")
         return stats.gengamma(self.a, self.c, scale=self.scale)
 
     # densities and moments -------------------------------------------------------------------------------
@@ -150,7 +150,7 @@ class GGD:
 
     def log_likelihood(self, magnitudes: np.ndarray) -> float:
         """Mean ``log g(x)`` over the given non-zero magnitudes (the quantity the MLE fit maximises)."""
-        special = _scipy("special")
+        special = lazy_scipy("special")
         x = np.abs(np.asarray(magnitudes, dtype=np.float64).ravel())
         x = x[x > 0]
         if x.size == 0:
@@ -162,7 +162,7 @@ class GGD:
 
     def magnitude_moment(self, k: float) -> float:
         """``E[Y^k]`` of the continuous magnitude ``Y``: ``scale^k Gamma(a + k/c) / Gamma(a)`` (``k > -beta-1``)."""
-        special = _scipy("special")
+        special = lazy_scipy("special")
         a, c = self.a, self.c
         return math.exp(k * math.log(self.scale) + special.gammaln(a + k / c) - special.gammaln(a))
 
@@ -184,7 +184,7 @@ class GGD:
         ``E[Y^k; Y < t] = E[Y^k] P(a + k/c, (t/scale)^c)``; the smaller of ``P`` and ``Q = 1 - P`` is computed
         directly (``gammainc`` below the median region, ``gammaincc`` above) and the other as its complement.
         """
-        special = _scipy("special")
+        special = lazy_scipy("special")
         t = np.asarray(t, dtype=np.float64)
         s = self.a + k / self.c
         with np.errstate(divide="ignore"):
@@ -236,7 +236,7 @@ def gamma_shape_mle(s: float | np.ndarray) -> float | np.ndarray:
     Minka's (2002) closed-form start ``a0 = (3 - s + sqrt((s - 3)^2 + 24 s)) / (12 s)`` refined by his generalised
     Newton step ``1/a <- 1/a + (log a - digamma(a) - s) / (a^2 (1/a - trigamma(a)))`` (converges in ~4 steps).
     """
-    special = _scipy("special")
+    special = lazy_scipy("special")
     s = np.maximum(np.asarray(s, dtype=np.float64), 1e-300)
     a = (3.0 - s + np.sqrt((s - 3.0) ** 2 + 24.0 * s)) / (12.0 * s)
     for _ in range(8):
@@ -253,7 +253,7 @@ def gamma_shape_mle(s: float | np.ndarray) -> float | np.ndarray:
 
 def _profile(u: np.ndarray, log_alpha: float) -> tuple[float, float, float]:
     """``(l(alpha) + mean log x, a, s)`` for centred logs ``u = log x - mean(log x)`` (see module docstring)."""
-    special = _scipy("special")
+    special = lazy_scipy("special")
     al = math.exp(log_alpha)
     z = al * u
     zmax = float(z.max())
@@ -265,7 +265,7 @@ def _profile(u: np.ndarray, log_alpha: float) -> tuple[float, float, float]:
 
 def _fit_mle(lx: np.ndarray) -> tuple[float, float, float]:
     """MLE ``(alpha, a, log lam)`` from the logs of the magnitudes."""
-    optimize = _scipy("optimize")
+    optimize = lazy_scipy("optimize")
     mean_lx = float(lx.mean())
     u = lx - mean_lx
     grid = np.linspace(_LOG_ALPHA_LO, _LOG_ALPHA_HI, 33)
@@ -283,9 +283,9 @@ def _fit_mle(lx: np.ndarray) -> tuple[float, float, float]:
 
 def _fit_moments(lx: np.ndarray) -> tuple[float, float, float]:
     """Method of moments on ``log x``: skewness gives ``a``, variance ``alpha``, mean ``lam``."""
-    optimize = _scipy("optimize")
-    special = _scipy("special")
-    stats = _scipy("stats")
+    optimize = lazy_scipy("optimize")
+    special = lazy_scipy("special")
+    stats = lazy_scipy("stats")
     mean_lx = float(lx.mean())
     var = float(lx.var())
     skew = float(stats.skew(lx))
@@ -354,7 +354,9 @@ def ggd_fit(
 # --------------------------------------------------------------------------------------------------------
 
 
-def _code_range(levels: int, signed: bool, narrow: bool) -> tuple[int, int]:
+def code_range(levels: int, signed: bool, narrow: bool) -> tuple[int, int]:
+    """``(qmin, qmax)`` of ``levels`` integer codes: signed two's complement (narrow: symmetric, without the most
+    negative code) or unsigned ``0 .. levels - 1``."""
     if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)) or levels < 2:
         raise ConfigError(f"levels must be an integer >= 2, got {levels!r}")
     levels = int(levels)
@@ -402,7 +404,7 @@ def expected_mse(
     if not (isinstance(step, (int, float, np.floating)) and math.isfinite(step) and step > 0):
         raise ConfigError(f"step must be a finite number > 0, got {step!r}")
     signed = ggd.signed if signed is None else bool(signed)
-    qmin, qmax = _code_range(levels, signed, narrow)
+    qmin, qmax = code_range(levels, signed, narrow)
     pos = _side_mse(ggd, float(step), qmax)
     if ggd.signed:
         err = 0.5 * (pos + _side_mse(ggd, float(step), -qmin))
@@ -443,7 +445,7 @@ def ggd_optimal_step(
     :func:`fake_quantize` on ``calib`` (tensor/array of calibration samples) if given, else by
     :func:`expected_mse`, and return the better (ties: the smaller step).
     """
-    optimize = _scipy("optimize")
+    optimize = lazy_scipy("optimize")
     check_bits(bits, lo=1, hi=32)
     signed = ggd.signed if signed is None else bool(signed)
     levels = 2**bits

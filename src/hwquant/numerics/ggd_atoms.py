@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .ggd import GGD, _code_range, _scipy, expected_mse, ggd_optimal_step
+from .ggd import GGD, code_range, expected_mse, ggd_optimal_step, lazy_scipy
 
 __all__ = ["Atom", "find_atoms", "mixture_mse", "mixture_optimal_step"]
 
@@ -80,7 +80,7 @@ def mixture_mse(
     when the values are zeros and atoms only), ``atoms`` the point masses."""
     if not (math.isfinite(step) and step > 0):
         raise ConfigError(f"step must be a finite number > 0, got {step!r}")
-    qmin, qmax = _code_range(2**bits, signed, narrow)
+    qmin, qmax = code_range(2**bits, signed, narrow)
     p0 = ggd.zero_mass if ggd is not None else 0.0
     w = max(0.0, 1.0 - p0 - sum(a.mass for a in atoms))
     err = 0.0
@@ -105,7 +105,7 @@ def mixture_optimal_step(
 ) -> float:
     """The step minimising :func:`mixture_mse` (see the module docstring); ``peak`` is the largest observed
     magnitude (it sets the min-max candidate and, without a continuous part, the search range)."""
-    qmin, qmax = _code_range(2**bits, signed, narrow)
+    qmin, qmax = code_range(2**bits, signed, narrow)
     top = max(qmax, -qmin)
     if not (math.isfinite(peak) and peak > 0):
         raise ConfigError(f"peak must be a finite number > 0, got {peak!r}")
@@ -131,7 +131,7 @@ def mixture_optimal_step(
     a, b = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
     best, best_e = float(grid[i]), float(vals[i])
     if b > a:
-        res = _scipy("optimize").minimize_scalar(lambda t: f(math.exp(t)), bounds=(math.log(a), math.log(b)),
+        res = lazy_scipy("optimize").minimize_scalar(lambda t: f(math.exp(t)), bounds=(math.log(a), math.log(b)),
                                                  method="bounded", options={"xatol": 1e-7})
         if float(res.fun) < best_e:
             best = math.exp(float(res.x))

@@ -55,8 +55,9 @@ import struct
 import torch
 
 from ..errors import ConfigError, DataError
+from . import native
 from .rounding import round_
-from .uniform import MAX_BITS, _dense, _native
+from .uniform import MAX_BITS, native_kernels
 
 __all__ = [
     "GRAD_CLIPS",
@@ -98,11 +99,7 @@ def _check(bits: int, rounding: str, clip: str, k: float, fraction: float | None
 
 def _fast(g: torch.Tensor) -> bool:
     """The kernels are elementwise with one scale, so any dense layout (contiguous, channels-last) works."""
-    return g.dtype == torch.float32 and g.device.type == "cpu" and g.numel() > 0 and _dense(g)
-
-
-def _threads() -> int:
-    return max(1, torch.get_num_threads())
+    return g.dtype == torch.float32 and g.device.type == "cpu" and g.numel() > 0 and native.dense(g)
 
 
 def gradient_stats(g: torch.Tensor) -> tuple[float, float, float]:
@@ -112,10 +109,10 @@ def gradient_stats(g: torch.Tensor) -> tuple[float, float, float]:
     """
     if g.numel() == 0:
         return 0.0, 0.0, 0.0
-    lib = _native() if _fast(g) else None
+    lib = native_kernels() if _fast(g) else None
     if lib is not None:
         out = torch.empty(3, dtype=torch.float64)
-        lib.hwq_stats(g.data_ptr(), g.numel(), out.data_ptr(), _threads())
+        lib.hwq_stats(g.data_ptr(), g.numel(), out.data_ptr(), native.threads())
         s, ss, mx = out.tolist()
     else:
         d = g.detach().double()
@@ -145,11 +142,11 @@ def gradient_hist(g: torch.Tensor, need: int = 0) -> tuple[float, float, float, 
     n = g.numel()
     if n == 0:
         return 0.0, 0.0, 0.0, torch.zeros(HIST_BINS, dtype=torch.int64)
-    lib = _native() if _fast(g) else None
+    lib = native_kernels() if _fast(g) else None
     if lib is not None:
         out = torch.empty(3, dtype=torch.float64)
         hist = torch.empty(HIST_BINS, dtype=torch.int64)
-        lib.hwq_stats_hist(g.data_ptr(), n, out.data_ptr(), hist.data_ptr(), int(need), _threads())
+        lib.hwq_stats_hist(g.data_ptr(), n, out.data_ptr(), hist.data_ptr(), int(need), native.threads())
         s, ss, mx = out.tolist()
     else:
         d = g.detach().double()
@@ -309,13 +306,13 @@ def _quantize(g, bits, rounding, clip, k, generator, kind, c=None, out=None, fra
     r = _multiplier(c, q)
     sf = float(s)
     want, code = _output_kind(g, bits, kind, out)
-    lib = _native() if _fast(g) else None
+    lib = native_kernels() if _fast(g) else None
     if lib is not None:
         seed = _seed_from(generator) if rounding == "stochastic" else 0
         if out is None:
             out = torch.empty_like(g, dtype=want)  # same memory layout: the kernel maps element i to i
         lib.hwq_gq(g.data_ptr(), out.data_ptr(), g.numel(), r, sf, float(q), _MODE[rounding], code, seed,
-                   _threads())
+                   native.threads())
         return out, s
     t = _codes_torch(g, r, q, rounding, generator)
     t = t.mul_(sf).to(want) if kind == "float" else t.to(want)
@@ -374,14 +371,14 @@ def row_clips(g: torch.Tensor, bits: int = 8, clip: str = "zscore", k: float = 3
     m = g.numel() // n if n else 0
     if clip == "search" and _search_is_max(m, bits, fraction):
         clip = "max"  # the same result without the histogram
-    lib = _native() if _fast(g) and _rows_dense(g) else None
+    lib = native_kernels() if _fast(g) and _rows_dense(g) else None
     hist = None
     if lib is not None:
         out = torch.empty(n, 3, dtype=torch.float64)
         if clip == "search":
             hist = torch.empty(n, HIST_BINS, dtype=torch.int64)
         lib.hwq_row_stats(g.data_ptr(), n, m, out.data_ptr(), 0 if hist is None else hist.data_ptr(),
-                          _tail_need(m, bits, fraction), _threads())
+                          _tail_need(m, bits, fraction), native.threads())
         sums, sq, mx = out[:, 0], out[:, 1], out[:, 2]
     else:
         d = g.detach().reshape(n, -1).double()
@@ -410,11 +407,11 @@ def _quantize_rows(g, bits, rounding, clip, k, generator, kind, out=None, fracti
     s = (c / q).float()
     r = _multipliers(c, q)
     want, code = _output_kind(g, bits, kind, out)
-    lib = _native() if _fast(g) and _rows_dense(g) and rounding in ("zero", "nearest") else None
+    lib = native_kernels() if _fast(g) and _rows_dense(g) and rounding in ("zero", "nearest") else None
     if lib is not None:
         y = torch.empty_like(g, dtype=want) if out is None else out  # same layout: row i of y is row i of g
         lib.hwq_gq_rows(g.data_ptr(), y.data_ptr(), g.shape[0], g.numel() // g.shape[0], r.data_ptr(), s.data_ptr(),
-                        float(q), _MODE[rounding], code, _threads())
+                        float(q), _MODE[rounding], code, native.threads())
         return y, c, s
     shape = (-1,) + (1,) * (g.dim() - 1)
     t = _codes_torch(g, r.view(shape), q, rounding, generator)

@@ -37,32 +37,23 @@ PACT's ``x >= alpha`` on the unrounded value; the half-step difference keeps val
 consistent.
 
 **Speed.**  The per-tensor, round-to-nearest, float32 CPU case (every activation quantizer) runs a small C
-kernel compiled once at first use with the system C compiler (``$CC``, else ``cc``/``gcc``; OpenMP and
-``-march=native``; cached under ``$HWQUANT_CACHE_DIR`` or ``~/.cache/hwquant``, only where no other user can
-write): one pass writes the output
-and a one-byte mask state, and the backward is one pass over the gradient and the mask.  It computes the
-same float32 operations as the torch code (``x * r``, round half to even, clamp, ``* s``), and a self-test
-against the torch path runs before it is used; when no compiler is found, the build or the self-test fails,
-or ``HWQUANT_NATIVE=0`` is set, everything runs on the torch path (see :func:`native_status`).  Per-channel
-scales, other roundings or dtypes, accelerators and ``torch.compile`` tracing always use the torch path.
+kernel (``csrc/hwq_kernels.c``, compiled at first use and cached only where no other user can write: see
+:mod:`hwquant.numerics.native`): one pass writes the output and a one-byte mask state, and the backward is one
+pass over the gradient and the mask.  It computes the same float32 operations as the torch code (``x * r``,
+round half to even, clamp, ``* s``), and a self-test against the torch path runs before it is used; when no
+compiler is found, the build or the self-test fails, or ``HWQUANT_NATIVE=0`` is set, everything runs on the
+torch path (see :func:`native_status`).  Per-channel scales, other roundings or dtypes, accelerators and
+``torch.compile`` tracing always use the torch path.
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import math
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-import warnings
 
 import torch
 
 from ..errors import ConfigError
+from . import native
 from .rounding import ROUNDING_MODES, round_
 
 MIN_BITS = 2
@@ -210,365 +201,6 @@ def dequantize(
     return ref.sub_(z).mul_(s)
 
 # ----------------------------------------------------------------------------------------- native kernels
-_NATIVE_SRC = r"""
-#include <stdint.h>
-#include <math.h>
-/* mask states: 0 clipped low, 1 in range (gradient passes), 2 clipped high.  NaN -> 0. */
-#define PAR _Pragma("omp parallel for simd schedule(static) num_threads(nt) if(n > 32768)")
-static inline float clampf(float v, float lo, float hi) { v = v < lo ? lo : v; return v > hi ? hi : v; }
-static inline uint8_t state(float v, float lo, float hi) { return v >= lo ? (v <= hi ? 1 : 2) : 0; }
-
-void hwq_fq(const float *restrict x, float *restrict y, uint8_t *restrict m, int64_t n, float r, float s,
-            float z, int has_z, float lo, float hi, int nt) {
-  if (m == 0 && !has_z) { PAR for (int64_t i = 0; i < n; i++) y[i] = clampf(rintf(x[i] * r), lo, hi) * s; }
-  else if (m == 0) { PAR for (int64_t i = 0; i < n; i++) y[i] = (clampf(rintf(x[i] * r) + z, lo, hi) - z) * s; }
-  else if (!has_z) {
-    PAR for (int64_t i = 0; i < n; i++) {
-      float v = rintf(x[i] * r); m[i] = state(v, lo, hi); y[i] = clampf(v, lo, hi) * s;
-    }
-  } else {
-    PAR for (int64_t i = 0; i < n; i++) {
-      float v = rintf(x[i] * r) + z; m[i] = state(v, lo, hi); y[i] = (clampf(v, lo, hi) - z) * s;
-    }
-  }
-}
-
-/* per channel along the outermost memory dimension: C blocks of `inner` elements, reciprocal r[c], step s[c] */
-void hwq_fq_pc(const float *restrict x, float *restrict y, uint8_t *restrict m, int64_t C, int64_t inner,
-               const float *restrict r, const float *restrict s, float lo, float hi, int nt) {
-  _Pragma("omp parallel for schedule(static) num_threads(nt) if(C * inner > 32768)")
-  for (int64_t c = 0; c < C; c++) {
-    const float rc = r[c], sc = s[c];
-    const float *restrict xc = x + c * inner;
-    float *restrict yc = y + c * inner;
-    if (m) {
-      uint8_t *restrict mc = m + c * inner;
-      for (int64_t i = 0; i < inner; i++) {
-        float v = rintf(xc[i] * rc); mc[i] = state(v, lo, hi); yc[i] = clampf(v, lo, hi) * sc;
-      }
-    } else {
-      for (int64_t i = 0; i < inner; i++) yc[i] = clampf(rintf(xc[i] * rc), lo, hi) * sc;
-    }
-  }
-}
-
-void hwq_mask_bwd(const float *restrict g, const uint8_t *restrict m, float *restrict gx, int64_t n, int nt) {
-  PAR for (int64_t i = 0; i < n; i++) gx[i] = m[i] == 1 ? g[i] : 0.0f;
-}
-
-/* Scale gradient: returns sum g * ds where ds = round(x r) - x r in range (only if lsq, else 0: PACT),
-   lo - z / hi - z when clipped low / high; writes the STE input gradient gx if given */
-double hwq_scale_bwd(const float *restrict g, const float *restrict x, const uint8_t *restrict m, float *restrict gx,
-                     int64_t n, float r, float z, float lo, float hi, int lsq, int nt) {
-  double acc = 0.0;
-  float glo = lo - z, ghi = hi - z;
-  _Pragma("omp parallel for simd schedule(static) num_threads(nt) if(n > 32768) reduction(+:acc)")
-  for (int64_t i = 0; i < n; i++) {
-    uint8_t mi = m[i];
-    float ds;
-    if (mi == 1) { float v = x[i] * r; ds = lsq ? rintf(v) - v : 0.0f; } else ds = mi == 2 ? ghi : glo;
-    acc += (double)(g[i] * ds);
-    if (gx) gx[i] = mi == 1 ? g[i] : 0.0f;
-  }
-  return acc;
-}
-
-/* ---- gradient quantization (hwquant.numerics.gradient) ---- */
-/* one pass: out[0] = sum x, out[1] = sum x^2 (double), out[2] = max |x| (NaN propagates to out[0]) */
-void hwq_stats(const float *restrict x, int64_t n, double *restrict out, int nt) {
-  double s = 0.0, ss = 0.0;
-  float mx = 0.0f;
-  _Pragma("omp parallel for simd schedule(static) num_threads(nt) if(n > 32768) reduction(+:s,ss) reduction(max:mx)")
-  for (int64_t i = 0; i < n; i++) {
-    float v = x[i];
-    double d = (double)v;
-    s += d; ss += d * d;
-    float a = fabsf(v);
-    mx = a > mx ? a : mx;
-  }
-  out[0] = s; out[1] = ss; out[2] = (double)mx;
-}
-
-/* the log-spaced bin of |x|: bits(|x|) >> 21, the float32 exponent and the top two mantissa bits (1024 bins, 4 per
-   octave); on the raw bits, so that NaN and inf land in the top bins (the statistics report them) */
-#define HBIN(u) (((u) & 0x7fffffffu) >> 21)
-
-/* The tail of the histogram: counts of the bins at or above a floor.  With need > 0 the floor rises while at
-   least `need` counted elements lie in the bins above it (a bin below the need-th largest element's cannot
-   change which bin holds that element), so the counts are exact from the need-th largest element's bin up and
-   0 below; a chunk whose largest |x| lies below the floor is skipped after one vectorised max.  need <= 0:
-   every bin (the full histogram). */
-typedef struct { int64_t h[1024]; int64_t tail; uint32_t floor; } tailhist;
-
-static void tail_init(tailhist *t) { for (int b = 0; b < 1024; b++) t->h[b] = 0; t->tail = 0; t->floor = 0; }
-
-#define TCHUNK 64
-static void tail_add(const float *restrict x, int64_t n, tailhist *restrict t, int64_t need) {
-  const uint32_t *restrict u = (const uint32_t *)x;
-  for (int64_t lo = 0; lo < n; lo += TCHUNK) {
-    int64_t len = n - lo < TCHUNK ? n - lo : TCHUNK;
-    uint32_t top = 0;
-    _Pragma("omp simd reduction(max:top)")
-    for (int64_t j = 0; j < len; j++) { uint32_t a = u[lo + j] & 0x7fffffffu; top = a > top ? a : top; }
-    if ((top >> 21) < t->floor) continue;
-    for (int64_t j = 0; j < len; j++) {
-      uint32_t b = HBIN(u[lo + j]);
-      if (b >= t->floor) { t->h[b]++; t->tail++; }
-    }
-    while (need > 0 && t->tail - t->h[t->floor] >= need) { t->tail -= t->h[t->floor]; t->h[t->floor] = 0; t->floor++; }
-  }
-}
-
-/* sum, sum of squares (double) and max|x| of x[0..n), vectorised */
-static inline void stats_block(const float *restrict x, int64_t n, double *s, double *ss, float *mx) {
-  double ls = 0.0, lss = 0.0;
-  float lmx = 0.0f;
-  _Pragma("omp simd reduction(+:ls,lss) reduction(max:lmx)")
-  for (int64_t j = 0; j < n; j++) {
-    float v = x[j];
-    double d = (double)v;
-    ls += d; lss += d * d;
-    float a = fabsf(v);
-    lmx = a > lmx ? a : lmx;
-  }
-  *s += ls; *ss += lss; *mx = lmx > *mx ? lmx : *mx;
-}
-
-#define HBLOCK 16384  /* elements per block: the histogram pass re-reads a block from L1/L2, not memory */
-
-/* hwq_stats and, in the same pass over memory, hist = the histogram tail of |x| (see tail_add; bins below the
-   largest per-thread floor are 0, the sum of the threads' exact counts above it) - the z-score clip search's
-   clipped-fraction counts; blocks of HBLOCK elements (statistics, then the histogram of the cached block) */
-void hwq_stats_hist(const float *restrict x, int64_t n, double *restrict out, int64_t *restrict hist, int64_t need,
-                    int nt) {
-  double s = 0.0, ss = 0.0;
-  float mx = 0.0f;
-  uint32_t floor = 0;
-  for (int b = 0; b < 1024; b++) hist[b] = 0;
-  int64_t nb = (n + HBLOCK - 1) / HBLOCK;
-  _Pragma("omp parallel num_threads(nt) if(n > 32768)")
-  {
-    tailhist t;
-    tail_init(&t);
-    double ls = 0.0, lss = 0.0;
-    float lmx = 0.0f;
-    _Pragma("omp for schedule(static) nowait")
-    for (int64_t k = 0; k < nb; k++) {
-      int64_t lo = k * HBLOCK, len = n - lo < HBLOCK ? n - lo : HBLOCK;
-      stats_block(x + lo, len, &ls, &lss, &lmx);
-      tail_add(x + lo, len, &t, need);
-    }
-    _Pragma("omp critical")
-    {
-      s += ls; ss += lss; mx = lmx > mx ? lmx : mx;
-      floor = t.floor > floor ? t.floor : floor;
-      for (int b = 0; b < 1024; b++) hist[b] += t.h[b];
-    }
-  }
-  for (uint32_t b = 0; b < floor; b++) hist[b] = 0;  /* exact only from the highest floor up */
-  out[0] = s; out[1] = ss; out[2] = (double)mx;
-}
-
-/* per row (sample) r of x[rows][len]: out[3r..3r+2] = sum, sum of squares, max|x| of the row and, when hist is
-   given, hist[1024 r + bin] = the row's histogram tail (need as in tail_add); rows in parallel */
-void hwq_row_stats(const float *restrict x, int64_t rows, int64_t len, double *restrict out, int64_t *restrict hist,
-                   int64_t need, int nt) {
-  _Pragma("omp parallel for schedule(static) num_threads(nt) if(rows * len > 32768)")
-  for (int64_t r = 0; r < rows; r++) {
-    const float *restrict xr = x + r * len;
-    double s = 0.0, ss = 0.0;
-    float mx = 0.0f;
-    tailhist t;
-    if (hist) tail_init(&t);
-    for (int64_t lo = 0; lo < len; lo += HBLOCK) {
-      int64_t n = len - lo < HBLOCK ? len - lo : HBLOCK;
-      stats_block(xr + lo, n, &s, &ss, &mx);
-      if (hist) tail_add(xr + lo, n, &t, need);
-    }
-    if (hist) for (int b = 0; b < 1024; b++) hist[1024 * r + b] = t.h[b];
-    out[3 * r] = s; out[3 * r + 1] = ss; out[3 * r + 2] = (double)mx;
-  }
-}
-
-/* per row of x[rows][len]: codes q = clamp(R(x * r[row]), -qm, qm), R: 0 toward zero, 1 nearest even; kind 0: int8
-   codes, 1: int16 codes, 2: float q * s[row] (what hwq_gq does for one row) */
-#define GQR_LOOP(STORE) \
-  if (mode == 0) { _Pragma("omp simd") for (int64_t j = 0; j < len; j++) { STORE(T0(clampf(xr[j] * m, -qm, qm))); } } \
-  else { _Pragma("omp simd") for (int64_t j = 0; j < len; j++) { STORE(clampf(rintf(xr[j] * m), -qm, qm)); } }
-
-void hwq_gq_rows(const float *restrict x, void *restrict out, int64_t rows, int64_t len, const float *restrict rr,
-                 const float *restrict sr, float qm, int mode, int kind, int nt) {
-  _Pragma("omp parallel for schedule(static) num_threads(nt) if(rows * len > 32768)")
-  for (int64_t r = 0; r < rows; r++) {
-    const float *restrict xr = x + r * len;
-    float m = rr[r], s = sr[r];
-#define T0(v) (v)
-    if (kind == 0) {
-      int8_t *restrict q = (int8_t *)out + r * len;
-#define SR8(v) q[j] = (int8_t)(int32_t)(v)
-      GQR_LOOP(SR8)
-    } else if (kind == 1) {
-      int16_t *restrict q = (int16_t *)out + r * len;
-#define SR16(v) q[j] = (int16_t)(int32_t)(v)
-      GQR_LOOP(SR16)
-    } else {
-      float *restrict yr = (float *)out + r * len;
-#undef T0
-#define T0(v) truncf(v)
-#define SRF(v) yr[j] = (v) * s
-      GQR_LOOP(SRF)
-    }
-#undef T0
-  }
-}
-
-/* counter-based uniform in [0, 1): splitmix64 of (seed, index), 24 bits; independent of thread count */
-static inline float u01(uint64_t seed, uint64_t i) {
-  uint64_t z = seed + (i + 1) * 0x9E3779B97F4A7C15ULL;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-  z ^= z >> 31;
-  return (float)(z >> 40) * 0x1p-24f;
-}
-
-/* codes q = clamp(R(x * r), -qm, qm); R: 0 toward zero, 1 nearest even, 2 floor(v + u), 3 floor.
-   kind 0: int8 codes, 1: int16 codes, 2: float x_hat = q * s.  Toward zero is the float -> int conversion
-   itself (C truncates), so the integer kinds need no rounding instruction at all (T0 = identity). */
-#define GQ_LOOP(STORE) \
-  if (mode == 0) { PAR for (int64_t i = 0; i < n; i++) { STORE(T0(clampf(x[i] * r, -qm, qm))); } } \
-  else if (mode == 1) { PAR for (int64_t i = 0; i < n; i++) { STORE(clampf(rintf(x[i] * r), -qm, qm)); } } \
-  else if (mode == 2) { PAR for (int64_t i = 0; i < n; i++) { \
-      STORE(clampf(floorf(x[i] * r + u01(seed, (uint64_t)i)), -qm, qm)); } } \
-  else { PAR for (int64_t i = 0; i < n; i++) { STORE(clampf(floorf(x[i] * r), -qm, qm)); } }
-
-void hwq_gq(const float *restrict x, void *restrict out, int64_t n, float r, float s, float qm, int mode, int kind,
-            uint64_t seed, int nt) {
-#define T0(v) (v)
-  if (kind == 0) {
-    int8_t *restrict q = (int8_t *)out;
-#define ST8(v) q[i] = (int8_t)(int32_t)(v)
-    GQ_LOOP(ST8)
-  } else if (kind == 1) {
-    int16_t *restrict q = (int16_t *)out;
-#define ST16(v) q[i] = (int16_t)(int32_t)(v)
-    GQ_LOOP(ST16)
-  } else {
-    float *restrict y = (float *)out;
-#undef T0
-#define T0(v) truncf(v)
-#define STF(v) y[i] = (v) * s
-    GQ_LOOP(STF)
-  }
-}
-
-"""
-
-_NATIVE_LOCK = threading.Lock()
-_NATIVE: dict = {"lib": None, "state": "unloaded", "reason": "", "path": None}
-
-
-def _private(path: str) -> bool:
-    """``path`` exists, is no symlink, belongs to this user and no one else may write it (POSIX).
-
-    The kernel library is native code that every hwquant process loads: it is cached and loaded only from
-    places no other local user can write (a shared ``/tmp/hwquant-<uid>`` that someone else created, or a
-    world-writable cache directory, could hold a planted ``.so``)."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return False
-    if not hasattr(os, "getuid"):  # Windows: no POSIX ownership to check; the user's own profile directory
-        return True
-    import stat as _stat
-
-    return (not _stat.S_ISLNK(st.st_mode) and st.st_uid == os.getuid()
-            and not st.st_mode & (_stat.S_IWGRP | _stat.S_IWOTH))
-
-
-def _cache_dir() -> str | None:
-    """A private directory to cache the compiled kernels in (see :func:`_private`), or ``None`` when neither
-    ``$HWQUANT_CACHE_DIR`` / ``~/.cache/hwquant`` nor ``<tmp>/hwquant-<uid>`` is private: then the library is
-    built in a fresh private temporary directory and not cached."""
-    explicit = os.environ.get("HWQUANT_CACHE_DIR")
-    base = explicit or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hwquant")
-    fallback = os.path.join(tempfile.gettempdir(), f"hwquant-{os.getuid() if hasattr(os, 'getuid') else 0}")
-    for d in (base, fallback):
-        try:
-            os.makedirs(d, mode=0o700, exist_ok=True)
-        except OSError:
-            continue
-        if _private(d) and os.access(d, os.W_OK):
-            return d
-    return None
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _build_native() -> str:
-    """Compile the kernels (once per source, compiler and CPU) and return the path of the shared library."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        raise RuntimeError("no C compiler (set CC or install gcc)")
-    flag_sets = [["-O3", "-march=native"], ["-O3"]]
-    common = ["-fno-math-errno", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c99"]
-    key = hashlib.sha256("\0".join([_NATIVE_SRC, cc, _cpu_flags(), platform.machine(), repr(flag_sets),
-                                    repr(common)]).encode()).hexdigest()[:16]
-    d = _cache_dir() or tempfile.mkdtemp(prefix="hwquant-build-")  # mkdtemp: private (0700), fresh
-    so = os.path.join(d, f"hwquant_fq_{key}.so")
-    if os.path.exists(so) and _private(so):
-        return so
-    with tempfile.TemporaryDirectory(dir=d) as tmp:
-        src = os.path.join(tmp, "fq.c")
-        with open(src, "w", encoding="utf-8") as f:
-            f.write(_NATIVE_SRC)
-        err = ""
-        for flags in flag_sets:
-            out = os.path.join(tmp, "fq.so")
-            proc = subprocess.run([cc, *flags, *common, src, "-o", out, "-lm"], capture_output=True, text=True,
-                                  timeout=120)
-            if proc.returncode == 0:
-                os.chmod(out, 0o755)  # whatever the umask: only we may write it, so the cache is trusted later
-                os.replace(out, so)  # atomic: concurrent builders write the same bytes
-                return so
-            err = proc.stderr.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
-            err = err[0]
-        raise RuntimeError(f"C compiler failed: {err}")
-
-
-def _load_native():
-    path = _build_native()
-    lib = ctypes.CDLL(path)
-    P, I64, F, I, D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_double
-    lib.hwq_fq.argtypes = [P, P, P, I64, F, F, F, I, F, F, I]
-    lib.hwq_fq.restype = None
-    lib.hwq_fq_pc.argtypes = [P, P, P, I64, I64, P, P, F, F, I]
-    lib.hwq_fq_pc.restype = None
-    lib.hwq_mask_bwd.argtypes = [P, P, P, I64, I]
-    lib.hwq_mask_bwd.restype = None
-    lib.hwq_scale_bwd.argtypes = [P, P, P, P, I64, F, F, F, F, I, I]
-    lib.hwq_scale_bwd.restype = D
-    lib.hwq_stats.argtypes = [P, I64, P, I]
-    lib.hwq_stats.restype = None
-    lib.hwq_stats_hist.argtypes = [P, I64, P, P, I64, I]
-    lib.hwq_stats_hist.restype = None
-    lib.hwq_row_stats.argtypes = [P, I64, I64, P, P, I64, I]
-    lib.hwq_row_stats.restype = None
-    lib.hwq_gq_rows.argtypes = [P, P, I64, I64, P, P, F, I, I, I]
-    lib.hwq_gq_rows.restype = None
-    lib.hwq_gq.argtypes = [P, P, I64, F, F, F, I, I, ctypes.c_uint64, I]
-    lib.hwq_gq.restype = None
-    return lib, path
-
-
 def _native_self_test(lib) -> str | None:
     """Compare the kernel with the torch path on awkward values (ties, clipping, NaN, inf); ``None`` if equal."""
     g = torch.Generator().manual_seed(0)
@@ -599,52 +231,16 @@ def _native_self_test(lib) -> str | None:
     return None
 
 
-def _native():
-    """The loaded kernel library, or ``None`` (disabled, no compiler, build or self-test failure)."""
-    st = _NATIVE["state"]
-    if st == "ok":
-        return _NATIVE["lib"]
-    if st == "failed":
-        return None
-    with _NATIVE_LOCK:
-        if _NATIVE["state"] == "unloaded":
-            if os.environ.get("HWQUANT_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
-                _NATIVE.update(state="failed", reason="disabled by HWQUANT_NATIVE")
-            else:
-                try:
-                    lib, path = _load_native()
-                    bad = _native_self_test(lib)
-                    if bad:
-                        raise RuntimeError(bad)
-                    _NATIVE.update(lib=lib, state="ok", path=path, reason="")
-                except Exception as e:  # noqa: BLE001 - any failure means: use the torch path
-                    _NATIVE.update(state="failed", reason=f"{type(e).__name__}: {e}")
-                    warnings.warn(f"hwquant: fused fake-quant kernel unavailable, using torch ops ({e})",
-                                  RuntimeWarning, stacklevel=3)
-    return _NATIVE["lib"]
+def native_kernels():
+    """The loaded kernel library, self-tested against this module's torch path, or ``None`` (then the torch
+    path runs; see :func:`hwquant.numerics.native.library`)."""
+    return native.library(_native_self_test)
 
 
 def native_status() -> dict:
     """``{"available", "path", "reason"}`` of the fused C kernel (builds it on first call)."""
-    lib = _native()
-    return {"available": lib is not None, "path": _NATIVE["path"], "reason": _NATIVE["reason"]}
-
-
-def _dense(x: torch.Tensor) -> bool:
-    if x.is_contiguous():
-        return True
-    if x.dim() == 4:
-        return x.is_contiguous(memory_format=torch.channels_last)
-    if x.dim() == 5:
-        return x.is_contiguous(memory_format=torch.channels_last_3d)
-    return False
-
-
-def _compiling() -> bool:
-    try:
-        return torch.compiler.is_compiling()
-    except AttributeError:  # pragma: no cover - older torch
-        return False
+    lib = native_kernels()
+    return {"available": lib is not None, "path": native.STATE["path"], "reason": native.STATE["reason"]}
 
 
 def _outer_blocks(x: torch.Tensor, axis: int) -> bool:
@@ -659,9 +255,9 @@ def _use_native(x: torch.Tensor, axis, rounding: str) -> bool:
         and x.dtype == torch.float32
         and x.device.type == "cpu"
         and x.numel() > 0
-        and _dense(x)
-        and not _compiling()
-        and _native() is not None
+        and native.dense(x)
+        and not native.compiling()
+        and native_kernels() is not None
     )
 
 
@@ -670,19 +266,15 @@ def _grad_like(grad: torch.Tensor, m: torch.Tensor) -> bool:
     return grad.dtype == torch.float32 and grad.device.type == "cpu" and grad.stride() == m.stride()
 
 
-def _threads() -> int:
-    return max(1, torch.get_num_threads())
-
-
 def _native_fq_pc(x: torch.Tensor, s: torch.Tensor, qmin: int, qmax: int, want_mask: bool, lib=None):
     """Per-channel kernel forward (axis 0 outermost in memory, zero point 0): ``(y, mask state or None)``."""
-    lib = lib or _NATIVE["lib"]
+    lib = lib or native.STATE["lib"]
     s = s.reshape(-1).to(torch.float32).contiguous()
     r = torch.reciprocal(s)
     y = torch.empty_like(x)
     m = torch.empty_like(x, dtype=torch.uint8) if want_mask else None
     lib.hwq_fq_pc(x.data_ptr(), y.data_ptr(), 0 if m is None else m.data_ptr(), x.shape[0], x.numel() // x.shape[0],
-                  r.data_ptr(), s.data_ptr(), float(qmin), float(qmax), _threads())
+                  r.data_ptr(), s.data_ptr(), float(qmin), float(qmax), native.threads())
     return y, m
 
 
@@ -690,8 +282,8 @@ def _native_fq(x: torch.Tensor, sf: float, zf: float, qmin: int, qmax: int, want
     """Kernel forward: ``(y, mask state or None)``; ``sf`` / ``zf`` are the float32 scale and zero point."""
     y = torch.empty_like(x)
     m = torch.empty_like(x, dtype=torch.uint8) if want_mask else None
-    _NATIVE["lib"].hwq_fq(x.data_ptr(), y.data_ptr(), 0 if m is None else m.data_ptr(), x.numel(), 1.0 / sf, sf,
-                          zf, int(zf != 0.0), float(qmin), float(qmax), _threads())
+    native.STATE["lib"].hwq_fq(x.data_ptr(), y.data_ptr(), 0 if m is None else m.data_ptr(), x.numel(), 1.0 / sf, sf,
+                          zf, int(zf != 0.0), float(qmin), float(qmax), native.threads())
     return y, m
 
 
@@ -763,7 +355,7 @@ class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def _native_backward(ctx, grad):
         m, x = ctx.saved_tensors
-        lib = _NATIVE["lib"]
+        lib = native.STATE["lib"]
         want_x, want_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not _grad_like(grad, m):
             grad = grad.to(torch.float32).contiguous(memory_format=_format_of(m))
@@ -773,10 +365,10 @@ class _FakeQuantSTE(torch.autograd.Function):
             r, zf, lo, hi = ctx.consts
             acc = lib.hwq_scale_bwd(grad.data_ptr(), x.data_ptr(), m.data_ptr(),
                                     0 if grad_x is None else grad_x.data_ptr(), m.numel(), r, zf, lo, hi,
-                                    int(ctx.lsq), _threads())
+                                    int(ctx.lsq), native.threads())
             grad_s = torch.tensor(acc, dtype=torch.float32).reshape(ctx.scale_shape)
         elif want_x:
-            lib.hwq_mask_bwd(grad.data_ptr(), m.data_ptr(), grad_x.data_ptr(), m.numel(), _threads())
+            lib.hwq_mask_bwd(grad.data_ptr(), m.data_ptr(), grad_x.data_ptr(), m.numel(), native.threads())
         return grad_x, grad_s, None, None, None, None, None, None, None
 
 

@@ -1,0 +1,253 @@
+/* hwquant's fused CPU kernels (fake quantization, its backward, gradient statistics and quantization).
+ * Compiled at first use by hwquant.numerics.native (cc -O3 [-march=native] -fopenmp -std=c99) and called
+ * through ctypes; the torch path of hwquant.numerics is the oracle every entry point is tested against. */
+#include <stdint.h>
+#include <math.h>
+/* mask states: 0 clipped low, 1 in range (gradient passes), 2 clipped high.  NaN -> 0. */
+#define PAR _Pragma("omp parallel for simd schedule(static) num_threads(nt) if(n > 32768)")
+static inline float clampf(float v, float lo, float hi) { v = v < lo ? lo : v; return v > hi ? hi : v; }
+static inline uint8_t state(float v, float lo, float hi) { return v >= lo ? (v <= hi ? 1 : 2) : 0; }
+
+void hwq_fq(const float *restrict x, float *restrict y, uint8_t *restrict m, int64_t n, float r, float s,
+            float z, int has_z, float lo, float hi, int nt) {
+  if (m == 0 && !has_z) { PAR for (int64_t i = 0; i < n; i++) y[i] = clampf(rintf(x[i] * r), lo, hi) * s; }
+  else if (m == 0) { PAR for (int64_t i = 0; i < n; i++) y[i] = (clampf(rintf(x[i] * r) + z, lo, hi) - z) * s; }
+  else if (!has_z) {
+    PAR for (int64_t i = 0; i < n; i++) {
+      float v = rintf(x[i] * r); m[i] = state(v, lo, hi); y[i] = clampf(v, lo, hi) * s;
+    }
+  } else {
+    PAR for (int64_t i = 0; i < n; i++) {
+      float v = rintf(x[i] * r) + z; m[i] = state(v, lo, hi); y[i] = (clampf(v, lo, hi) - z) * s;
+    }
+  }
+}
+
+/* per channel along the outermost memory dimension: C blocks of `inner` elements, reciprocal r[c], step s[c] */
+void hwq_fq_pc(const float *restrict x, float *restrict y, uint8_t *restrict m, int64_t C, int64_t inner,
+               const float *restrict r, const float *restrict s, float lo, float hi, int nt) {
+  _Pragma("omp parallel for schedule(static) num_threads(nt) if(C * inner > 32768)")
+  for (int64_t c = 0; c < C; c++) {
+    const float rc = r[c], sc = s[c];
+    const float *restrict xc = x + c * inner;
+    float *restrict yc = y + c * inner;
+    if (m) {
+      uint8_t *restrict mc = m + c * inner;
+      for (int64_t i = 0; i < inner; i++) {
+        float v = rintf(xc[i] * rc); mc[i] = state(v, lo, hi); yc[i] = clampf(v, lo, hi) * sc;
+      }
+    } else {
+      for (int64_t i = 0; i < inner; i++) yc[i] = clampf(rintf(xc[i] * rc), lo, hi) * sc;
+    }
+  }
+}
+
+void hwq_mask_bwd(const float *restrict g, const uint8_t *restrict m, float *restrict gx, int64_t n, int nt) {
+  PAR for (int64_t i = 0; i < n; i++) gx[i] = m[i] == 1 ? g[i] : 0.0f;
+}
+
+/* Scale gradient: returns sum g * ds where ds = round(x r) - x r in range (only if lsq, else 0: PACT),
+   lo - z / hi - z when clipped low / high; writes the STE input gradient gx if given */
+double hwq_scale_bwd(const float *restrict g, const float *restrict x, const uint8_t *restrict m, float *restrict gx,
+                     int64_t n, float r, float z, float lo, float hi, int lsq, int nt) {
+  double acc = 0.0;
+  float glo = lo - z, ghi = hi - z;
+  _Pragma("omp parallel for simd schedule(static) num_threads(nt) if(n > 32768) reduction(+:acc)")
+  for (int64_t i = 0; i < n; i++) {
+    uint8_t mi = m[i];
+    float ds;
+    if (mi == 1) { float v = x[i] * r; ds = lsq ? rintf(v) - v : 0.0f; } else ds = mi == 2 ? ghi : glo;
+    acc += (double)(g[i] * ds);
+    if (gx) gx[i] = mi == 1 ? g[i] : 0.0f;
+  }
+  return acc;
+}
+
+/* ---- gradient quantization (hwquant.numerics.gradient) ---- */
+/* one pass: out[0] = sum x, out[1] = sum x^2 (double), out[2] = max |x| (NaN propagates to out[0]) */
+void hwq_stats(const float *restrict x, int64_t n, double *restrict out, int nt) {
+  double s = 0.0, ss = 0.0;
+  float mx = 0.0f;
+  _Pragma("omp parallel for simd schedule(static) num_threads(nt) if(n > 32768) reduction(+:s,ss) reduction(max:mx)")
+  for (int64_t i = 0; i < n; i++) {
+    float v = x[i];
+    double d = (double)v;
+    s += d; ss += d * d;
+    float a = fabsf(v);
+    mx = a > mx ? a : mx;
+  }
+  out[0] = s; out[1] = ss; out[2] = (double)mx;
+}
+
+/* the log-spaced bin of |x|: bits(|x|) >> 21, the float32 exponent and the top two mantissa bits (1024 bins, 4 per
+   octave); on the raw bits, so that NaN and inf land in the top bins (the statistics report them) */
+#define HBIN(u) (((u) & 0x7fffffffu) >> 21)
+
+/* The tail of the histogram: counts of the bins at or above a floor.  With need > 0 the floor rises while at
+   least `need` counted elements lie in the bins above it (a bin below the need-th largest element's cannot
+   change which bin holds that element), so the counts are exact from the need-th largest element's bin up and
+   0 below; a chunk whose largest |x| lies below the floor is skipped after one vectorised max.  need <= 0:
+   every bin (the full histogram). */
+typedef struct { int64_t h[1024]; int64_t tail; uint32_t floor; } tailhist;
+
+static void tail_init(tailhist *t) { for (int b = 0; b < 1024; b++) t->h[b] = 0; t->tail = 0; t->floor = 0; }
+
+#define TCHUNK 64
+static void tail_add(const float *restrict x, int64_t n, tailhist *restrict t, int64_t need) {
+  const uint32_t *restrict u = (const uint32_t *)x;
+  for (int64_t lo = 0; lo < n; lo += TCHUNK) {
+    int64_t len = n - lo < TCHUNK ? n - lo : TCHUNK;
+    uint32_t top = 0;
+    _Pragma("omp simd reduction(max:top)")
+    for (int64_t j = 0; j < len; j++) { uint32_t a = u[lo + j] & 0x7fffffffu; top = a > top ? a : top; }
+    if ((top >> 21) < t->floor) continue;
+    for (int64_t j = 0; j < len; j++) {
+      uint32_t b = HBIN(u[lo + j]);
+      if (b >= t->floor) { t->h[b]++; t->tail++; }
+    }
+    while (need > 0 && t->tail - t->h[t->floor] >= need) { t->tail -= t->h[t->floor]; t->h[t->floor] = 0; t->floor++; }
+  }
+}
+
+/* sum, sum of squares (double) and max|x| of x[0..n), vectorised */
+static inline void stats_block(const float *restrict x, int64_t n, double *s, double *ss, float *mx) {
+  double ls = 0.0, lss = 0.0;
+  float lmx = 0.0f;
+  _Pragma("omp simd reduction(+:ls,lss) reduction(max:lmx)")
+  for (int64_t j = 0; j < n; j++) {
+    float v = x[j];
+    double d = (double)v;
+    ls += d; lss += d * d;
+    float a = fabsf(v);
+    lmx = a > lmx ? a : lmx;
+  }
+  *s += ls; *ss += lss; *mx = lmx > *mx ? lmx : *mx;
+}
+
+#define HBLOCK 16384  /* elements per block: the histogram pass re-reads a block from L1/L2, not memory */
+
+/* hwq_stats and, in the same pass over memory, hist = the histogram tail of |x| (see tail_add; bins below the
+   largest per-thread floor are 0, the sum of the threads' exact counts above it) - the z-score clip search's
+   clipped-fraction counts; blocks of HBLOCK elements (statistics, then the histogram of the cached block) */
+void hwq_stats_hist(const float *restrict x, int64_t n, double *restrict out, int64_t *restrict hist, int64_t need,
+                    int nt) {
+  double s = 0.0, ss = 0.0;
+  float mx = 0.0f;
+  uint32_t floor = 0;
+  for (int b = 0; b < 1024; b++) hist[b] = 0;
+  int64_t nb = (n + HBLOCK - 1) / HBLOCK;
+  _Pragma("omp parallel num_threads(nt) if(n > 32768)")
+  {
+    tailhist t;
+    tail_init(&t);
+    double ls = 0.0, lss = 0.0;
+    float lmx = 0.0f;
+    _Pragma("omp for schedule(static) nowait")
+    for (int64_t k = 0; k < nb; k++) {
+      int64_t lo = k * HBLOCK, len = n - lo < HBLOCK ? n - lo : HBLOCK;
+      stats_block(x + lo, len, &ls, &lss, &lmx);
+      tail_add(x + lo, len, &t, need);
+    }
+    _Pragma("omp critical")
+    {
+      s += ls; ss += lss; mx = lmx > mx ? lmx : mx;
+      floor = t.floor > floor ? t.floor : floor;
+      for (int b = 0; b < 1024; b++) hist[b] += t.h[b];
+    }
+  }
+  for (uint32_t b = 0; b < floor; b++) hist[b] = 0;  /* exact only from the highest floor up */
+  out[0] = s; out[1] = ss; out[2] = (double)mx;
+}
+
+/* per row (sample) r of x[rows][len]: out[3r..3r+2] = sum, sum of squares, max|x| of the row and, when hist is
+   given, hist[1024 r + bin] = the row's histogram tail (need as in tail_add); rows in parallel */
+void hwq_row_stats(const float *restrict x, int64_t rows, int64_t len, double *restrict out, int64_t *restrict hist,
+                   int64_t need, int nt) {
+  _Pragma("omp parallel for schedule(static) num_threads(nt) if(rows * len > 32768)")
+  for (int64_t r = 0; r < rows; r++) {
+    const float *restrict xr = x + r * len;
+    double s = 0.0, ss = 0.0;
+    float mx = 0.0f;
+    tailhist t;
+    if (hist) tail_init(&t);
+    for (int64_t lo = 0; lo < len; lo += HBLOCK) {
+      int64_t n = len - lo < HBLOCK ? len - lo : HBLOCK;
+      stats_block(xr + lo, n, &s, &ss, &mx);
+      if (hist) tail_add(xr + lo, n, &t, need);
+    }
+    if (hist) for (int b = 0; b < 1024; b++) hist[1024 * r + b] = t.h[b];
+    out[3 * r] = s; out[3 * r + 1] = ss; out[3 * r + 2] = (double)mx;
+  }
+}
+
+/* per row of x[rows][len]: codes q = clamp(R(x * r[row]), -qm, qm), R: 0 toward zero, 1 nearest even; kind 0: int8
+   codes, 1: int16 codes, 2: float q * s[row] (what hwq_gq does for one row) */
+#define GQR_LOOP(STORE) \
+  if (mode == 0) { _Pragma("omp simd") for (int64_t j = 0; j < len; j++) { STORE(T0(clampf(xr[j] * m, -qm, qm))); } } \
+  else { _Pragma("omp simd") for (int64_t j = 0; j < len; j++) { STORE(clampf(rintf(xr[j] * m), -qm, qm)); } }
+
+void hwq_gq_rows(const float *restrict x, void *restrict out, int64_t rows, int64_t len, const float *restrict rr,
+                 const float *restrict sr, float qm, int mode, int kind, int nt) {
+  _Pragma("omp parallel for schedule(static) num_threads(nt) if(rows * len > 32768)")
+  for (int64_t r = 0; r < rows; r++) {
+    const float *restrict xr = x + r * len;
+    float m = rr[r], s = sr[r];
+#define T0(v) (v)
+    if (kind == 0) {
+      int8_t *restrict q = (int8_t *)out + r * len;
+#define SR8(v) q[j] = (int8_t)(int32_t)(v)
+      GQR_LOOP(SR8)
+    } else if (kind == 1) {
+      int16_t *restrict q = (int16_t *)out + r * len;
+#define SR16(v) q[j] = (int16_t)(int32_t)(v)
+      GQR_LOOP(SR16)
+    } else {
+      float *restrict yr = (float *)out + r * len;
+#undef T0
+#define T0(v) truncf(v)
+#define SRF(v) yr[j] = (v) * s
+      GQR_LOOP(SRF)
+    }
+#undef T0
+  }
+}
+
+/* counter-based uniform in [0, 1): splitmix64 of (seed, index), 24 bits; independent of thread count */
+static inline float u01(uint64_t seed, uint64_t i) {
+  uint64_t z = seed + (i + 1) * 0x9E3779B97F4A7C15ULL;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  z ^= z >> 31;
+  return (float)(z >> 40) * 0x1p-24f;
+}
+
+/* codes q = clamp(R(x * r), -qm, qm); R: 0 toward zero, 1 nearest even, 2 floor(v + u), 3 floor.
+   kind 0: int8 codes, 1: int16 codes, 2: float x_hat = q * s.  Toward zero is the float -> int conversion
+   itself (C truncates), so the integer kinds need no rounding instruction at all (T0 = identity). */
+#define GQ_LOOP(STORE) \
+  if (mode == 0) { PAR for (int64_t i = 0; i < n; i++) { STORE(T0(clampf(x[i] * r, -qm, qm))); } } \
+  else if (mode == 1) { PAR for (int64_t i = 0; i < n; i++) { STORE(clampf(rintf(x[i] * r), -qm, qm)); } } \
+  else if (mode == 2) { PAR for (int64_t i = 0; i < n; i++) { \
+      STORE(clampf(floorf(x[i] * r + u01(seed, (uint64_t)i)), -qm, qm)); } } \
+  else { PAR for (int64_t i = 0; i < n; i++) { STORE(clampf(floorf(x[i] * r), -qm, qm)); } }
+
+void hwq_gq(const float *restrict x, void *restrict out, int64_t n, float r, float s, float qm, int mode, int kind,
+            uint64_t seed, int nt) {
+#define T0(v) (v)
+  if (kind == 0) {
+    int8_t *restrict q = (int8_t *)out;
+#define ST8(v) q[i] = (int8_t)(int32_t)(v)
+    GQ_LOOP(ST8)
+  } else if (kind == 1) {
+    int16_t *restrict q = (int16_t *)out;
+#define ST16(v) q[i] = (int16_t)(int32_t)(v)
+    GQ_LOOP(ST16)
+  } else {
+    float *restrict y = (float *)out;
+#undef T0
+#define T0(v) truncf(v)
+#define STF(v) y[i] = (v) * s
+    GQ_LOOP(STF)
+  }
+}
+
