@@ -322,3 +322,31 @@ def test_cqat_window_is_not_the_mse_step(digits_small_cnn):
             assert ratio == 2.0 ** int(a.input_quant.window_shift)
             differ += not torch.allclose(a.input_quant.scale, b.input_quant.scale)
     assert differ > 0
+
+
+@pytest.mark.parametrize("config", [hq.CQATConfig(w_bits=5, a_bits=4), hq.LSQConfig(w_bits=4, a_bits=4)],
+                         ids=["cqat", "lsq"])
+def test_torch_compile_of_a_qat_model_runs_the_registered_operators_without_a_graph_break(digits_small_cnn,
+                                                                                            config):
+    """torch.compile traces the fused fake quantization as the hwquant:: operators (one graph, no break), and
+    the compiled training step gives the eager step's outputs and gradients."""
+    model, loaders = digits_small_cnn
+    qmodel = hq.prepare_qat(model, config, loaders.calib)
+    qmodel.train()
+    x, y = next(iter(loaders.train))
+    ops = []
+
+    def backend(gm, example_inputs):  # records the graph's nodes, runs it as traced
+        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    compiled = torch.compile(qmodel, backend=backend, fullgraph=True)  # fullgraph: a break raises
+    eager = copy.deepcopy(qmodel)
+    out_c = compiled(x)
+    F.cross_entropy(out_c, y).backward()
+    out_e = eager(x)
+    F.cross_entropy(out_e, y).backward()
+    assert any("hwquant.fake_quant" in t for t in ops), sorted(set(ops))[:20]
+    assert torch.equal(out_c, out_e)
+    for (n, p), (_, q) in zip(qmodel.named_parameters(), eager.named_parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=n)

@@ -256,7 +256,9 @@ class FakeQuantizer(nn.Module):
             return self._trained_forward(x)
         if mode != "static":
             self._tracked_scale(x)
-        if self._checked is not self.scale:  # validate a newly installed scale once, not every forward
+        # validate a newly installed scale once, not every forward (eagerly: a compiled graph runs after an eager
+        # forward or a load has checked it, and a data-dependent check would break the graph)
+        if self._checked is not self.scale and not torch.compiler.is_compiling():
             check_scale(self.scale)
             self._checked = self.scale
         signed = bool(self.signed)

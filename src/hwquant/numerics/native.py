@@ -183,7 +183,8 @@ def dense(x: torch.Tensor) -> bool:
 
 
 def compiling() -> bool:
-    """Whether ``torch.compile`` is tracing (the ctypes kernels are opaque to it: the torch path runs)."""
+    """Whether ``torch.compile`` / ``torch.export`` is tracing: ctypes calls are opaque to it, so traced code
+    reaches the kernels through the registered ``hwquant::`` operators (see :mod:`hwquant.numerics.uniform`)."""
     try:
         return torch.compiler.is_compiling()
     except AttributeError:  # pragma: no cover - older torch

@@ -42,8 +42,11 @@ kernel (``csrc/hwq_kernels.c``, compiled at first use and cached only where no o
 pass over the gradient and the mask.  It computes the same float32 operations as the torch code (``x * r``,
 round half to even, clamp, ``* s``), and a self-test against the torch path runs before it is used; when no
 compiler is found, the build or the self-test fails, or ``HWQUANT_NATIVE=0`` is set, everything runs on the
-torch path (see :func:`native_status`).  Per-channel scales, other roundings or dtypes, accelerators and
-``torch.compile`` tracing always use the torch path.
+torch path (see :func:`native_status`).  Other roundings or dtypes, per-channel scales along an inner axis and
+accelerators use the torch path.  Under ``torch.compile`` / ``torch.export`` the same computation is the
+registered operators ``hwquant::fake_quant``, ``hwquant::fake_quant_per_channel`` and their backwards (a fake
+implementation gives the graph their shapes; no graph break); eager code calls the kernels directly, which
+costs less per call than the operator dispatch.
 """
 
 from __future__ import annotations
@@ -287,6 +290,132 @@ def _native_fq(x: torch.Tensor, sf: float, zf: float, qmin: int, qmax: int, want
     return y, m
 
 
+# ---------------------------------------------------------------------------- torch.library operators
+# The fused fake quantization as PyTorch operators, so that ``torch.compile`` / ``torch.export`` see one opaque
+# node with a shape function (the fake implementation) instead of a ctypes call they cannot trace.  Each runs
+# the C kernel when it is available and the torch path otherwise, with the same results (tested); eager code
+# calls the kernels through :class:`_FakeQuantSTE` directly, which costs less per call than the operator
+# dispatch.  Masks are ``uint8`` (1: the code is in range), the kernel's mask state.
+@torch.library.custom_op("hwquant::fake_quant", mutates_args=())
+def _fq_op(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, qmin: int, qmax: int,
+           lsq: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor fake quantization, round half to even: ``(y, mask)``.  ``lsq`` only shapes the backward."""
+    if native_kernels() is not None and native.dense(x):
+        return _native_fq(x, float(s), 0.0 if z is None else float(z), qmin, qmax, want_mask=True)
+    t, mask = _codes_float(x, s, z, qmin, qmax, "nearest", None, want_mask=True)
+    if z is not None:
+        t.sub_(z)
+    return t.mul_(s), mask.view(torch.uint8)
+
+
+@_fq_op.register_fake
+def _(x, s, z, qmin, qmax, lsq):
+    return torch.empty_like(x), torch.empty_like(x, dtype=torch.uint8)
+
+
+@torch.library.custom_op("hwquant::fake_quant_per_channel", mutates_args=())
+def _fq_pc_op(x: torch.Tensor, s: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel fake quantization along axis 0 (outermost in memory), zero point 0: ``(y, mask)``."""
+    if native_kernels() is not None and native.dense(x):
+        return _native_fq_pc(x, s, qmin, qmax, want_mask=True)
+    sv = s.reshape([-1] + [1] * (x.dim() - 1))
+    t, mask = _codes_float(x, sv, None, qmin, qmax, "nearest", None, want_mask=True)
+    return t.mul_(sv), mask.view(torch.uint8)
+
+
+@_fq_pc_op.register_fake
+def _(x, s, qmin, qmax):
+    return torch.empty_like(x), torch.empty_like(x, dtype=torch.uint8)
+
+
+@torch.library.custom_op("hwquant::fake_quant_backward", mutates_args=())
+def _fq_bwd_op(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The straight-through gradient: ``grad`` where the code is in range, 0 elsewhere (``mask``'s layout)."""
+    lib = native_kernels()
+    if lib is not None and mask.device.type == "cpu" and native.dense(mask):
+        if not _grad_like(grad, mask):
+            grad = grad.to(torch.float32).contiguous(memory_format=_format_of(mask))
+        out = torch.empty_like(grad)
+        lib.hwq_mask_bwd(grad.data_ptr(), mask.data_ptr(), out.data_ptr(), mask.numel(), native.threads())
+        return out
+    out = torch.empty_like(mask, dtype=torch.float32)
+    return torch.mul(grad, mask, out=out)
+
+
+@_fq_bwd_op.register_fake
+def _(grad, mask):
+    return torch.empty_like(mask, dtype=torch.float32)
+
+
+@torch.library.custom_op("hwquant::fake_quant_scale_backward", mutates_args=())
+def _fq_scale_bwd_op(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, s: torch.Tensor,
+                     z: torch.Tensor | None, qmin: int, qmax: int, lsq: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_x, grad_s)`` of per-tensor fake quantization with a learned scale: the STE gradient and the LSQ
+    gradient of ``s`` (``lsq=False``: its clip part only, PACT's)."""
+    lib = native_kernels()
+    if lib is not None and native.dense(mask):
+        if not _grad_like(grad, mask):
+            grad = grad.to(torch.float32).contiguous(memory_format=_format_of(mask))
+        grad_x = torch.empty_like(grad)
+        zf = 0.0 if z is None else float(z)
+        acc = lib.hwq_scale_bwd(grad.data_ptr(), x.data_ptr(), mask.data_ptr(), grad_x.data_ptr(), mask.numel(),
+                                1.0 / float(s), zf, float(qmin), float(qmax), int(lsq), native.threads())
+        return grad_x, torch.tensor(acc, dtype=torch.float32).reshape(s.shape)
+    t, m = _codes_float(x, s, z, qmin, qmax, "nearest", None, want_mask=True)
+    if z is not None:
+        t.sub_(z)
+    g_s = t - x * torch.reciprocal(s) if lsq else torch.zeros((), dtype=t.dtype)
+    g_s = torch.where(m, g_s, t)
+    grad_x = torch.empty_like(mask, dtype=torch.float32)
+    torch.mul(grad, m, out=grad_x)
+    return grad_x, (grad * g_s).sum().reshape(s.shape).to(torch.float32)
+
+
+@_fq_scale_bwd_op.register_fake
+def _(grad, x, mask, s, z, qmin, qmax, lsq):
+    return torch.empty_like(mask, dtype=torch.float32), torch.empty_like(s, dtype=torch.float32)
+
+
+def _fq_setup(ctx, inputs, output) -> None:
+    x, s, z, qmin, qmax, lsq = inputs
+    ctx.consts = (qmin, qmax, lsq)
+    ctx.save_for_backward(output[1], x if ctx.needs_input_grad[1] else None, s, z)
+
+
+def _fq_backward(ctx, grad, _grad_mask):
+    mask, x, s, z = ctx.saved_tensors
+    qmin, qmax, lsq = ctx.consts
+    if ctx.needs_input_grad[1]:
+        gx, gs = torch.ops.hwquant.fake_quant_scale_backward(grad, x, mask, s, z, qmin, qmax, lsq)
+        return (gx if ctx.needs_input_grad[0] else None), gs, None, None, None, None
+    gx = torch.ops.hwquant.fake_quant_backward(grad, mask) if ctx.needs_input_grad[0] else None
+    return gx, None, None, None, None, None
+
+
+def _fq_pc_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(output[1])
+
+
+def _fq_pc_backward(ctx, grad, _grad_mask):
+    (mask,) = ctx.saved_tensors
+    gx = torch.ops.hwquant.fake_quant_backward(grad, mask) if ctx.needs_input_grad[0] else None
+    return gx, None, None, None
+
+
+_fq_op.register_autograd(_fq_backward, setup_context=_fq_setup)
+_fq_pc_op.register_autograd(_fq_pc_backward, setup_context=_fq_pc_setup)
+
+
+def _op_covers(x: torch.Tensor, axis, rounding: str, z, scale_grad: bool) -> bool:
+    """The cases the operators cover, from static properties only (so ``torch.compile`` traces one path):
+    round to nearest, float32 on the CPU, a dense layout, per tensor, or per channel along the outermost
+    memory axis with zero point 0 and no scale gradient."""
+    if not (rounding == "nearest" and x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() > 0
+            and native.dense(x)):
+        return False
+    return axis is None or (_outer_blocks(x, axis) and z is None and not scale_grad)
+
+
 def shape_param(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
     """A trusted scale / zero point (0-d, or 1-d along ``axis``) viewed to broadcast against ``x``."""
     if axis is None:
@@ -408,6 +537,11 @@ def fake_quantize_trusted(
         if z is not None:
             t.sub_(z)
         return t.mul_(s)
+    if native.compiling() and _op_covers(x, axis, rounding, z, s.requires_grad):
+        # traced by torch.compile / torch.export: the registered operators (one node each, no graph break)
+        if axis is None:
+            return torch.ops.hwquant.fake_quant(x, s, z, qmin, qmax, lsq)[0]
+        return torch.ops.hwquant.fake_quant_per_channel(x, s, qmin, qmax)[0]
     return _FakeQuantSTE.apply(x, s, z, qmin, qmax, rounding, generator, axis, lsq)
 
 
