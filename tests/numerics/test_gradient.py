@@ -293,3 +293,56 @@ def test_per_sample_codes_equal_each_row_quantized_alone(bits, native, monkeypat
     assert torch.equal(y, codes.float() * s.view(-1, 1, 1, 1))
     with pytest.raises(ConfigError, match="out must be"):
         G.quantize_gradient_rows(g, bits, out=torch.empty(3, dtype=codes.dtype))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_stochastic_rounding_is_the_same_bits_on_the_kernel_and_the_torch_path(layout, monkeypatch):
+    """Same generator state, same codes: the torch path draws the kernel's counter-based uniforms (element i of
+    g's memory gets u_i), so whether a C compiler exists does not change a stochastic-rounding result."""
+    from hwquant.numerics import gradient as G
+    from hwquant.numerics.uniform import native_status
+
+    if not native_status()["available"]:
+        pytest.skip("no C compiler")
+    g = torch.randn(8, 6, 5, 5, generator=torch.Generator().manual_seed(9)) * 1e-3
+    if layout == "channels_last":
+        g = g.contiguous(memory_format=torch.channels_last)
+    runs = {}
+    for path in ("kernel", "torch"):
+        if path == "torch":
+            monkeypatch.setattr(G, "native_kernels", lambda: None)
+        runs[path] = G.quantize_gradient(g, 6, "stochastic", "max", generator=torch.Generator().manual_seed(4))
+    (ck, sk), (ct, st) = runs["kernel"], runs["torch"]
+    assert torch.equal(ck, ct) and float(sk) == float(st)
+    assert ck.stride() == g.stride()
+    # the uniforms by hand for two elements: splitmix64 of the seed the generator gives, at memory positions 0, 7
+    seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(4)))
+    mask = (1 << 64) - 1
+
+    def u01(i):
+        z = (seed + (i + 1) * 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return ((z ^ (z >> 31)) >> 40) * 2.0**-24
+
+    u = G.counter_uniforms(seed, 8)
+    assert [float(u[i]) for i in (0, 7)] == [u01(0), u01(7)]
+
+
+def test_statistics_do_not_depend_on_the_thread_count():
+    """The kernel sums fixed blocks and adds the block sums in order: the same bits with 1, 2 or 3 threads."""
+    from hwquant.numerics import gradient as G
+    from hwquant.numerics.uniform import native_status
+
+    if not native_status()["available"]:
+        pytest.skip("no C compiler")
+    g = torch.randn(1_000_003, generator=torch.Generator().manual_seed(2)) * 3 + 0.1
+    before = torch.get_num_threads()
+    try:
+        got = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            got.append((G.gradient_stats(g), G.gradient_hist(g, 50)[:3]))
+    finally:
+        torch.set_num_threads(before)
+    assert got[0] == got[1] == got[2]

@@ -36,12 +36,15 @@ Clip policies:
 
 Roundings: ``zero`` (toward zero, truncation: what an int cast does; no random numbers, no tie logic),
 ``nearest`` (half to even), ``stochastic`` (``floor(v + u)``, ``u ~ U[0, 1)``, unbiased).  Stochastic
-rounding draws from a ``torch.Generator`` on the torch path; the fused kernel uses a counter-based generator
-(splitmix64 of seed and element index, 24-bit uniforms) seeded from the generator, so results do not depend
-on the thread count.
+rounding takes one 62-bit seed from the ``torch.Generator`` per call and draws ``u`` from a counter-based
+generator (:func:`counter_uniforms`: splitmix64 of the seed and the element's position in memory, 24-bit
+uniforms) on both paths, so the fused kernel and the torch path give the same codes bit for bit, whatever the
+thread count (tested).
 
 **Speed.**  :func:`quantize_gradient` makes two passes over memory on CPU float32: one for the statistics
-(sum, sum of squares, max: one OpenMP reduction in the fused C kernel of :mod:`hwquant.numerics.uniform`), one
+(sum, sum of squares, max in the fused C kernel of :mod:`hwquant.numerics.native`: per block of 16384
+elements, the block sums then added in block order, so the result does not depend on the thread count; the
+torch path sums in another order and may differ in the last bits of the clip), one
 that reads ``g`` and writes 1-byte codes (or the dequantized float gradient, :func:`fake_quantize_gradient`).
 The torch path (other dtypes / devices, ``HWQUANT_NATIVE=0``) computes the same codes.
 """
@@ -220,12 +223,47 @@ def _bin32(v: float) -> int:
         return 0x7F800000 >> 21
 
 
-def _codes_torch(g: torch.Tensor, r: float | torch.Tensor, q: int, rounding: str, generator) -> torch.Tensor:
-    """Codes ``clamp(R(g * r), -q, q)`` as float32 (``r``: a float, or float32 multipliers broadcast to ``g``)."""
+_SPLITMIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+_CHUNK = 1 << 20
+
+
+def _i64(c: int) -> int:
+    """The int64 with the bits of the uint64 ``c`` (torch's int64 arithmetic wraps modulo 2^64 like uint64)."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _lsr(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (``>>`` on int64 is arithmetic)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def counter_uniforms(seed: int, n: int) -> torch.Tensor:
+    """``u_i = (splitmix64(seed + (i + 1) * 0x9E3779B97F4A7C15) >> 40) * 2^-24`` for ``i = 0 .. n-1``, float32 in
+    ``[0, 1)``: the fused kernel's stochastic-rounding uniforms (``u01`` in ``csrc/hwq_kernels.c``), here in
+    int64 torch ops in chunks of 2^20.  ``seed``: ``0 <= seed < 2^62``."""
+    g, c1, c2 = (_i64(c) for c in _SPLITMIX)
+    out = torch.empty(n, dtype=torch.float32)
+    for lo in range(0, n, _CHUNK):
+        z = torch.arange(lo + 1, min(n, lo + _CHUNK) + 1, dtype=torch.int64).mul_(g).add_(seed)
+        z = (z ^ _lsr(z, 30)).mul_(c1)
+        z = (z ^ _lsr(z, 27)).mul_(c2)
+        z ^= _lsr(z, 31)
+        out[lo:lo + z.numel()] = _lsr(z, 40).to(torch.float32).mul_(2.0**-24)
+    return out
+
+
+def _codes_torch(g: torch.Tensor, r: float | torch.Tensor, q: int, rounding: str, seed: int = 0) -> torch.Tensor:
+    """Codes ``clamp(R(g * r), -q, q)`` as float32 (``r``: a float, or float32 multipliers broadcast to ``g``);
+    ``stochastic``: ``floor(g * r + u)`` with :func:`counter_uniforms` of ``seed`` in ``g``'s memory order."""
     t = g.detach().float() * (r if isinstance(r, torch.Tensor) else torch.tensor(r, dtype=torch.float32))
     if rounding == "zero":
         return t.clamp_(-q, q).trunc_()
-    return round_(t, rounding, generator).clamp_(-q, q)
+    if rounding == "stochastic":
+        u = counter_uniforms(seed, t.numel()).to(t.device)
+        # element i of g's memory is element i of u, as the kernel reads them (any dense layout)
+        u = torch.as_strided(u, t.shape, t.stride()) if native.dense(t) else u.view(t.shape)
+        return t.add_(u).floor_().clamp_(-q, q)
+    return round_(t, rounding, None).clamp_(-q, q)
 
 
 def _dsgc_clip(g: torch.Tensor, bits: int, mx: float, rounding: str) -> float:
@@ -307,14 +345,14 @@ def _quantize(g, bits, rounding, clip, k, generator, kind, c=None, out=None, fra
     sf = float(s)
     want, code = _output_kind(g, bits, kind, out)
     lib = native_kernels() if _fast(g) else None
+    seed = _seed_from(generator) if rounding == "stochastic" else 0  # one draw on either path
     if lib is not None:
-        seed = _seed_from(generator) if rounding == "stochastic" else 0
         if out is None:
             out = torch.empty_like(g, dtype=want)  # same memory layout: the kernel maps element i to i
         lib.hwq_gq(g.data_ptr(), out.data_ptr(), g.numel(), r, sf, float(q), _MODE[rounding], code, seed,
                    native.threads())
         return out, s
-    t = _codes_torch(g, r, q, rounding, generator)
+    t = _codes_torch(g, r, q, rounding, seed)
     t = t.mul_(sf).to(want) if kind == "float" else t.to(want)
     if out is not None:
         return out.copy_(t), s
@@ -414,7 +452,8 @@ def _quantize_rows(g, bits, rounding, clip, k, generator, kind, out=None, fracti
                         float(q), _MODE[rounding], code, native.threads())
         return y, c, s
     shape = (-1,) + (1,) * (g.dim() - 1)
-    t = _codes_torch(g, r.view(shape), q, rounding, generator)
+    seed = _seed_from(generator) if rounding == "stochastic" else 0
+    t = _codes_torch(g, r.view(shape), q, rounding, seed)
     t = t.mul_(s.view(shape)).to(g.dtype) if kind == "float" else t.to(want)
     if out is not None:
         return out.copy_(t), c, s

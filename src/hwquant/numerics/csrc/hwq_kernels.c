@@ -2,6 +2,7 @@
  * Compiled at first use by hwquant.numerics.native (cc -O3 [-march=native] -fopenmp -std=c99) and called
  * through ctypes; the torch path of hwquant.numerics is the oracle every entry point is tested against. */
 #include <stdint.h>
+#include <stdlib.h>
 #include <math.h>
 /* mask states: 0 clipped low, 1 in range (gradient passes), 2 clipped high.  NaN -> 0. */
 #define PAR _Pragma("omp parallel for simd schedule(static) num_threads(nt) if(n > 32768)")
@@ -65,20 +66,6 @@ double hwq_scale_bwd(const float *restrict g, const float *restrict x, const uin
 
 /* ---- gradient quantization (hwquant.numerics.gradient) ---- */
 /* one pass: out[0] = sum x, out[1] = sum x^2 (double), out[2] = max |x| (NaN propagates to out[0]) */
-void hwq_stats(const float *restrict x, int64_t n, double *restrict out, int nt) {
-  double s = 0.0, ss = 0.0;
-  float mx = 0.0f;
-  _Pragma("omp parallel for simd schedule(static) num_threads(nt) if(n > 32768) reduction(+:s,ss) reduction(max:mx)")
-  for (int64_t i = 0; i < n; i++) {
-    float v = x[i];
-    double d = (double)v;
-    s += d; ss += d * d;
-    float a = fabsf(v);
-    mx = a > mx ? a : mx;
-  }
-  out[0] = s; out[1] = ss; out[2] = (double)mx;
-}
-
 /* the log-spaced bin of |x|: bits(|x|) >> 21, the float32 exponent and the top two mantissa bits (1024 bins, 4 per
    octave); on the raw bits, so that NaN and inf land in the top bins (the statistics report them) */
 #define HBIN(u) (((u) & 0x7fffffffu) >> 21)
@@ -126,37 +113,74 @@ static inline void stats_block(const float *restrict x, int64_t n, double *s, do
 
 #define HBLOCK 16384  /* elements per block: the histogram pass re-reads a block from L1/L2, not memory */
 
+/* sum, sum of squares and max|x| of x[0..n) into out[0..2]: each HBLOCK block summed on its own (by whichever
+   thread), then the block sums added in block order, so the result does not depend on the thread count */
+static void block_sums(const float *restrict x, int64_t n, int64_t k, double *restrict part, float *restrict mx) {
+  int64_t lo = k * HBLOCK, len = n - lo < HBLOCK ? n - lo : HBLOCK;
+  double ls = 0.0, lss = 0.0;
+  stats_block(x + lo, len, &ls, &lss, mx);
+  part[2 * k] = ls; part[2 * k + 1] = lss;
+}
+
+static void add_blocks(const double *restrict part, int64_t nb, double *restrict out) {
+  double s = 0.0, ss = 0.0;
+  for (int64_t k = 0; k < nb; k++) { s += part[2 * k]; ss += part[2 * k + 1]; }
+  out[0] = s; out[1] = ss;
+}
+
+void hwq_stats(const float *restrict x, int64_t n, double *restrict out, int nt) {
+  int64_t nb = (n + HBLOCK - 1) / HBLOCK;
+  double one[2];
+  double *part = nb > 1 ? (double *)malloc((size_t)nb * 2 * sizeof(double)) : one;
+  float mx = 0.0f;
+  if (!part) { out[0] = out[1] = out[2] = NAN; return; }
+  _Pragma("omp parallel num_threads(nt) if(n > 32768)")
+  {
+    float lmx = 0.0f;
+    _Pragma("omp for schedule(static) nowait")
+    for (int64_t k = 0; k < nb; k++) block_sums(x, n, k, part, &lmx);
+    _Pragma("omp critical")
+    { mx = lmx > mx ? lmx : mx; }
+  }
+  add_blocks(part, nb, out);
+  out[2] = (double)mx;
+  if (part != one) free(part);
+}
+
 /* hwq_stats and, in the same pass over memory, hist = the histogram tail of |x| (see tail_add; bins below the
    largest per-thread floor are 0, the sum of the threads' exact counts above it) - the z-score clip search's
    clipped-fraction counts; blocks of HBLOCK elements (statistics, then the histogram of the cached block) */
 void hwq_stats_hist(const float *restrict x, int64_t n, double *restrict out, int64_t *restrict hist, int64_t need,
                     int nt) {
-  double s = 0.0, ss = 0.0;
   float mx = 0.0f;
   uint32_t floor = 0;
   for (int b = 0; b < 1024; b++) hist[b] = 0;
   int64_t nb = (n + HBLOCK - 1) / HBLOCK;
+  double one[2];
+  double *part = nb > 1 ? (double *)malloc((size_t)nb * 2 * sizeof(double)) : one;
+  if (!part) { out[0] = out[1] = out[2] = NAN; return; }
   _Pragma("omp parallel num_threads(nt) if(n > 32768)")
   {
     tailhist t;
     tail_init(&t);
-    double ls = 0.0, lss = 0.0;
     float lmx = 0.0f;
     _Pragma("omp for schedule(static) nowait")
     for (int64_t k = 0; k < nb; k++) {
       int64_t lo = k * HBLOCK, len = n - lo < HBLOCK ? n - lo : HBLOCK;
-      stats_block(x + lo, len, &ls, &lss, &lmx);
+      block_sums(x, n, k, part, &lmx);
       tail_add(x + lo, len, &t, need);
     }
     _Pragma("omp critical")
     {
-      s += ls; ss += lss; mx = lmx > mx ? lmx : mx;
+      mx = lmx > mx ? lmx : mx;
       floor = t.floor > floor ? t.floor : floor;
       for (int b = 0; b < 1024; b++) hist[b] += t.h[b];
     }
   }
   for (uint32_t b = 0; b < floor; b++) hist[b] = 0;  /* exact only from the highest floor up */
-  out[0] = s; out[1] = ss; out[2] = (double)mx;
+  add_blocks(part, nb, out);
+  out[2] = (double)mx;
+  if (part != one) free(part);
 }
 
 /* per row (sample) r of x[rows][len]: out[3r..3r+2] = sum, sum of squares, max|x| of the row and, when hist is
