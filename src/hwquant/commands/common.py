@@ -16,13 +16,14 @@ from .. import config as cfgmod
 from ..data import DATASET_NAMES, make_loaders, parse_image_size
 from ..device import DEVICES, supports_channels_last
 from ..errors import ConfigError
+from ..fileio import atomic_write_text
 from ..methods import ARCConfig, prepare_arc
 from ..models import list_models
 from ..models.registry import build_model
 from ..models.user import check_user_spec, is_user_spec
 from ..numerics.gradient import GRAD_CLIPS
 from ..saved import rebuild
-from ..train import atomic_write_text, evaluate, load_checkpoint
+from ..train import evaluate, load_checkpoint
 from ..train.distributed import current
 
 DATASETS = DATASET_NAMES

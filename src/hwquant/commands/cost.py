@@ -8,8 +8,8 @@ from typing import Any
 
 from ..device import DEVICES, resolve_device
 from ..errors import ConfigError
+from ..fileio import atomic_write_text
 from ..models import create_model_from_args
-from ..train import atomic_write_text
 from .common import (
     DEVICE_HELP,
     check_device,

@@ -11,7 +11,8 @@ import torch
 
 from ..device import DEVICES, resolve_device
 from ..errors import CheckpointError, ConfigError
-from ..train import atomic_write_text, save_checkpoint
+from ..fileio import atomic_write_text
+from ..train import save_checkpoint
 from .common import (
     DEVICE_HELP,
     check_choice,
