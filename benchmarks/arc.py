@@ -70,6 +70,8 @@ def _contenders(g, buf, codes, gen) -> dict[str, Any]:
         "hwquant rtz+search": lambda: quantize_gradient(g, clip="search", out=codes),
         "hwquant rtz+search per sample (128 rows)": lambda: quantize_gradient_rows(
             g.view(128, -1), clip="search", out=codes.view(128, -1)),
+        "hwquant nearest+search per sample (128 rows, the default)": lambda: quantize_gradient_rows(
+            g.view(128, -1), rounding="nearest", clip="search", out=codes.view(128, -1)),
         "hwquant rtz+zscore (fresh output)": lambda: quantize_gradient(g),
         "copy (fresh output)": lambda: torch.empty_like(g).copy_(g),
         "hwquant rtz+search per sample (fresh float output)": lambda: fake_quantize_gradient_rows(
@@ -106,9 +108,11 @@ def train_step(quick: bool) -> dict[str, Any]:
     arc = copy.deepcopy(fp32)
     prepare_arc(arc, ARCConfig(bits=8))
     literal = copy.deepcopy(fp32)
-    prepare_arc(literal, ARCConfig(bits=8, clip="zscore", k=3.0, error_scale="tensor"))
-    models = {"fp32": fp32, "arc g8 default (rtz, search, per sample)": arc,
-              "arc g8 rtz+zscore k=3 per tensor": literal}
+    prepare_arc(literal, ARCConfig(bits=8, rounding="zero", clip="zscore", k=3.0, error_scale="tensor"))
+    rtz = copy.deepcopy(fp32)
+    prepare_arc(rtz, ARCConfig(bits=8, rounding="zero"))
+    models = {"fp32": fp32, "arc g8 default (nearest, search, per sample)": arc,
+              "arc g8 rtz, search, per sample": rtz, "arc g8 rtz+zscore k=3 per tensor": literal}
     opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
 
     def step(name):
@@ -125,7 +129,8 @@ def train_step(quick: bool) -> dict[str, Any]:
 
 
 # the gradient variants of the accuracy table (train/qat options): the baselines quantize per tensor, as in
-# the literature; only "RTZ default" takes ARCConfig's defaults
+# the literature; "nearest per sample" is ARCConfig's default, "RTZ per sample" the same with the paper's
+# round-toward-zero (the default until 2026-12-03; its runs keep their directories, see _SLUGS)
 _T = {"grad_error_scale": "tensor"}
 VARIANTS: dict[str, dict[str, Any]] = {
     "SR+max": {"grad_rounding": "stochastic", "grad_quant_clip": "max", **_T},
@@ -134,14 +139,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "RTZ+DSGC": {"grad_rounding": "zero", "grad_quant_clip": "dsgc", **_T},
     "RTZ+zscore k=3 (literal)": {"grad_rounding": "zero", "grad_quant_clip": "zscore", "grad_k": 3.0,
                                  "grad_error_scale": "tensor"},
-    "RTZ default": {},
-    # the default with nearest rounding: separates what the rounding costs from what the per-sample step buys
-    "nearest per sample": {"grad_rounding": "nearest"},
+    "RTZ per sample": {"grad_rounding": "zero"},
+    "nearest per sample": {},  # ARCConfig's defaults
 }
+_SLUGS = {"RTZ per sample": "rtz_default"}  # run directories named before the default changed
+_RENAMED = {"RTZ default": "RTZ per sample"}  # rows of earlier results files
 BITS = (8, 6, 4)
 # FP32, SR and the default at 8 bits: two seeds (HWQUANT_ARC_SEEDS="0,1,2" for more), so the noise is visible
 SEEDS_8 = env_ints("HWQUANT_ARC_SEEDS", "0,1")
-TWO_SEEDS = ("fp32", "SR+max", "RTZ default", "nearest per sample")
+TWO_SEEDS = ("fp32", "SR+max", "RTZ per sample", "nearest per sample")
 PROTOCOLS = {"scratch": "from scratch", "finetune": "fine-tune from the FP32 checkpoint"}
 FINETUNE_LR = 0.005
 
@@ -172,7 +178,8 @@ def plan(seeds: tuple[int, ...] | None = None) -> list[tuple[str, str, int, int]
 
 
 def _slug(proto: str, variant: str, bits: int, seed: int) -> str:
-    v = variant.lower().replace(" (literal)", "").replace(" ", "_").replace("+", "-").replace("=", "")
+    v = _SLUGS.get(variant) or variant.lower().replace(" (literal)", "").replace(" ", "_").replace("+", "-").replace(
+        "=", "")
     return f"{proto}_{v}_g{bits}_s{seed}" if variant != "fp32" else f"{proto}_fp32_s{seed}"
 
 
@@ -209,7 +216,7 @@ def _cpu() -> str:
 
 def _selected(only: str | None, proto: str, variant: str, bits: int, seed: int) -> bool:
     """Whether ``HWQUANT_ARC_ONLY`` selects a run: comma-separated ``proto:bits`` prefixes, each optionally
-    followed by ``:variant`` (a prefix of the variant's name, e.g. ``scratch:6:RTZ default``).  The FP32 run of
+    followed by ``:variant`` (a prefix of the variant's name, e.g. ``scratch:6:RTZ per``).  The FP32 run of
     seed 0 comes with any row of its protocol (the reference every drop is measured from, and the fine-tuning
     start), seed 1 with the protocol's 8-bit rows."""
     return _priority(only, proto, variant, bits, seed) is not None
@@ -254,7 +261,12 @@ def _earlier_file(out_dir) -> dict[str, Any]:
     from .common import results_dir
 
     path = results_dir(out_dir) / f"{NAME}.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    f = json.loads(path.read_text()) if path.exists() else {}
+    acc = (f.get("results") or {}).get("accuracy") or {}
+    fid = (f.get("results") or {}).get("fidelity") or {}
+    for r in acc.get("rows", []) + acc.get("summary", []) + fid.get("rows", []):  # variants renamed since
+        r["run"] = _RENAMED.get(r["run"], r["run"])
+    return f
 
 
 def _earlier_rows(out_dir) -> list[dict[str, Any]]:
@@ -384,8 +396,8 @@ def _clip_plot(runs_dir: Path, out_dir: Path) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("RTZ default", "default rule"), ("RTZ+zscore k=3 (literal)", "z-score k = 3 (literal)"),
-              ("RTZ+DSGC", "DSGC (error-based)")]
+    panels = [("RTZ per sample", "searched clip per sample (RTZ)"),
+              ("RTZ+zscore k=3 (literal)", "z-score k = 3 (literal)"), ("RTZ+DSGC", "DSGC (error-based)")]
     data = {}
     for run, _ in panels:
         f = runs_dir / _slug("scratch", run, 8, 0) / "arc_clips.json"
@@ -425,8 +437,9 @@ def table(results: dict[str, Any]) -> str:
         d = acc["default"]
         md += (f"\n## Accuracy (ResNet-20, Fashion-MNIST; from scratch {acc['epochs']['scratch']} epochs, fine-tune "
                f"{acc['epochs']['finetune']} epoch at lr {acc['finetune_lr']} from the seed-0 FP32 run)\n\n"
-               f"`RTZ default` = ARCConfig's default: rounding {d['rounding']}, clip {d['clip']}, error steps per "
-               f"{d['error_scale']}; `nearest per sample` = the same with nearest rounding. Mean over seeds; "
+               f"`nearest per sample` = ARCConfig's default: rounding {d['rounding']}, clip {d['clip']}, error steps "
+               f"per {d['error_scale']}; `RTZ per sample` = the same with round toward zero (the paper's rounding; "
+               "the default before 2026-12-03). Mean over seeds; "
                "spread = max - min; drops against the FP32 run of the same "
                "CPU (float training is deterministic per CPU, not across CPUs)."
                + (f" Measured {acc['measured']} (not rerun with this file's latency tables)." if acc.get("measured")

@@ -171,9 +171,12 @@ def test_arc_plan_covers_the_issue_protocol():
     for proto in ("scratch", "finetune"):
         assert {(v, b) for p, v, b, _ in plan if p == proto} == {("fp32", 32)} | {
             (v, b) for v in arc.VARIANTS for b in (8, 6, 4)}
-        for v in ("fp32", "SR+max", "RTZ default", "nearest per sample"):
+        for v in ("fp32", "SR+max", "RTZ per sample", "nearest per sample"):
             b = 32 if v == "fp32" else 8
             assert sorted(s for p, vv, bb, s in plan if (p, vv, bb) == (proto, v, b)) == [0, 1]
+    # the old default's runs keep their directories under the new name; the default is ARCConfig()'s
+    assert arc._slug("scratch", "RTZ per sample", 8, 1) == "scratch_rtz_default_g8_s1"
+    assert arc.VARIANTS["nearest per sample"] == {} and arc._default_rule()["rounding"] == "nearest"
     # the fine-tune runs start from the seed-0 scratch FP32 run, which comes first
     assert plan[0] == ("scratch", "fp32", 32, 0)
     acc = {"rows": [{"protocol": "scratch", "run": "fp32", "bits": 32, "top1": 90.0},
@@ -197,9 +200,9 @@ def test_arc_partial_runs_select_and_keep_rows():
     assert ("scratch", "fp32", 32, 1) in [p for p in arc.plan() if arc._selected("scratch:8", *p)]
     assert all(arc._selected(None, *p) for p in arc.plan())
     # a variant prefix after the bits; runs follow the order of the entries, the FP32 reference first
-    only = "scratch:6:RTZ default,scratch:6:SR"
+    only = "scratch:6:RTZ per,scratch:6:SR"
     picked = sorted((arc._priority(only, *p), i, p) for i, p in enumerate(arc.plan()) if arc._selected(only, *p))
-    assert [p for *_, p in picked] == [("scratch", "fp32", 32, 0), ("scratch", "RTZ default", 6, 0),
+    assert [p for *_, p in picked] == [("scratch", "fp32", 32, 0), ("scratch", "RTZ per sample", 6, 0),
                                        ("scratch", "SR+max", 6, 0)]
 
     def row(proto, run, bits, seed, top1, cpu="A"):
@@ -311,7 +314,7 @@ def test_arc_clip_plot_needs_all_three_rules(tmp_path):
 
     runs, out = tmp_path / "runs", tmp_path / "results"
     log = {"layer1.0.conv1": {"error": [[1, 0.5, 1.0], [2, 0.25, 1.0]]}}
-    names = ["RTZ default", "RTZ+zscore k=3 (literal)", "RTZ+DSGC"]
+    names = ["RTZ per sample", "RTZ+zscore k=3 (literal)", "RTZ+DSGC"]
     for i, name in enumerate(names):
         d = runs / arc._slug("scratch", name, 8, 0)
         d.mkdir(parents=True)

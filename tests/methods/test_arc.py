@@ -52,7 +52,7 @@ def test_one_layer_weight_gradient_is_quantize_gradient_of_float_gradient():
     lin.weight.grad = None
     h = prepare_arc(lin, ARCConfig(bits=8, skip_first_last=False, error_grad=False))
     lin(x).pow(2).sum().backward()
-    codes, s = quantize_gradient(g_float, clip="search")  # the default rule; weight gradients are per tensor
+    codes, s = quantize_gradient(g_float, rounding="nearest", clip="search")  # the default rule, per tensor
     assert torch.equal(lin.weight.grad, dequantize_gradient(codes, s))
     h.remove()
     lin.weight.grad = None
@@ -145,9 +145,10 @@ def test_error_scale_sample_two_layer_case_by_hand():
 
 
 def test_default_rule_is_the_searched_clip_with_one_error_step_per_sample():
-    """ARCConfig()'s headline rule: RTZ, searched z-score clip, per-sample error steps.  The layer's error is
-    each sample's row quantized alone with the search clip (fails if the default falls back to one per-tensor
-    step or to the fixed k = 3 clip: the easy samples would then lose their error)."""
+    """ARCConfig()'s headline rule: round to nearest, searched z-score clip, per-sample error steps.  The layer's
+    error is each sample's row quantized alone with the search clip and nearest rounding (fails if the default
+    falls back to one per-tensor step or to the fixed k = 3 clip: the easy samples would then lose their error;
+    or to round toward zero, whose weight gradient differs)."""
     from hwquant.numerics.gradient import fake_quantize_gradient_rows
 
     net = _two_layer()
@@ -155,14 +156,19 @@ def test_default_rule_is_the_searched_clip_with_one_error_step_per_sample():
     w_out = torch.randn(6, 3, generator=torch.Generator().manual_seed(2))
     w_out[:3] *= 1e-3
     cfg = ARCConfig(bits=4, skip_first_last=False)
-    assert (cfg.rounding, cfg.clip, cfg.error_scale) == ("zero", "search", "sample")
+    assert (cfg.rounding, cfg.clip, cfg.error_scale) == ("nearest", "search", "sample")
     handle = prepare_arc(net, cfg)
     (net(x) * w_out).sum().backward()
     handle.remove()
-    e2 = fake_quantize_gradient_rows(w_out, 4, "zero", "search")[0]
     h = torch.relu(x @ net[0].weight.T + net[0].bias).detach()
-    dw2 = fake_quantize_gradient((e2.T @ h).contiguous(), 4, "zero", "search")[0]
+
+    def expected(rounding):
+        e2 = fake_quantize_gradient_rows(w_out, 4, rounding, "search")[0]
+        return e2, fake_quantize_gradient((e2.T @ h).contiguous(), 4, rounding, "search")[0]
+
+    e2, dw2 = expected("nearest")
     torch.testing.assert_close(net[2].weight.grad, dw2, rtol=1e-6, atol=1e-12)
+    assert not torch.allclose(net[2].weight.grad, expected("zero")[1])  # not the paper's RTZ
     assert (e2[:3] != 0).all(dim=1).any()
     literal = fake_quantize_gradient(w_out.contiguous(), 4, "zero", "zscore", 3.0)[0]
     assert not (literal[:3] != 0).any()  # what one per-tensor step does to the easy samples

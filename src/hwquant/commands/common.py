@@ -111,8 +111,9 @@ class GradQuantOptions:
 
     grad_bits: int | None = field(default=None, metadata=doc(
         "ARC: quantize every conv/linear error and weight gradient to this many bits (none: float gradients)"))
-    grad_rounding: str = field(default="zero", metadata=doc(
-        "ARC: gradient rounding", ("zero", "nearest", "stochastic")))
+    grad_rounding: str = field(default="nearest", metadata=doc(
+        "ARC: gradient rounding (nearest: half to even, the default; zero: round toward zero, the paper's)",
+        ("nearest", "zero", "stochastic")))
     grad_quant_clip: str = field(default="search", metadata=doc(
         "ARC: gradient clip policy (search: the z-score clip searched per tensor and step; zscore: one fixed k, "
         "the paper read literally)", GRAD_CLIPS))
