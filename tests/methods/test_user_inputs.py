@@ -80,8 +80,8 @@ def test_arc_error_gradient_with_inplace_relu():
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(inplace=True), nn.Conv2d(4, 2, 3), nn.ReLU(inplace=True))
     x = torch.randn(2, 1, 7, 7, generator=torch.Generator().manual_seed(1))
     w_out = torch.randn(2, 2, 3, 3, generator=torch.Generator().manual_seed(2))
-    handle = prepare_arc(net, ARCConfig(bits=4, clip="zscore", error_scale="tensor", skip_first_last=False,
-                                        weight_grad=False))
+    handle = prepare_arc(net, ARCConfig(bits=4, rounding="zero", clip="zscore", error_scale="tensor",
+                                        skip_first_last=False, weight_grad=False))
     (net(x) * w_out).sum().backward()
     handle.remove()
     with torch.no_grad():
