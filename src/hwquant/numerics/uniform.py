@@ -290,6 +290,23 @@ def _native_fq(x: torch.Tensor, sf: float, zf: float, qmin: int, qmax: int, want
     return y, m
 
 
+def _native_bwd(lib, grad: torch.Tensor, m: torch.Tensor, want_x: bool, scale: tuple | None, x=None):
+    """The kernel backward: ``(grad_x or None, grad_s or None)``.  ``grad_x`` is ``grad`` where the mask state
+    ``m`` is 1 (in ``m``'s layout); with ``scale = (r, zf, qmin, qmax, lsq)`` also the summed scale gradient
+    (LSQ's, or PACT's clip part) from the saved input ``x``."""
+    if not _grad_like(grad, m):
+        grad = grad.to(torch.float32).contiguous(memory_format=_format_of(m))
+    grad_x = torch.empty_like(grad) if want_x else None
+    if scale is not None:
+        r, zf, lo, hi, lsq = scale
+        acc = lib.hwq_scale_bwd(grad.data_ptr(), x.data_ptr(), m.data_ptr(), 0 if grad_x is None else grad_x.data_ptr(),
+                                m.numel(), r, zf, lo, hi, int(lsq), native.threads())
+        return grad_x, torch.tensor(acc, dtype=torch.float32)
+    if want_x:
+        lib.hwq_mask_bwd(grad.data_ptr(), m.data_ptr(), grad_x.data_ptr(), m.numel(), native.threads())
+    return grad_x, None
+
+
 # ---------------------------------------------------------------------------- torch.library operators
 # The fused fake quantization as PyTorch operators, so that ``torch.compile`` / ``torch.export`` see one opaque
 # node with a shape function (the fake implementation) instead of a ctypes call they cannot trace.  Each runs
@@ -333,11 +350,7 @@ def _fq_bwd_op(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The straight-through gradient: ``grad`` where the code is in range, 0 elsewhere (``mask``'s layout)."""
     lib = native_kernels()
     if lib is not None and mask.device.type == "cpu" and native.dense(mask):
-        if not _grad_like(grad, mask):
-            grad = grad.to(torch.float32).contiguous(memory_format=_format_of(mask))
-        out = torch.empty_like(grad)
-        lib.hwq_mask_bwd(grad.data_ptr(), mask.data_ptr(), out.data_ptr(), mask.numel(), native.threads())
-        return out
+        return _native_bwd(lib, grad, mask, True, None)[0]
     out = torch.empty_like(mask, dtype=torch.float32)
     return torch.mul(grad, mask, out=out)
 
@@ -354,13 +367,9 @@ def _fq_scale_bwd_op(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, s:
     gradient of ``s`` (``lsq=False``: its clip part only, PACT's)."""
     lib = native_kernels()
     if lib is not None and native.dense(mask):
-        if not _grad_like(grad, mask):
-            grad = grad.to(torch.float32).contiguous(memory_format=_format_of(mask))
-        grad_x = torch.empty_like(grad)
         zf = 0.0 if z is None else float(z)
-        acc = lib.hwq_scale_bwd(grad.data_ptr(), x.data_ptr(), mask.data_ptr(), grad_x.data_ptr(), mask.numel(),
-                                1.0 / float(s), zf, float(qmin), float(qmax), int(lsq), native.threads())
-        return grad_x, torch.tensor(acc, dtype=torch.float32).reshape(s.shape)
+        grad_x, grad_s = _native_bwd(lib, grad, mask, True, (1.0 / float(s), zf, float(qmin), float(qmax), lsq), x)
+        return grad_x, grad_s.reshape(s.shape)
     t, m = _codes_float(x, s, z, qmin, qmax, "nearest", None, want_mask=True)
     if z is not None:
         t.sub_(z)
@@ -484,20 +493,10 @@ class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def _native_backward(ctx, grad):
         m, x = ctx.saved_tensors
-        lib = native.STATE["lib"]
-        want_x, want_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not _grad_like(grad, m):
-            grad = grad.to(torch.float32).contiguous(memory_format=_format_of(m))
-        grad_x = torch.empty_like(grad) if want_x else None
-        grad_s = None
-        if want_s:
-            r, zf, lo, hi = ctx.consts
-            acc = lib.hwq_scale_bwd(grad.data_ptr(), x.data_ptr(), m.data_ptr(),
-                                    0 if grad_x is None else grad_x.data_ptr(), m.numel(), r, zf, lo, hi,
-                                    int(ctx.lsq), native.threads())
-            grad_s = torch.tensor(acc, dtype=torch.float32).reshape(ctx.scale_shape)
-        elif want_x:
-            lib.hwq_mask_bwd(grad.data_ptr(), m.data_ptr(), grad_x.data_ptr(), m.numel(), native.threads())
+        scale = (*ctx.consts, ctx.lsq) if ctx.needs_input_grad[1] else None
+        grad_x, grad_s = _native_bwd(native.STATE["lib"], grad, m, ctx.needs_input_grad[0], scale, x)
+        if grad_s is not None:
+            grad_s = grad_s.reshape(ctx.scale_shape)
         return grad_x, grad_s, None, None, None, None, None, None, None
 
 
