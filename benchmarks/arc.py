@@ -19,7 +19,8 @@ FP32, then at G8/G6/G4 SR + max, nearest + max, RTZ + max, RTZ + z-score k = 3 (
 ARCConfig's default rule, the default with nearest rounding, RTZ + DSGC; seeds 0 and 1 (``HWQUANT_ARC_SEEDS``)
 for FP32, SR and the default at 8 bits.  Finished runs are read back (an interrupted benchmark resumes) and the
 results file is rewritten after every run;
-``HWQUANT_ARC_ONLY=scratch:8`` runs a subset; ``HWQUANT_ARC_FINISHED_ONLY=1`` only reads back finished runs
+``HWQUANT_ARC_ONLY=scratch:8`` runs a subset; ``HWQUANT_ARC_LATENCY=0`` keeps the earlier file's latency tables
+(an accuracy-only run, which other work on the machine cannot skew); ``HWQUANT_ARC_FINISHED_ONLY=1`` only reads back finished runs
 (the tables of a partial benchmark, with fresh latency figures).  The plot ``arc_clip.png`` shows the clip
 per layer over training: the default rule next to k = 3 and DSGC.
 """
@@ -431,7 +432,9 @@ def table(results: dict[str, Any]) -> str:
                                               ("x_hwquant_sr", "x hwquant SR"), ("x_eager_sr", "x eager SR")])
     t = markdown_table(results["train_step"]["rows"], [("model", "model"), ("median_ms", "median ms/step"),
                                                        ("x_fp32", "x fp32")])
-    md = f"## Quantizer latency\n\n{q}\n\n## Training step (batch {results['train_step']['batch']})\n\n{t}\n"
+    when = (f"Measured {results['latency_measured']} (not rerun with this file's accuracy tables).\n\n"
+            if results.get("latency_measured") else "")
+    md = f"## Quantizer latency\n\n{when}{q}\n\n## Training step (batch {results['train_step']['batch']})\n\n{t}\n"
     acc = results.get("accuracy")
     if acc and acc.get("summary"):
         d = acc["default"]
@@ -460,7 +463,15 @@ def table(results: dict[str, Any]) -> str:
 
 
 def main(quick: bool = False, out_dir: str | os.PathLike | Path | None = None) -> dict[str, Any]:
-    results: dict[str, Any] = {"quantizer": quantizer(quick), "train_step": train_step(quick)}
+    earlier = {} if quick else _earlier_file(out_dir)
+    before = earlier.get("results") or {}
+    if not quick and os.environ.get("HWQUANT_ARC_LATENCY", "1") == "0" and before.get("quantizer"):
+        # an accuracy-only run: the latency tables stay as the earlier file measured them, and say so
+        results: dict[str, Any] = {
+            "quantizer": before["quantizer"], "train_step": before["train_step"],
+            "latency_measured": before.get("latency_measured") or earlier["machine"]["utc"]}
+    else:
+        results = {"quantizer": quantizer(quick), "train_step": train_step(quick)}
 
     def write(partial_acc):  # after every accuracy run: a partial table on disk
         write_results(NAME, {**results, "accuracy": partial_acc}, table({**results, "accuracy": partial_acc}),
@@ -468,8 +479,6 @@ def main(quick: bool = False, out_dir: str | os.PathLike | Path | None = None) -
 
     results["accuracy"] = accuracy(quick, write, out_dir)
     runs = Path(os.environ.get("HWQUANT_BENCH_RUNS", "runs")) / "bench_arc"
-    earlier = {} if quick else _earlier_file(out_dir)
-    before = earlier.get("results") or {}
     if not quick and results["accuracy"] is None and before.get("accuracy"):
         # what this run did not measure stays as the earlier file measured it, and says so
         results["accuracy"] = {**before["accuracy"], "measured": earlier["machine"]["utc"]}

@@ -322,3 +322,30 @@ def test_arc_clip_plot_needs_all_three_rules(tmp_path):
         drawn = arc._clip_plot(runs, out)
         assert (drawn is None) == (i < len(names) - 1)
     assert (out / "arc_clip.png").stat().st_size > 1000
+
+
+def test_arc_accuracy_only_run_keeps_the_latency_tables(tmp_path, monkeypatch):
+    """``HWQUANT_ARC_LATENCY=0``: the earlier file's latency tables are kept, dated, not re-measured."""
+    import json
+
+    from benchmarks import arc
+
+    monkeypatch.setenv(common.RESULTS_ENV, str(tmp_path))
+    monkeypatch.setenv("HWQUANT_BENCH_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("HWQUANT_ARC_LATENCY", "0")
+    monkeypatch.setenv("HWQUANT_ARC_ACCURACY", "0")
+    q = [{"elements": 1, "contender": "c", "median_ms": 1.0, "x_copy": 1.4, "x_hwquant_sr": 0.2, "x_eager_sr": 0.1}]
+    ts = {"batch": 128, "rows": [{"model": "fp32", "median_ms": 10.0, "x_fp32": 1.0}]}
+    fid = {"rows": [{"run": "SR+max", "cos": 1.0}], "measured": "then"}
+    (tmp_path / "arc.json").write_text(json.dumps({"machine": {"utc": "2026-01-01T00:00:00"}, "results": {
+        "quantizer": q, "train_step": ts, "fidelity": fid}}))
+
+    def boom(*a):
+        raise AssertionError("latency re-measured")
+
+    monkeypatch.setattr(arc, "quantizer", boom)
+    monkeypatch.setattr(arc, "train_step", boom)
+    out = arc.main(out_dir=tmp_path)
+    assert out["results"]["quantizer"] == q and out["results"]["train_step"] == ts
+    assert out["results"]["latency_measured"] == "2026-01-01T00:00:00"
+    assert "Measured 2026-01-01T00:00:00 (not rerun" in out["table"]
