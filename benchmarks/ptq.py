@@ -14,9 +14,11 @@ and for W4A4 / W8A4 also with the first conv (whose input is the image) and the 
 Weights are per tensor for every method (the GGD paper's per-layer fixed point): GGD uses the
 error-minimising power-of-two FL, min-max uses ``max|W|``, the other baselines use an MSE-optimal weight clip.
 Activations: the method's observer, per tensor, unsigned after ReLU.  GGD steps are powers of two (fixed
-point); the baselines' steps are arbitrary reals, which favours the baselines; ``ggd free steps`` is GGD PTQ
-without BFT with the exact GGD activation steps (not powers of two), which separates the density model from the
-fixed-point constraint.  GGD+BFT twice: ``ggd+bft top1``
+point; the image layer's as a power of two times a host-side input gain, see
+:func:`hwquant.nn.fold.fold_input_gain`); the baselines' steps are arbitrary reals, which favours the baselines;
+``ggd free steps`` is GGD PTQ without BFT with the exact GGD activation steps (not powers of two), which
+separates the density model from the fixed-point constraint; ``ggd image rounded`` is plain GGD with the image
+layer's step rounded to a power of two like the others (``image_gain=False``, the rule before the gain).  GGD+BFT twice: ``ggd+bft top1``
 scores BFT by calibration top-1 (the paper's criterion, no hold-out) and ``ggd+bft`` by the default (KL
 divergence from the float model's softmax on 512 images, each change checked on 256 held-out ones).  The
 GGD+BFT wall time (the whole PTQ including BFT) is reported.
@@ -65,8 +67,9 @@ SETTINGS = [(8, 8), (6, 6), (4, 4), (8, 4)]
 # Every layer at the setting's bits, and the usual deployment variant with the first conv (the image input)
 # and the last FC at 8 bits, for the settings where the input layer decides the outcome.
 VARIANTS = [("all layers", None, SETTINGS), ("first/last 8-bit", 8, [(4, 4), (8, 4)])]
-METHODS = ["minmax", "percentile", "mse", "kl", "aciq", "ggd free steps", "ggd", "ggd+bft top1", "ggd+bft"]
-GGD_METHODS = ("ggd free steps", "ggd", "ggd+bft top1", "ggd+bft")
+METHODS = ["minmax", "percentile", "mse", "kl", "aciq", "ggd free steps", "ggd image rounded", "ggd", "ggd+bft top1",
+           "ggd+bft"]
+GGD_METHODS = ("ggd free steps", "ggd image rounded", "ggd", "ggd+bft top1", "ggd+bft")
 
 
 def best_uniform_sqnr(x: torch.Tensor, bits: int, signed: bool, points: int = 600) -> tuple[float, float]:
@@ -135,6 +138,8 @@ def _checkpoint(quick: bool) -> Path:
 def _config(method: str, wb: int, ab: int, first_last: int | None = None):
     if method == "ggd free steps":
         return GGDPTQConfig(w_bits=wb, a_bits=ab, bft=False, power_of_two=False, first_last_bits=first_last)
+    if method == "ggd image rounded":  # the image layer's step rounded to a power of two like the others
+        return GGDPTQConfig(w_bits=wb, a_bits=ab, bft=False, image_gain=False, first_last_bits=first_last)
     if method == "ggd+bft top1":
         return GGDPTQConfig(w_bits=wb, a_bits=ab, first_last_bits=first_last, bft_criterion="top1", bft_holdout=0)
     if method.startswith("ggd"):
@@ -144,7 +149,8 @@ def _config(method: str, wb: int, ab: int, first_last: int | None = None):
                              w_bits=wb, a_bits=ab, per_channel=False, first_last_bits=first_last)
 
 
-def model_rows(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def model_rows(quick: bool, write=None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The model table; ``write(rows, meta)`` is called after every row (a partial table on disk)."""
     from hwquant.pipelines import checkpoint_loaders, load_model
 
     ck_path = _checkpoint(quick)
@@ -176,6 +182,9 @@ def model_rows(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         row["ggd+bft - best other"] = row["ggd+bft"] - best_other
         rows.append(row)
         print(f"  {row['setting']} ({variant}): " + ", ".join(f"{m} {row[m]:.2f}" for m in METHODS), flush=True)
+        if write is not None and len(rows) < len(plan):
+            write(rows, {"checkpoint": str(ck_path), "dataset": ck["data"]["dataset"], "fp32": fp32,
+                         "partial": f"{len(rows)} of {len(plan)} settings"})
     meta = {"checkpoint": str(ck_path), "dataset": ck["data"]["dataset"], "fp32": fp32}
     return rows, meta
 
@@ -196,7 +205,8 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join([
         "## Synthetic: SQNR (dB) of each observer's step vs the exhaustive best uniform step", "",
         markdown_table(results["synthetic"], syn_cols), "",
-        f"## {meta['dataset']} ({meta['checkpoint']}): test top-1 (%)", "",
+        f"## {meta['dataset']} ({meta['checkpoint']}): test top-1 (%)"
+        + (f" - partial: {meta['partial']}" if meta.get("partial") else ""), "",
         markdown_table(results["model"], model_cols), "",
         "## End-to-end logit SQNR (dB, calibration split)", "",
         markdown_table(results["model"], sqnr_cols), "",
@@ -209,7 +219,11 @@ def main(quick: bool = False, out_dir: str | os.PathLike | Path | None = None) -
     """Measure, write ``ptq.{json,md}`` and return ``{"results", "table", "json", "md"}``."""
     torch.manual_seed(0)
     results: dict[str, Any] = {"synthetic": synthetic(quick)}
-    rows, meta = model_rows(quick)
+    def write(rows, meta):  # after every setting: a partial table on disk
+        partial = {**results, "model": rows, "model_meta": meta}
+        write_results(NAME, partial, table(partial), out_dir=out_dir)
+
+    rows, meta = model_rows(quick, write)
     results["model"] = rows
     results["model_meta"] = meta
     md = table(results)

@@ -31,8 +31,12 @@ def test_weights_fixed_point_with_error_minimising_fl(digits_small_cnn, ggd_resu
     for name, layer in quant_layers(qmodel):
         s = layer.weight_quant.scale
         assert _log2_int(s)
+        w = folded[name].weight.detach()
+        if name in report["image_gain"]:  # the image layer holds W / g (its input is scaled by g)
+            w = (w.double() / report["image_gain"][name]).float()
+            assert torch.equal(layer.weight.detach(), w)
         if (name, "weight") not in tuned:  # BFT may move an FL by one step
-            fl = best_fraction_length(folded[name].weight.detach(), 4, signed=True)
+            fl = best_fraction_length(w, 4, signed=True)
             assert float(s) == 2.0**-fl, name
 
 
@@ -121,10 +125,12 @@ def test_bft_holdout_rejects_what_only_the_scored_images_like(digits_small_cnn, 
     from hwquant.methods.ggd_ptq import CalibScorer, backward_forward_tuning
 
     model, loaders = digits_small_cnn
-    plain, _ = ptq(model, GGDPTQConfig(w_bits=4, a_bits=4, bft=False), loaders.calib)
+    # without the image gain BFT finds changes here (with it, none on these images)
+    cfg = GGDPTQConfig(w_bits=4, a_bits=4, bft=False, image_gain=False)
+    plain, _ = ptq(model, cfg, loaders.calib)
     scorer = CalibScorer(fold_batchnorm(model).eval(), loaders.calib, 256, criterion="kl")
     free = backward_forward_tuning(plain, scorer)
-    plain2, _ = ptq(model, GGDPTQConfig(w_bits=4, a_bits=4, bft=False), loaders.calib)
+    plain2, _ = ptq(model, cfg, loaders.calib)
     held = backward_forward_tuning(plain2, CalibScorer(fold_batchnorm(model).eval(), loaders.calib, 256,
                                                        criterion="kl"), holdout=_FixedHoldout(step))
     assert free["changes"], "the scored images must prefer some change for this test to mean anything"
@@ -248,3 +254,83 @@ def test_bft_prefix_cache_changes_nothing_but_the_work(digits_small_cnn, name):
     assert {k: v for k, v in a.items() if k != "prefix_cache"} == {k: v for k, v in b.items() if k != "prefix_cache"}
     assert a["prefix_cache"]["enabled"] and a["prefix_cache"]["replayed"] > 0
     assert b["prefix_cache"]["replayed"] == 0
+
+
+# ----------------------------------------------------------------------------- the image layer's input gain
+def _conv_with_input_step(step, shared=False):
+    from hwquant.nn import QuantConv2d
+    from hwquant.spec import QuantParams, QuantSpec
+
+    torch.manual_seed(0)
+    wspec = QuantSpec(bits=8, signed=True, observer="fixedpoint")
+    convs = [QuantConv2d(1, 4, 3, padding=1, weight_spec=wspec, act_spec=QuantSpec(bits=4, signed=True))
+             for _ in range(2 if shared else 1)]
+    for c in convs:
+        c.input_quant = convs[0].input_quant
+        c.weight_quant.calibrate_from(c.weight.detach())
+    convs[0].input_quant.set_params(QuantParams(torch.tensor(step), torch.tensor(0, dtype=torch.int32), 4, True))
+    return convs
+
+
+def test_fold_input_gain_by_hand():
+    """s = 0.2693 becomes p = 0.25 with g = fl32(0.25 / 0.2693); weights W / g; the codes are rne(fl32(g x) / p),
+    those of rne(x / s) but where g's rounding moves a tie; the float function is unchanged."""
+    from hwquant.nn import fold_input_gain
+
+    (conv,) = _conv_with_input_step(0.2693)
+    w0, b0 = conv.weight.detach().clone(), conv.bias.detach().clone()
+    x = torch.randn(8, 1, 10, 10)
+    x[:, :, :5] = -0.81  # a background atom
+    g = fold_input_gain({"conv1": conv})
+    g32 = float(torch.tensor(0.25 / 0.2693, dtype=torch.float32))
+    assert g == g32 == conv.input_quant.input_gain and float(conv.input_quant.scale) == 0.25
+    assert torch.equal(conv.weight.detach(), (w0.double() / g32).float())
+    codes = conv.input_quant.codes(x)
+    assert torch.equal(codes.long(), torch.round(x * torch.tensor(g32) / 0.25).clamp(-8, 7).long())
+    assert (codes.long() == torch.round(x / 0.2693).clamp(-8, 7).long()).float().mean() > 0.999
+    # the atom -0.81 is -3 codes either way, but it stands for -3 * 0.2693 = -0.808 here (in x's units), where a
+    # plain step of 0.25 would make it -0.75
+    with torch.no_grad():
+        assert float(conv.input_quant(x)[0, 0, 0, 0]) / g == pytest.approx(-3 * 0.2693, rel=1e-6)
+    with torch.no_grad():  # quantizers off: conv(g x, W / g) = conv(x, W)
+        conv.input_quant.enabled = conv.weight_quant.enabled = False
+        torch.testing.assert_close(conv(x), torch.nn.functional.conv2d(x, w0, b0, padding=1), rtol=1e-5, atol=1e-5)
+    # a power-of-two step is left alone; a second fold is refused
+    (p2,) = _conv_with_input_step(0.25)
+    assert fold_input_gain({"c": p2}) == 1.0 and p2.input_quant.input_gain == 1.0
+    conv.input_quant.enabled = True
+    with pytest.raises(ConfigError, match="^conv1: its input quantizer already has an input gain"):
+        fold_input_gain({"conv1": conv})
+
+
+def test_fold_input_gain_shared_quantizer_folds_once():
+    from hwquant.nn import fold_input_gain
+
+    a, b = _conv_with_input_step(0.3, shared=True)
+    wa, wb = a.weight.detach().clone(), b.weight.detach().clone()
+    g = fold_input_gain({"a": a, "b": b})
+    assert a.input_quant is b.input_quant and a.input_quant.input_gain == g and float(a.input_quant.scale) == 0.25
+    assert torch.equal(a.weight.detach(), (wa.double() / g).float())
+    assert torch.equal(b.weight.detach(), (wb.double() / g).float())
+    (c,) = _conv_with_input_step(0.3)
+    with pytest.raises(ConfigError, match="^c: does not share a's input quantizer"):
+        fold_input_gain({"a": _conv_with_input_step(0.3)[0], "c": c})
+
+
+def test_ggd_image_layer_keeps_the_free_step_as_gain_times_power_of_two(digits_small_cnn):
+    """The headline setting: with power-of-two steps the image layer's effective step (p / g) is the exact GGD
+    step of the free-step run, not a power of two; ``image_gain=False`` (the baseline) rounds it."""
+    model, loaders = digits_small_cnn
+    cfg = dict(w_bits=8, a_bits=4, bft=False)
+    gained, report = ptq(model, GGDPTQConfig(**cfg), loaders.calib)
+    free, _ = ptq(model, GGDPTQConfig(**cfg, power_of_two=False), loaders.calib)
+    plain, _ = ptq(model, GGDPTQConfig(**cfg, image_gain=False), loaders.calib)
+    iq = gained.conv1.input_quant
+    s_free = float(free.conv1.input_quant.scale)
+    assert not _log2_int(torch.tensor(s_free)) and _log2_int(iq.scale)
+    assert float(iq.scale) / iq.input_gain == pytest.approx(s_free, rel=1e-6)
+    assert report["image_gain"] == {"conv1": iq.input_gain}
+    assert plain.conv1.input_quant.input_gain == 1.0 and _log2_int(plain.conv1.input_quant.scale)
+    assert float(plain.conv1.input_quant.scale) != pytest.approx(s_free, rel=1e-3)
+    for name, layer in quant_layers(gained):  # every other step stays a plain power of two
+        assert _log2_int(layer.input_quant.scale) and (name == "conv1" or layer.input_quant.input_gain == 1.0)

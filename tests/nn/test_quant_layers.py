@@ -287,3 +287,26 @@ def test_per_channel_activation_quantizers_use_the_channel_axis_not_the_batch():
     assert s.shape == (3,)
     torch.testing.assert_close(s, x.abs().amax(dim=(0, 2, 3)) / 127)  # min-max per input channel
     q(torch.randn(2, 3, 8, 8))  # another batch size runs
+
+
+def test_input_gain_state_and_validation():
+    """The gain is float32, saved in the extra state (a state without it, from before the gain, loads as 1),
+    applied also when the quantizer is off, and must be finite and > 0."""
+    from hwquant.nn import FakeQuantizer
+    from hwquant.spec import QuantSpec
+
+    q = FakeQuantizer(QuantSpec(bits=4, signed=True))
+    assert q.set_input_gain(0.1) == float(torch.tensor(0.1, dtype=torch.float32)) == q.input_gain
+    x = torch.randn(100)
+    assert torch.equal(q(x), x * torch.tensor(0.1, dtype=torch.float32))  # off: only the gain
+    state = q.state_dict()
+    r = FakeQuantizer(QuantSpec(bits=4, signed=True))
+    r.load_state_dict(state)
+    assert r.input_gain == q.input_gain
+    old = {k: ({kk: vv for kk, vv in v.items() if kk != "input_gain"} if k.endswith("_extra_state") else v)
+           for k, v in state.items()}
+    r.load_state_dict(old)
+    assert r.input_gain == 1.0
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True, "2", 1e40):
+        with pytest.raises(ValueError, match="input gain must be a finite number > 0"):
+            q.set_input_gain(bad)

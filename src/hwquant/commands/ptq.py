@@ -75,6 +75,9 @@ class PTQOptions:
     bft_holdout: int = field(default=256, metadata=doc(
         "ggd: further calibration images a BFT change must not worsen (0: no check)"))
     power_of_two: bool = field(default=True, metadata=doc("ggd: power-of-two activation steps (fixed point)"))
+    image_gain: bool = field(default=True, metadata=doc(
+        "ggd: with power-of-two steps, the image layer keeps its exact GGD step as a power of two times an input "
+        "gain the host applies to the image (false: rounded like the others)"))
     bias: str = field(default="accumulator", metadata=doc("ggd: bias at the accumulator scale or its own FL",
                                                          ("accumulator", "own")))
     percentile: float = field(default=99.99, metadata=doc("percentile method: clip percentile"))
@@ -118,7 +121,8 @@ class PTQOptions:
     def method_config(self) -> ObserverPTQConfig | GGDPTQConfig:
         if self.method == "ggd":
             return GGDPTQConfig(w_bits=self.w_bits, a_bits=self.a_bits, per_channel=bool(self.per_channel),
-                                power_of_two=self.power_of_two, bias=self.bias, first_last_bits=self.first_last_bits,
+                                power_of_two=self.power_of_two, image_gain=self.image_gain, bias=self.bias,
+                                first_last_bits=self.first_last_bits,
                                 bft=self.bft, bft_samples=self.bft_samples, bft_criterion=self.bft_criterion,
                                 bft_holdout=self.bft_holdout, calib_batches=self.calib_batches)
         args: dict[str, Any] = {}
@@ -198,6 +202,10 @@ def run_ptq(cfg: PTQOptions) -> dict[str, Any]:
             extra += f" ({b['rejected_by_holdout']} candidates rejected by {b['holdout_images']} held-out images)"
     print(f"{cfg.method} W{cfg.w_bits}A{cfg.a_bits}: top-1 {q_eval['top1']:.2f}% (fp32 {fp32_eval['top1']:.2f}%), "
           f"logit SQNR {report['sqnr_db']:.1f} dB{extra} -> {out / 'model.pt'}")
+    gains = {n: g for n, g in (report.get("image_gain") or {}).items() if g != 1.0}
+    if gains:
+        print("input gain (the host multiplies the normalised image by it before quantizing; equivalently divide "
+              "the normalisation's std by it): " + ", ".join(f"{n} {g:.9g}" for n, g in gains.items()))
     for w in report.get("warnings", []) + float_eval_warnings(result["float_eval_layers"]):
         print(f"warning: {w}")
     return result

@@ -47,7 +47,9 @@ bounds ``ceil(lo / s)``, ``floor(hi / s)``: exact when the bounds are multiples 
 scales, ``s <= 2`` for ReLU6), otherwise within one LSB of ``V``.
 
 The input is quantized once, by the first layer's input quantizer (:meth:`IntegerModel.quantize_input`,
-the host's job); from there on everything is integer.  The output is the last layer's accumulator;
+the host's job, with the quantizer's input gain ``g`` if it has one: ``rne(fl32(x * g) / s)``, see
+:func:`~hwquant.nn.fold.fold_input_gain`); from there on everything is integer (a gain anywhere else is refused:
+in the datapath it would be a multiplier).  The output is the last layer's accumulator;
 :meth:`IntegerModel.dequantize` gives ``fl32(fl64(V) * fl64(scale))``, which equals the fake-quant model's
 output bit for bit when the last layer's input codes agree (quantized layers evaluate on codes, see
 :mod:`hwquant.nn.layers`).
@@ -259,6 +261,11 @@ class IntegerModel(nn.Module):
         self._by_name = {op.name: op for op in ops}
 
     @property
+    def input_gain(self) -> float:
+        """The host's float32 factor on the float input before its quantization (1: none)."""
+        return float(self.input_quant.input_gain)
+
+    @property
     def output_scale(self) -> torch.Tensor:
         return self._by_name[self.output_name].scale
 
@@ -315,7 +322,7 @@ class IntegerModel(nn.Module):
         self.input_scale = state["input_scale"].to(self.input_scale.device)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Input codes (int64) with the first layer's input quantizer."""
+        """Input codes (int64) with the first layer's input quantizer (its input gain included)."""
         if x.dim() != len(self.input_shape) or tuple(x.shape[1:]) != self.input_shape[1:]:
             raise ConfigError(f"input shape {tuple(x.shape)} does not match the exported {self.input_shape}")
         if not torch.isfinite(x).all():
@@ -407,6 +414,7 @@ class _Builder:
         self.ops: list[IntOp] = []
         self.vals: dict[str, _Val] = {}
         self.count: dict[str, int] = {}
+        self.input_name: str | None = None  # the model input's value (the only one a gained quantizer may read)
 
     def _fresh(self, base: str) -> str:
         n = self.count.get(base, 0)
@@ -428,6 +436,10 @@ class _Builder:
             raise ConfigError(f"{where}: integer export needs per-tensor activation quantizers with zero point 0")
         if q.spec.rounding != "nearest":
             raise ConfigError(f"{where}: integer export supports rounding='nearest' activations only")
+        if q.input_gain != 1.0 and v.name != self.input_name:
+            raise ConfigError(f"{where}: its input quantizer has an input gain ({q.input_gain:.9g}), which only a "
+                              "quantizer of the model input can have (the host scales the image; inside the "
+                              "datapath it would be a multiplier)")
         s_out = q.scale.detach().float().reshape(())
         qmin, qmax = qrange(q.spec.bits, bool(q.signed), q.spec.narrow)
         if v.clip is None and v.codes is not None and torch.equal(v.codes[0], s_out) and v.codes[1:] == (qmin, qmax):
@@ -645,7 +657,7 @@ def _convert(qmodel: nn.Module, example_input: torch.Tensor) -> IntegerModel:
         if node.op == "placeholder":
             if st["input_name"] is not None:
                 raise ConfigError(f"{node.name}: integer export supports models with one input")
-            st["input_name"] = node.name
+            st["input_name"] = b.input_name = node.name
             env[node.name] = ("input", node)
             continue
         if node.op == "get_attr":
@@ -700,10 +712,12 @@ def _input_val(b: _Builder, st: dict[str, Any], q: FakeQuantizer | None, name: s
     s_in = q.scale.detach().float().reshape(())
     if st["input_val"] is not None:
         a = st["input_val"]
-        if not (torch.equal(a.codes[0], s_in) and a.codes[1:] == (qmin, qmax)):
+        g0 = st["input_quant"].input_gain
+        if not (torch.equal(a.codes[0], s_in) and a.codes[1:] == (qmin, qmax) and q.input_gain == g0):
             raise ConfigError(f"{name} and {st['input_layer']} both read the model input but quantize it differently "
-                              f"(scale {float(s_in):g} [{qmin}, {qmax}] vs {float(a.codes[0]):g} "
-                              f"[{a.codes[1]}, {a.codes[2]}]); the hardware quantizes its input once")
+                              f"(scale {float(s_in):g} [{qmin}, {qmax}] gain {q.input_gain:.9g} vs "
+                              f"{float(a.codes[0]):g} [{a.codes[1]}, {a.codes[2]}] gain {g0:.9g}); the hardware "
+                              "quantizes its input once")
         return a
     codes = q.codes(torch.zeros(example.shape)).to(torch.int64)
     a = _Val(st["input_name"], s_in.double(), float(max(-qmin, qmax)), codes, (s_in, qmin, qmax))

@@ -13,7 +13,8 @@
   the file stores, use ``INT4`` at opset 21 whenever their codes fit (onnxruntime runs that by default).
   Codes narrower than their type (CQAT's 5-bit weights ride in ``INT8``; a 4-bit activation in ``UINT8``) get
   a ``Clip`` at ``q_max * s`` before the quantizer, so the stored codes keep their range.  The input quantizer
-  is the first of them.  A bit-window requantization (CQAT ``step="window"``, :mod:`hwquant.numerics.window`)
+  is the first of them (after a ``Mul`` by the input gain where the first layer has one, see
+  :func:`~hwquant.nn.fold.fold_input_gain`).  A bit-window requantization (CQAT ``step="window"``, :mod:`hwquant.numerics.window`)
   is two: ``QuantizeLinear(d8)`` to the 8-bit code, ``DequantizeLinear(1)`` (the code as an exact float),
   ``Clip`` to the window's range times ``2^shift``, ``QuantizeLinear(2^shift)`` (the shifter: an exact
   division rounded half to even) and ``DequantizeLinear`` at the effective step ``2^shift * d8``.
@@ -253,7 +254,10 @@ def to_onnx(model, path: str | os.PathLike, example_input: torch.Tensor | None =
         return g.node("DequantizeLinear", [q, s, g.zp(t)])
 
     iq_lo, iq_hi = imodel.input_range
-    names[imodel.input_name] = quant(x_in, imodel.input_name, float(imodel.input_scale), iq_lo, iq_hi)
+    src_in = x_in
+    if imodel.input_gain != 1.0:  # the host's gain (fold_input_gain): a float32 Mul, as the quantizer computes it
+        src_in = g.node("Mul", [x_in, g.const("input.gain", np.array(imodel.input_gain, dtype=np.float32))])
+    names[imodel.input_name] = quant(src_in, imodel.input_name, float(imodel.input_scale), iq_lo, iq_hi)
     for op in imodel.ops:
         p = op.params
         ins = [names[i] for i in op.inputs]

@@ -11,7 +11,7 @@ with ``[min_int, max_int]`` the ``bitwidth``-bit signed / unsigned (``narrow``: 
 graph is built here, one node group per :class:`~hwquant.export.integer.IntOp`, mirroring
 :func:`hwquant.export.onnx.to_onnx`:
 
-* the input quantizer and every ``requant`` -> ``Quant(scale, zeropt 0, bits)`` with the op's own width,
+* the input quantizer (after a ``Mul`` by the input gain where the first layer has one) and every ``requant`` -> ``Quant(scale, zeropt 0, bits)`` with the op's own width,
   sign and range (5-bit weights, 3/4/6-bit activations, 8-bit first/last layers, all natively); a bit-window
   requantization (CQAT ``step="window"``) -> ``Quant(d8, 8 bits)`` then ``Quant(2^shift d8, bits)``: exact
   with power-of-two steps; with float steps the second ``Quant`` divides ``fl32(c8 d8)`` by ``2^shift d8``,
@@ -137,7 +137,12 @@ def to_qonnx(imodel: IntegerModel, path: str | os.PathLike, *, codes_outputs: bo
     lo, hi = imodel.input_range
     iq = imodel.input_quant
     in_bits, in_signed = int(iq.spec.bits), bool(iq.signed)
-    names[imodel.input_name] = quant("input", imodel.input_name, np.array(float(imodel.input_scale)), in_bits,
+    src_in = "input"
+    if imodel.input_gain != 1.0:  # the host's gain (fold_input_gain): a float32 Mul, as the quantizer computes it
+        src_in = g.uniq("input.gained")
+        gain = g.const("input.gain", np.array(imodel.input_gain, dtype=np.float32))
+        g.nodes.append(g.h.make_node("Mul", ["input", gain], [src_in], name=g.uniq("input.Mul")))
+    names[imodel.input_name] = quant(src_in, imodel.input_name, np.array(float(imodel.input_scale)), in_bits,
                                      in_signed, _narrow("input", in_bits, in_signed, lo, hi),
                                      shapes[imodel.input_name])
     for op in imodel.ops:
@@ -271,6 +276,8 @@ def run_numpy(path_or_model, x: np.ndarray) -> dict[str, np.ndarray]:
             y = np.maximum(i[0], np.float32(0))
         elif t == "Add":
             y = _f32(i[0] + i[1])
+        elif t == "Mul":  # the input gain: float32 times float32, correctly rounded as onnxruntime's
+            y = (i[0].astype(np.float32) * i[1].astype(np.float32)).astype(np.float32)
         elif t == "Identity":
             y = i[0]
         elif t in ("Max", "Min"):

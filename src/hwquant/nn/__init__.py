@@ -1,6 +1,6 @@
 """Quantized layers and the model transforms that build them."""
 
-from .fold import conv_bn_pairs, fold_batchnorm, fold_conv_bn
+from .fold import conv_bn_pairs, fold_batchnorm, fold_conv_bn, fold_input_gain
 from .graph import LayerPositions, layer_positions, trace
 from .layers import LUT_ACTIVATIONS, QUANT_LAYERS, QuantAct, QuantConv2d, QuantLinear, QuantLUTAct
 from .quantizer import FakeQuantizer
@@ -32,6 +32,7 @@ __all__ = [
     "conv_bn_pairs",
     "fold_batchnorm",
     "fold_conv_bn",
+    "fold_input_gain",
     "layer_positions",
     "float_eval_layers",
     "quant_layers",

@@ -1,4 +1,5 @@
-"""Fold BatchNorm into the preceding convolution (hardware has no BatchNorm).
+"""Fold BatchNorm into the preceding convolution (hardware has no BatchNorm), and an input gain into the layer
+that reads the image (:func:`fold_input_gain`).
 
 For ``y = BN(conv(x))`` with running statistics ``mu, var``, affine ``gamma, beta`` and ``eps``::
 
@@ -15,6 +16,8 @@ integer layer can do: folding it is a :class:`~hwquant.errors.ConfigError` namin
 from __future__ import annotations
 
 import copy
+import math
+from collections.abc import Mapping
 
 import torch
 import torch.fx
@@ -79,3 +82,52 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, nn.Identity())
     return model
+
+
+@torch.no_grad()
+def fold_input_gain(layers: Mapping[str, nn.Module]) -> float:
+    """Make the quantized layers that read the model input through one input quantizer (usually one layer;
+    several where a stem is split in branches that share it) use a power-of-two input step, computing the same.
+
+    The calibrated input step ``s`` (per tensor, zero point 0) becomes ``p = 2^round(log2 s)`` with the input
+    gain ``g = fl32(p / s)`` (:meth:`~hwquant.nn.FakeQuantizer.set_input_gain`), and every layer's float
+    weights become ``W / g`` (biases unchanged), so ``conv(g x, W / g) = conv(x, W)`` and the input codes
+    ``rne(g x / p)`` are those of ``rne(x / s)`` (up to the rounding of ``g`` and of ``g x``).  The host applies
+    ``g`` to the normalised image (fold it into the normalisation's standard deviation: ``std / g``), so the
+    integer datapath sees power-of-two scales only: the accumulator scale ``p * s_w`` and every requantization
+    stay shifts.  Calibrated weight quantizers are refitted to the new weights.  Returns ``g`` (1.0 when ``s``
+    is already a power of two: nothing changes).
+
+    Raises:
+        ConfigError: naming the layer: no calibrated per-tensor symmetric input quantizer, one not shared by
+            the others, or one that already has a gain.
+    """
+    if not layers:
+        raise ConfigError("fold_input_gain needs at least one layer")
+    items = list(layers.items())
+    name, first = items[0]
+    iq = getattr(first, "input_quant", None)
+    if iq is None or not (iq.enabled and iq.calibrated) or iq.axis is not None or not iq.spec.symmetric \
+            or iq.windowed:
+        raise ConfigError(f"{name}: an input gain needs a calibrated per-tensor input quantizer with zero point 0 "
+                          "and a plain step")
+    for other, layer in items[1:]:
+        if getattr(layer, "input_quant", None) is not iq:
+            raise ConfigError(f"{other}: does not share {name}'s input quantizer (fold each quantizer's layers "
+                              "together)")
+    if iq.input_gain != 1.0:
+        raise ConfigError(f"{name}: its input quantizer already has an input gain ({iq.input_gain:g})")
+    s = float(iq.scale)
+    p = 2.0 ** round(math.log2(s))
+    if p == s:
+        return 1.0
+    g = iq.set_input_gain(p / s)
+    iq.scale = torch.full_like(iq.scale, p)
+    for _, layer in items:
+        layer.weight.copy_((layer.weight.double() / g).to(layer.weight.dtype))
+        wq = getattr(layer, "weight_quant", None)
+        if wq is not None and wq.calibrated:
+            enabled = wq.enabled
+            wq.calibrate_from(layer.weight.detach())
+            wq.enabled = enabled
+    return g

@@ -28,6 +28,14 @@ A bit-window quantizer (``spec.clip_at="window"``, :mod:`hwquant.numerics.window
 ``window_shift``, the shift ``s`` its observer chose: ``scale`` is the effective step ``2^s * d8``, the tracked
 modes keep ``clip_ratio = 2^s`` (``d8`` follows the peak of the ``step_bits`` range), and codes are the
 two-stage ``sat_bits(rne(sat_8(rne(x / d8)) / 2^s))``.
+
+**Input gain** (``input_gain``, default 1; :meth:`set_input_gain`): a float32 factor ``g`` applied to the
+input before anything else, in every mode and also when the quantizer is off (``forward(x) = q(fl32(x * g))``,
+``codes(x) = codes(fl32(x * g))``).  It exists for the quantizer of the model input: the host scales the
+normalised image by ``g`` (a change of the normalisation's constants, so free) and the layer that reads it holds
+weights ``W / g`` (:func:`~hwquant.nn.fold.fold_input_gain`), so a non-power-of-two image step becomes a
+power-of-two step on the scaled image and the integer datapath keeps shifts only.  Integer export refuses a
+gain anywhere else (inside the datapath it would be a multiplier).  Saved in the extra state.
 """
 
 from __future__ import annotations
@@ -86,6 +94,7 @@ class FakeQuantizer(nn.Module):
         self.observer = None
         self.calib_info: dict = {}  # observer.summary() of the last calibration, for reports
         self._checked: torch.Tensor | None = None  # the scale tensor last validated by forward
+        self.input_gain = 1.0  # a float32 value (see the module docstring)
         mode = spec.range_mode
         if mode in ("dynamic", "ema"):
             self.register_buffer("clip_ratio", torch.empty(0))
@@ -158,12 +167,22 @@ class FakeQuantizer(nn.Module):
             raise RuntimeError("quantizer is not calibrated")
         return QuantParams(self.scale, self.zero_point, self.spec.bits, bool(self.signed), self.axis, self.spec.narrow)
 
+    def set_input_gain(self, gain: float) -> float:
+        """Set the input gain (rounded to float32; finite and > 0); returns the value set."""
+        g = float(gain) if isinstance(gain, (int, float)) and not isinstance(gain, bool) else math.nan
+        g32 = float(torch.tensor(g, dtype=torch.float32)) if math.isfinite(g) else math.nan
+        if not (math.isfinite(g32) and g32 > 0):
+            raise ValueError(f"an input gain must be a finite number > 0 (in float32), got {gain!r}")
+        self.input_gain = g32
+        return g32
+
     def get_extra_state(self) -> dict:
-        return {"signed": self.signed, "enabled": self.enabled}
+        return {"signed": self.signed, "enabled": self.enabled, "input_gain": self.input_gain}
 
     def set_extra_state(self, state: dict) -> None:
         self.signed = state["signed"]
         self.enabled = state["enabled"]
+        self.set_input_gain(state.get("input_gain", 1.0))  # checkpoints from before the gain: 1
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Buffers start empty and take the checkpoint's shapes (per-tensor or per-channel).
@@ -247,6 +266,8 @@ class FakeQuantizer(nn.Module):
         return fake_quantize_trusted(x, s, None, qmin, qmax, self.spec.rounding, self.generator, self.axis, lsq=lsq)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_gain != 1.0:  # also when off: the layer's weights hold 1 / gain
+            x = x * self.input_gain
         if self.observing:
             self.observer.update(x)
         if not (self.enabled and self.calibrated):
@@ -272,6 +293,8 @@ class FakeQuantizer(nn.Module):
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes of ``x`` with the current parameters (for export and tests)."""
+        if self.input_gain != 1.0:
+            x = x * self.input_gain
         if self.windowed:
             d8 = shape_param(self.base_step().to(x.dtype), x, self.axis)
             c = window_codes(x, d8, int(self.window_shift), self.spec.bits, self.spec.q_step_bits, bool(self.signed))
@@ -296,5 +319,6 @@ class FakeQuantizer(nn.Module):
             step += f", window_shift={int(self.window_shift)}"
         mode = "" if s.range_mode == "static" else f", range_mode={s.range_mode}"
         p2 = ", pow2" if s.pow2 else ""
+        p2 += f", input_gain={self.input_gain:.9g}" if self.input_gain != 1.0 else ""
         return (f"bits={s.bits}, {sign}, {s.granularity}, rounding={s.rounding}{step}{mode}{p2}, "
                 f"enabled={self.enabled}")
