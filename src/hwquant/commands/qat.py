@@ -163,7 +163,11 @@ def run_qat(cfg: QATOptions) -> dict[str, Any]:
     if dist_info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(out, cfg)
-    say(f"{cfg.method} W{cfg.w_bits}A{cfg.a_bits}: fp32 {fp32['top1']:.2f}%, before fine-tuning "
+    # what is trained: the method and its widths; the fp32 control keeps float weights and activations (and says
+    # when its gradients are quantized)
+    what = f"{cfg.method} W{cfg.w_bits}A{cfg.a_bits}" if qcfg is not None else "fp32 (BN-folded)"
+    what += f", G{cfg.grad_bits} gradients" if cfg.grad_bits is not None else ""
+    say(f"{what}: fp32 {fp32['top1']:.2f}%, before fine-tuning "
          f"{start['top1']:.2f}%; fine-tuning {cfg.epochs} epochs at lr {cfg.lr:g}")
     if isinstance(qcfg, MPQConfig):
         total = len(loaders.train) * cfg.epochs
@@ -189,7 +193,7 @@ def run_qat(cfg: QATOptions) -> dict[str, Any]:
         save_checkpoint(out / "model.pt", {"model": qmodel.state_dict(), "model_args": ck["model_args"],
                                            "data": d, "qat": meta, "metrics": final, "history": history})
         write_json(out / "qat.json", result)
-    say(f"{cfg.method} W{cfg.w_bits}A{cfg.a_bits}: top-1 {final['top1']:.2f}% (fp32 {fp32['top1']:.2f}%, "
+    say(f"{what}: top-1 {final['top1']:.2f}% (fp32 {fp32['top1']:.2f}%, "
          f"start {start['top1']:.2f}%) -> {out / 'model.pt'}")
     for w in float_eval_warnings(result["float_eval_layers"]):
         say(f"warning: {w}")
