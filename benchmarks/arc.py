@@ -20,9 +20,9 @@ ARCConfig's default rule, the default with nearest rounding, RTZ + DSGC; seeds 0
 for FP32, SR and the default at 8 bits.  Finished runs are read back (an interrupted benchmark resumes) and the
 results file is rewritten after every run;
 ``HWQUANT_ARC_ONLY=scratch:8`` runs a subset; ``HWQUANT_ARC_LATENCY=0`` keeps the earlier file's latency tables
-(an accuracy-only run, which other work on the machine cannot skew); ``HWQUANT_ARC_FINISHED_ONLY=1`` only reads back finished runs
-(the tables of a partial benchmark, with fresh latency figures).  The plot ``arc_clip.png`` shows the clip
-per layer over training: the default rule next to k = 3 and DSGC.
+(an accuracy-only run, which other work on the machine cannot skew); ``HWQUANT_ARC_FINISHED_ONLY=1`` only reads
+back finished runs (the tables of a partial benchmark, with fresh latency figures).  The plot ``arc_clip.png``
+shows the clip per layer over training: the default rule next to k = 3 and DSGC.
 """
 
 from __future__ import annotations

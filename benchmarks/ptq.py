@@ -18,7 +18,8 @@ point; the image layer's as a power of two times a host-side input gain, see
 :func:`hwquant.nn.fold.fold_input_gain`); the baselines' steps are arbitrary reals, which favours the baselines;
 ``ggd free steps`` is GGD PTQ without BFT with the exact GGD activation steps (not powers of two), which
 separates the density model from the fixed-point constraint; ``ggd image rounded`` is plain GGD with the image
-layer's step rounded to a power of two like the others (``image_gain=False``, the rule before the gain).  GGD+BFT twice: ``ggd+bft top1``
+layer's step rounded to a power of two like the others (``image_gain=False``, the rule before the gain).
+GGD+BFT twice: ``ggd+bft top1``
 scores BFT by calibration top-1 (the paper's criterion, no hold-out) and ``ggd+bft`` by the default (KL
 divergence from the float model's softmax on 512 images, each change checked on 256 held-out ones).  The
 GGD+BFT wall time (the whole PTQ including BFT) is reported.

@@ -3,8 +3,8 @@
 :func:`write_golden` runs an :class:`~hwquant.export.integer.IntegerModel` on a few inputs and writes, into one
 directory:
 
-* ``manifest.json``: format ``hwquant-golden-1``; the input (file, shape, bits, sign, scale, and ``gain``: the host's codes are
-  ``rne(fl32(x * gain) / scale)`` from the float image ``x``) and, in execution
+* ``manifest.json``: format ``hwquant-golden-1``; the input (file, shape, bits, sign, scale, and ``gain``:
+  the host's codes are ``rne(fl32(x * gain) / scale)`` from the float image ``x``) and, in execution
   order, every operation with its kind, inputs, output file, shape and bit width, and its parameters:
   requantization multiplier / shift / divisor and code range (and per-channel ``clip_lo`` / ``clip_hi`` code
   bounds where a ReLU6 / clamp saturates there); conv stride / padding / dilation / groups; add multipliers;

@@ -14,10 +14,11 @@
   Codes narrower than their type (CQAT's 5-bit weights ride in ``INT8``; a 4-bit activation in ``UINT8``) get
   a ``Clip`` at ``q_max * s`` before the quantizer, so the stored codes keep their range.  The input quantizer
   is the first of them (after a ``Mul`` by the input gain where the first layer has one, see
-  :func:`~hwquant.nn.fold.fold_input_gain`).  A bit-window requantization (CQAT ``step="window"``, :mod:`hwquant.numerics.window`)
-  is two: ``QuantizeLinear(d8)`` to the 8-bit code, ``DequantizeLinear(1)`` (the code as an exact float),
-  ``Clip`` to the window's range times ``2^shift``, ``QuantizeLinear(2^shift)`` (the shifter: an exact
-  division rounded half to even) and ``DequantizeLinear`` at the effective step ``2^shift * d8``.
+  :func:`~hwquant.nn.fold.fold_input_gain`).  A bit-window requantization (CQAT ``step="window"``,
+  :mod:`hwquant.numerics.window`) is two: ``QuantizeLinear(d8)`` to the 8-bit code, ``DequantizeLinear(1)``
+  (the code as an exact float), ``Clip`` to the window's range times ``2^shift``, ``QuantizeLinear(2^shift)``
+  (the shifter: an exact division rounded half to even) and ``DequantizeLinear`` at the effective step
+  ``2^shift * d8``.
 * ``conv2d`` / ``linear`` -> ``DequantizeLinear(int weights, per-channel scale, axis 0)`` and, for the bias,
   ``DequantizeLinear(int32 bias, s_x * s_w, axis 0)``, feeding a float ``Conv`` / ``Gemm``: the QDQ pattern
   onnxruntime fuses into ``QLinearConv`` / ``QGemm`` where the types allow.  Weight codes beyond +-64 (8-bit

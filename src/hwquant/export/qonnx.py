@@ -11,11 +11,12 @@ with ``[min_int, max_int]`` the ``bitwidth``-bit signed / unsigned (``narrow``: 
 graph is built here, one node group per :class:`~hwquant.export.integer.IntOp`, mirroring
 :func:`hwquant.export.onnx.to_onnx`:
 
-* the input quantizer (after a ``Mul`` by the input gain where the first layer has one) and every ``requant`` -> ``Quant(scale, zeropt 0, bits)`` with the op's own width,
-  sign and range (5-bit weights, 3/4/6-bit activations, 8-bit first/last layers, all natively); a bit-window
-  requantization (CQAT ``step="window"``) -> ``Quant(d8, 8 bits)`` then ``Quant(2^shift d8, bits)``: exact
-  with power-of-two steps; with float steps the second ``Quant`` divides ``fl32(c8 d8)`` by ``2^shift d8``,
-  which can miss a shifter tie by an ulp (the QDQ graph takes the codes as exact floats instead);
+* the input quantizer (after a ``Mul`` by the input gain where the first layer has one) and every ``requant``
+  -> ``Quant(scale, zeropt 0, bits)`` with the op's own width, sign and range (5-bit weights, 3/4/6-bit
+  activations, 8-bit first/last layers, all natively); a bit-window requantization (CQAT ``step="window"``)
+  -> ``Quant(d8, 8 bits)`` then ``Quant(2^shift d8, bits)``: exact with power-of-two steps; with float steps
+  the second ``Quant`` divides ``fl32(c8 d8)`` by ``2^shift d8``, which can miss a shifter tie by an ulp (the
+  QDQ graph takes the codes as exact floats instead);
 * ``conv2d`` / ``linear`` -> a float initializer ``fl32(q_w * s_w)`` through a per-channel ``Quant``
   (``scale`` shaped ``[C, 1, 1, 1]`` / ``[C, 1]``, which qonnx broadcasts; ``w_bits``, signed, not narrow:
   the integer model does not record a weight quantizer's ``narrow``, and the wider range holds every code),
