@@ -30,7 +30,7 @@ SCORED, HELD_OUT = 128, 256  # the demo's
 
 def main(quick: bool = False, out_dir: str | os.PathLike | Path | None = None) -> dict[str, Any]:
     from hwquant.methods import GGDPTQConfig, ptq
-    from hwquant.methods.ggd_ptq import CalibScorer, backward_forward_tuning
+    from hwquant.methods.bft import CalibScorer, backward_forward_tuning
     from hwquant.nn import fold_batchnorm
     from hwquant.pipelines import checkpoint_loaders, load_model
 

@@ -85,7 +85,7 @@ def test_bft_top1_criterion_keeps_the_papers_ordering(digits_small_cnn):
 def test_kl_divergence_by_hand_and_scipy():
     from scipy.stats import entropy
 
-    from hwquant.methods.ggd_ptq import kl_divergence
+    from hwquant.methods.bft import kl_divergence
 
     ref = torch.tensor([[0.0, math.log(3.0)], [1.0, -2.0]], dtype=torch.float64)
     q = torch.tensor([[0.0, 0.0], [0.5, 0.5]], dtype=torch.float64)
@@ -122,7 +122,7 @@ def test_bft_holdout_rejects_what_only_the_scored_images_like(digits_small_cnn, 
     """Every candidate that improves the scored images is checked on the hold-out: a hold-out that always gets
     worse rejects them all (no change kept, scored images untouched); one that always gets better rejects
     none (the changes BFT makes without a hold-out)."""
-    from hwquant.methods.ggd_ptq import CalibScorer, backward_forward_tuning
+    from hwquant.methods.bft import CalibScorer, backward_forward_tuning
 
     model, loaders = digits_small_cnn
     # without the image gain BFT finds changes here (with it, none on these images)
@@ -144,7 +144,7 @@ def test_bft_holdout_rejects_what_only_the_scored_images_like(digits_small_cnn, 
 
 
 def test_calib_scorer_skips_to_the_held_out_images(digits_small_cnn):
-    from hwquant.methods.ggd_ptq import CalibScorer
+    from hwquant.methods.bft import CalibScorer
 
     model, loaders = digits_small_cnn
     all_x = torch.cat([b[0] for b in loaders.calib])
@@ -221,7 +221,7 @@ def test_bft_prefix_cache_changes_nothing_but_the_work(digits_small_cnn, name):
     """BFT replaying the layers before the tuned one gives the same changes and scores as recomputing them,
     on nets with a residual add, in-place ReLU / ReLU6 and in-place arithmetic on conv outputs (a replayed
     tensor that is not a copy would show here) and a shared input quantizer; and it does replay."""
-    from hwquant.methods.ggd_ptq import CalibScorer, backward_forward_tuning
+    from hwquant.methods.bft import CalibScorer, backward_forward_tuning
 
     if name == "digits":
         model, loaders = digits_small_cnn

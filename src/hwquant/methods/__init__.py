@@ -2,7 +2,8 @@
 
 from .arc import ARCConfig, ARCHandle, prepare_arc
 from .base import PTQ_HANDLERS, ptq, register_ptq
-from .ggd_ptq import GGDPTQConfig, backward_forward_tuning
+from .bft import backward_forward_tuning
+from .ggd_ptq import GGDPTQConfig
 from .minmax import MinMaxPTQConfig, ObserverPTQConfig, observer_ptq
 from .mpq import MixedWeightQuantizer, MPQConfig, mpq_summary, schedule_mpq
 from .qat import QAT_CONFIGS, CQATConfig, LSQConfig, PACTConfig, STEConfig, build_qat_model, prepare_qat, qat_summary
