@@ -128,6 +128,22 @@ class GradQuantOptions:
     grad_weight: bool = field(default=True, metadata=doc("ARC: quantize each layer's weight gradient"))
 
 
+
+@dataclass(frozen=True)
+class TrainingOptions(GradQuantOptions):
+    """What ``hwquant train`` and ``hwquant qat`` share besides ARC: the optimizer's batch, momentum and warmup,
+    augmentation, and where and how the run executes."""
+
+    batch_size: int = field(default=128, metadata=doc("training batch size (per process)"))
+    momentum: float = field(default=0.9, metadata=doc("SGD momentum (Nesterov)"))
+    warmup_epochs: float = field(default=0.0, metadata=doc("linear warmup epochs"))
+    augment: bool = field(default=True, metadata=doc("train-time augmentation (crop, flip)"))
+    channels_last: bool = field(default=True, metadata=doc("channels-last memory format (faster on CPU)"))
+    device: str = field(default="auto", metadata=doc(DEVICE_HELP, DEVICES))
+    threads: int | None = field(default=None, metadata=doc("torch CPU threads"))
+    resume: bool = field(default=False, metadata=doc("resume from OUT/last.pt"))
+    progress: bool = field(default=True, metadata=doc("show progress bars"))
+
 def arc_config(opts) -> ARCConfig | None:
     """The ARC gradient-quantization config of train/qat options (``None`` when ``grad_bits`` is unset)."""
     cfg = ARCConfig(bits=8 if opts.grad_bits is None else opts.grad_bits, rounding=opts.grad_rounding,

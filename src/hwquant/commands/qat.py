@@ -10,15 +10,14 @@ from typing import Any
 import torch
 
 from ..data import make_loaders
-from ..device import DEVICES, on_device, resolve_device
+from ..device import on_device, resolve_device
 from ..errors import CheckpointError, ConfigError
 from ..methods import QAT_CONFIGS, CQATConfig, MPQConfig, mpq_summary, prepare_qat, qat_summary, schedule_mpq
 from ..nn import float_eval_layers, fold_batchnorm
 from ..train import TrainConfig, evaluate, fit, save_checkpoint
 from ..train.distributed import init_from_env, rank_device
 from .common import (
-    DEVICE_HELP,
-    GradQuantOptions,
+    TrainingOptions,
     arc_config,
     check_choice,
     check_device,
@@ -41,7 +40,7 @@ QAT_METHODS = ("cqat", "ste", "pact", "lsq", "mpq", "fp32")
 
 
 @dataclass(frozen=True)
-class QATOptions(GradQuantOptions):
+class QATOptions(TrainingOptions):
     """``hwquant qat``: quantization-aware fine-tuning of a trained float checkpoint (CQAT or a baseline)."""
 
     checkpoint: str = field(default="runs/train/model.pt", metadata=doc("float checkpoint from hwquant train"))
@@ -78,23 +77,14 @@ class QATOptions(GradQuantOptions):
     pow2_step: str = field(default="round", metadata=doc(
         "cqat --pow2: the MSE step rounded to a power of two, or the MSE-best power of two", ("round", "search")))
     epochs: int = field(default=2, metadata=doc("fine-tuning epochs"))
-    batch_size: int = field(default=128, metadata=doc("training batch size (per process)"))
     lr: float = field(default=0.005, metadata=doc("peak learning rate (cosine decay to 0)"))
-    momentum: float = field(default=0.9, metadata=doc("SGD momentum (Nesterov)"))
     weight_decay: float = field(default=5e-4, metadata=doc("L2 weight decay (not on biases / steps)"))
     grad_clip: float | None = field(default=2.0, metadata=doc(
         "clip the global gradient norm (the BN-folded network has no normalisation; none: off)"))
-    warmup_epochs: float = field(default=0.0, metadata=doc("linear warmup epochs"))
-    augment: bool = field(default=True, metadata=doc("train-time augmentation (crop, flip)"))
     calib_batches: int | None = field(default=8, metadata=doc("calibration batches to initialise the steps"))
     seed: int = field(default=0, metadata=doc("seed for data order and augmentation"))
-    channels_last: bool = field(default=True, metadata=doc("channels-last memory format (faster on CPU)"))
     data_dir: str | None = field(default=None, metadata=doc("dataset directory (default: as in the checkpoint)"))
-    device: str = field(default="auto", metadata=doc(DEVICE_HELP, DEVICES))
-    threads: int | None = field(default=None, metadata=doc("torch CPU threads"))
     out: str = field(default="runs/qat", metadata=doc("output directory"))
-    resume: bool = field(default=False, metadata=doc("resume from OUT/last.pt"))
-    progress: bool = field(default=True, metadata=doc("show progress bars"))
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, QAT_METHODS)

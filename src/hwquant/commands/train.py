@@ -9,17 +9,16 @@ from typing import Any
 import torch
 
 from ..data import default_calibration, make_loaders, resolve_dataset, split_record
-from ..device import DEVICES, resolve_device
+from ..device import resolve_device
 from ..errors import ConfigError
 from ..models import list_models
 from ..train import TrainConfig, evaluate, fit, save_checkpoint
 from ..train.distributed import init_from_env, rank_device
 from .common import (
     DATASETS,
-    DEVICE_HELP,
     IMAGE_SIZE_HELP,
     MODEL_HELP,
-    GradQuantOptions,
+    TrainingOptions,
     arc_config,
     check_choice,
     check_device,
@@ -40,7 +39,7 @@ from .common import (
 
 
 @dataclass(frozen=True)
-class TrainOptions(GradQuantOptions):
+class TrainOptions(TrainingOptions):
     """``hwquant train``: train a float model and save ``model.pt``."""
 
     model: str = field(default="resnet20", metadata=doc(MODEL_HELP.format(names=", ".join(list_models()))))
@@ -51,23 +50,14 @@ class TrainOptions(GradQuantOptions):
     fallback: bool = field(default=True, metadata=doc("fall back to sklearn digits if Fashion-MNIST is missing"))
     width: float = field(default=1.0, metadata=doc("channel width multiplier"))
     epochs: int = field(default=4, metadata=doc("training epochs"))
-    batch_size: int = field(default=128, metadata=doc("training batch size (per process)"))
     lr: float = field(default=0.1, metadata=doc("peak learning rate (cosine decay to 0)"))
-    momentum: float = field(default=0.9, metadata=doc("SGD momentum (Nesterov)"))
     weight_decay: float = field(default=5e-4, metadata=doc("L2 weight decay (not on BN/bias)"))
-    warmup_epochs: float = field(default=0.0, metadata=doc("linear warmup epochs"))
     label_smoothing: float = field(default=0.0, metadata=doc("label smoothing"))
-    augment: bool = field(default=True, metadata=doc("train-time augmentation (crop, flip)"))
     calib_size: int | None = field(default=None, metadata=doc(
         "training images held out for calibration (none: 1000, or 200 for the small digits set; for folder at "
         "most a tenth of the training split)"))
     seed: int = field(default=0, metadata=doc("seed for init, data order and augmentation"))
-    channels_last: bool = field(default=True, metadata=doc("channels-last memory format (faster on CPU)"))
-    device: str = field(default="auto", metadata=doc(DEVICE_HELP, DEVICES))
-    threads: int | None = field(default=None, metadata=doc("torch CPU threads"))
     out: str = field(default="runs/train", metadata=doc("output directory"))
-    resume: bool = field(default=False, metadata=doc("resume from OUT/last.pt"))
-    progress: bool = field(default=True, metadata=doc("show progress bars"))
 
     def __post_init__(self) -> None:
         check_model(self.model)
