@@ -14,7 +14,7 @@ from torch import nn
 
 from .. import config as cfgmod
 from ..data import DATASET_NAMES, make_loaders, parse_image_size
-from ..device import DEVICES, supports_channels_last
+from ..device import DEVICES, resolve_device, supports_channels_last
 from ..errors import ConfigError
 from ..fileio import atomic_write_text
 from ..methods import ARCConfig, prepare_arc
@@ -24,7 +24,7 @@ from ..models.user import check_user_spec, is_user_spec
 from ..numerics.gradient import GRAD_CLIPS
 from ..saved import rebuild
 from ..train import evaluate, load_checkpoint
-from ..train.distributed import current
+from ..train.distributed import current, init_from_env, rank_device
 
 DATASETS = DATASET_NAMES
 
@@ -281,6 +281,19 @@ def check_output_dir(out: str | Path, what: str = "--out") -> Path:
 def check_resume(cfg, out: Path) -> None:
     if cfg.resume and not resumable(out):
         raise ConfigError(f"--resume: {out / 'last.pt'} not found (nothing to resume; drop --resume to start afresh)")
+
+
+def start_training(cfg: TrainingOptions):
+    """The start of a training command (``train``, ``qat``): threads, device, the ``torch.distributed`` process
+    group when launched by torchrun (each rank on its own device), the output directory checked and
+    ``--resume`` validated.  Returns ``(device, dist_info, out)``."""
+    set_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    dist_info = init_from_env(device=device)
+    device = rank_device(device)
+    out = check_output_dir(cfg.out)
+    check_resume(cfg, out)
+    return device, dist_info, out
 
 
 def limited(loader, images: int | None):

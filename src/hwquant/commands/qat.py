@@ -10,19 +10,16 @@ from typing import Any
 import torch
 
 from ..data import make_loaders
-from ..device import on_device, resolve_device
+from ..device import on_device
 from ..errors import CheckpointError, ConfigError
 from ..methods import QAT_CONFIGS, CQATConfig, MPQConfig, mpq_summary, prepare_qat, qat_summary, schedule_mpq
 from ..nn import float_eval_layers, fold_batchnorm
 from ..train import TrainConfig, evaluate, fit, save_checkpoint
-from ..train.distributed import init_from_env, rank_device
 from .common import (
     TrainingOptions,
     arc_config,
     check_choice,
     check_device,
-    check_output_dir,
-    check_resume,
     doc,
     float_eval,
     float_eval_warnings,
@@ -31,7 +28,7 @@ from .common import (
     save_arc_clips,
     save_config,
     say,
-    set_threads,
+    start_training,
     use_channels_last,
     write_json,
 )
@@ -123,12 +120,7 @@ def run_qat(cfg: QATOptions) -> dict[str, Any]:
     Reports the test accuracy of the float model, of the quantized model right after initialisation (the PTQ
     starting point) and after fine-tuning, and the loss curve.
     """
-    set_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    dist_info = init_from_env(device=device)
-    device = rank_device(device)
-    out = check_output_dir(cfg.out)
-    check_resume(cfg, out)
+    device, dist_info, out = start_training(cfg)
     model, ck = load_model(cfg.checkpoint)
     if "ptq" in ck or "qat" in ck:
         raise CheckpointError(f"{cfg.checkpoint} is already quantized; give the float checkpoint")

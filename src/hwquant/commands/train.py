@@ -9,11 +9,9 @@ from typing import Any
 import torch
 
 from ..data import default_calibration, make_loaders, resolve_dataset, split_record
-from ..device import resolve_device
 from ..errors import ConfigError
 from ..models import list_models
 from ..train import TrainConfig, evaluate, fit, save_checkpoint
-from ..train.distributed import init_from_env, rank_device
 from .common import (
     DATASETS,
     IMAGE_SIZE_HELP,
@@ -24,15 +22,13 @@ from .common import (
     check_device,
     check_image_size,
     check_model,
-    check_output_dir,
-    check_resume,
     doc,
     install_arc,
     save_arc_clips,
     save_config,
     say,
     seeded_model,
-    set_threads,
+    start_training,
     use_channels_last,
     write_json,
 )
@@ -78,12 +74,7 @@ class TrainOptions(TrainingOptions):
 
 def run_train(cfg: TrainOptions) -> dict[str, Any]:
     """Train a float model; writes OUT/model.pt, OUT/last.pt, OUT/metrics.json, OUT/config.yaml."""
-    set_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    dist_info = init_from_env(device=device)
-    device = rank_device(device)
-    out = check_output_dir(cfg.out)
-    check_resume(cfg, out)
+    device, dist_info, out = start_training(cfg)
     dataset, message = resolve_dataset(cfg.dataset, cfg.data_dir, fallback=cfg.fallback)
     if message:
         say(message)
