@@ -346,3 +346,23 @@ def test_statistics_do_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(before)
     assert got[0] == got[1] == got[2]
+
+
+@pytest.mark.parametrize("rounding", ["zero", "nearest"])
+@pytest.mark.parametrize("bits", [3, 8])
+def test_dsgc_cosines_equal_the_code_matrix(rounding, bits):
+    """DSGC's sorted-threshold cosines equal cos(g, codes) computed from the codes themselves, also with
+    elements placed exactly on code boundaries (k / r and half-way points)."""
+    from hwquant.numerics.gradient import _codes_torch, _dsgc_cosines, _multipliers
+
+    q = 2 ** (bits - 1) - 1
+    g = _g(20_000, seed=bits)
+    mx = float(g.abs().max())
+    c = torch.tensor([mx * 2.0 ** (-j / 4) for j in range(40)], dtype=torch.float64)
+    r = _multipliers(c, q)
+    edges = torch.cat([(torch.arange(0, q + 1, 0.5) / r[j]).float() for j in (0, 7, 20)])
+    g = torch.cat([g, edges, -edges, torch.nextafter(edges, torch.zeros(()))])
+    codes = _codes_torch(g.unsqueeze(0), r.unsqueeze(1), q, rounding, None).double()
+    want = (codes @ g.double()) / (g.double().norm() * codes.norm(dim=1))
+    got = _dsgc_cosines(g, r, q, rounding)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

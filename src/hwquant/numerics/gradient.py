@@ -267,28 +267,62 @@ def _codes_torch(g: torch.Tensor, r: float | torch.Tensor, q: int, rounding: str
 
 
 def _dsgc_clip(g: torch.Tensor, bits: int, mx: float, rounding: str) -> float:
-    """Clip maximising cos(g, g_hat) on a strided subsample (see the module docstring)."""
+    """Clip maximising cos(g, g_hat) on a strided subsample (see the module docstring), every candidate from
+    one sort (:func:`_dsgc_cosines`); the first of equal cosines wins."""
     flat = g.detach().reshape(-1).float()
     if flat.numel() > _DSGC_SAMPLES:
         flat = flat[:: flat.numel() // _DSGC_SAMPLES][:_DSGC_SAMPLES]
     q = 2 ** (bits - 1) - 1
-    norm = float(flat.norm())
-    if norm == 0.0:
+    if float(flat.norm()) == 0.0:
         return mx
-    best, best_c = -2.0, mx
+    cands = [mx * 2.0 ** (-j / 4) for j in range(_DSGC_GRID)]
+    cands = [cv for cv in cands if float(torch.tensor(cv / q, dtype=torch.float32)) > 0]  # (subnormal max|g|)
+    if not cands:
+        return mx
     metric_rounding = "nearest" if rounding == "stochastic" else rounding  # a deterministic metric
-    for j in range(_DSGC_GRID):
-        c = mx * 2.0 ** (-j / 4)
-        s = float(torch.tensor(c / q, dtype=torch.float32))
-        if s <= 0:
+    cos = _dsgc_cosines(flat.cpu(), _multipliers(torch.tensor(cands, dtype=torch.float64), q), q, metric_rounding)
+    return cands[int(torch.argmax(cos))]
+
+
+def _dsgc_cosines(flat: torch.Tensor, r: torch.Tensor, q: int, rounding: str) -> torch.Tensor:
+    """``cos(g, codes_j)`` (the step does not change a cosine) for the float32 multipliers ``r`` (one per
+    candidate), ``codes_j = clamp(R(fl32(g * r_j)), -q, q)`` with ``R`` = ``zero`` or ``nearest`` (half to even).
+
+    Both roundings are odd and monotone, so on ``a = sort(|g|)`` the codes are a step function: with ``t_jk``
+    the smallest float32 ``a`` whose code is ``>= k`` (found exactly: a float estimate moved by ulps until the
+    rounding itself says it is the boundary), ``sum_i |g_i| |code_i| = sum_k sum(a >= t_jk)`` and
+    ``sum_i code_i^2 = sum_k (2k - 1) #(a >= t_jk)`` - one sort and ``len(r) * q`` binary searches instead of
+    a ``len(r) x n`` code matrix (the same cosines as the codes give, up to float64 summation order)."""
+    a, _ = flat.abs().sort()
+    n = a.numel()
+    suffix = torch.cat([a.double().flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=torch.float64)])
+    norm = float(a.double().pow(2).sum().sqrt())
+    k = torch.arange(1, q + 1, dtype=torch.float32)
+    rr = r.float().unsqueeze(1)  # (candidates, 1)
+
+    def code_ge(t: torch.Tensor) -> torch.Tensor:  # R(fl32(t * r)) >= k, elementwise over (candidates, q)
+        return round_(t * rr, rounding) >= k
+
+    t = ((k - (0.5 if rounding == "nearest" else 0.0)).double() / r.double().unsqueeze(1)).float()
+    inf, zero = torch.tensor(math.inf), torch.tensor(0.0)
+    for _ in range(4):  # down while the float below is still in the code's set, up while t is not
+        below = torch.nextafter(t, zero)
+        move = code_ge(below) & (t > 0)
+        if not bool(move.any()):
             break
-        r = _multiplier(c, q)
-        gh = _codes_torch(flat, r, q, metric_rounding, None).mul_(s)
-        nh = float(gh.norm())
-        cos = float(flat @ gh) / (norm * nh) if nh > 0 else -1.0
-        if cos > best:
-            best, best_c = cos, c
-    return best_c
+        t = torch.where(move, below, t)
+    for _ in range(4):
+        move = ~code_ge(t)
+        if not bool(move.any()):
+            break
+        t = torch.where(move, torch.nextafter(t, inf), t)
+    if not bool((code_ge(t) & ~(code_ge(torch.nextafter(t, zero)) & (t > 0))).all()):  # pragma: no cover
+        raise RuntimeError("DSGC: a code boundary was not found within 4 ulps")
+    idx = torch.searchsorted(a, t.reshape(-1), side="left").reshape(t.shape)  # first element >= t_jk
+    count = (n - idx).double()
+    dot = suffix[idx].sum(dim=1)
+    nh = (count * (2 * k.double() - 1)).sum(dim=1).sqrt()
+    return torch.where(nh > 0, dot / (norm * nh), torch.full_like(nh, -1.0))
 
 
 def gradient_clip(g: torch.Tensor, bits: int = 8, clip: str = "zscore", k: float = 3.0,
