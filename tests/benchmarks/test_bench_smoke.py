@@ -349,3 +349,22 @@ def test_arc_accuracy_only_run_keeps_the_latency_tables(tmp_path, monkeypatch):
     assert out["results"]["quantizer"] == q and out["results"]["train_step"] == ts
     assert out["results"]["latency_measured"] == "2026-01-01T00:00:00"
     assert "Measured 2026-01-01T00:00:00 (not rerun" in out["table"]
+
+
+def test_ptq_quick_has_the_bias_corrected_columns_and_keeps_rows(tmp_path, monkeypatch):
+    from benchmarks import ptq as bench_ptq
+
+    monkeypatch.setenv(common.RESULTS_ENV, str(tmp_path))
+    monkeypatch.setenv("HWQUANT_BENCH_RUNS", str(tmp_path / "runs"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench_ptq, "synthetic", lambda quick: [])  # (the observers' own tests cover it)
+    res = bench_ptq.main(quick=True)["results"]
+    (row,) = res["model"]
+    for m in bench_ptq.METHODS:
+        assert 0.0 <= row[m] <= 100.0, m
+    assert row["ggd+bft - best other"] == row["ggd+bft"] - max(row[m] for m in bench_ptq.BASELINES)
+    assert "mse+bc" in (tmp_path / "ptq.md").read_text()
+    # a subset run that does not select the quick row keeps it as it was (nothing rerun)
+    monkeypatch.setenv("HWQUANT_PTQ_ONLY", "W8A8")
+    again = bench_ptq.main(quick=True)["results"]
+    assert again["model"] == [row]

@@ -85,6 +85,9 @@ class PTQOptions:
     first_last_bits: int | None = field(default=None, metadata=doc("bits of the first and last layer (none: same)"))
     rounding: str = field(default="nearest", metadata=doc("rounding mode"))
     calib_batches: int | None = field(default=None, metadata=doc("max calibration batches (none: all)"))
+    bias_correction: bool = field(default=False, metadata=doc(
+        "after calibration, subtract each layer's mean output shift (quantized vs float, on the calibration "
+        "images) from its bias"))
     data_dir: str | None = field(default=None, metadata=doc("dataset directory (default: as in the checkpoint)"))
     batch_size: int = field(default=256, metadata=doc("calibration / evaluation batch size"))
     device: str = field(default="auto", metadata=doc(DEVICE_HELP, DEVICES))
@@ -124,7 +127,8 @@ class PTQOptions:
                                 power_of_two=self.power_of_two, image_gain=self.image_gain, bias=self.bias,
                                 first_last_bits=self.first_last_bits,
                                 bft=self.bft, bft_samples=self.bft_samples, bft_criterion=self.bft_criterion,
-                                bft_holdout=self.bft_holdout, calib_batches=self.calib_batches)
+                                bft_holdout=self.bft_holdout, calib_batches=self.calib_batches,
+                                bias_correction=self.bias_correction)
         args: dict[str, Any] = {}
         if self.method == "percentile":
             args = {"percentile": self.percentile}
@@ -133,7 +137,8 @@ class PTQOptions:
         per_channel = True if self.per_channel is None else self.per_channel
         return ObserverPTQConfig(observer=self.method, observer_args=args, w_bits=self.w_bits, a_bits=self.a_bits,
                                  per_channel=per_channel, first_last_bits=self.first_last_bits,
-                                 rounding=self.rounding, calib_batches=self.calib_batches)
+                                 rounding=self.rounding, calib_batches=self.calib_batches,
+                                 bias_correction=self.bias_correction)
 
 
 def quantize_checkpoint(model: nn.Module, ck: dict[str, Any], cfg: PTQOptions, loaders) -> tuple[nn.Module, dict]:
@@ -206,6 +211,12 @@ def run_ptq(cfg: PTQOptions) -> dict[str, Any]:
     if gains:
         print("input gain (the host multiplies the normalised image by it before quantizing; equivalently divide "
               "the normalisation's std by it): " + ", ".join(f"{n} {g:.9g}" for n, g in gains.items()))
+    bc = report.get("bias_correction")
+    if bc:
+        worst = max(bc["corrected"].items(), key=lambda kv: kv[1], default=("-", 0.0))
+        print(f"bias correction: {len(bc['corrected'])} layers on {bc['images']} calibration images, largest shift "
+              f"{worst[1]:.4g} ({worst[0]})" + (f"; no bias, left as is: {', '.join(bc['skipped'])}"
+                                               if bc["skipped"] else ""))
     for w in report.get("warnings", []) + float_eval_warnings(result["float_eval_layers"]):
         print(f"warning: {w}")
     return result

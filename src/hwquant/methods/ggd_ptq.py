@@ -20,10 +20,15 @@ Pipeline (``ptq(model, GGDPTQConfig(...), calib_loader)``):
    no BFT): a power-of-two image step puts the background atom (-0.81, half of the pixels) at -3.24 steps
    instead of -3.01 and costs 24.7 pt (65.99 % vs 90.65 % with every step free); freeing the image step alone
    gives 90.58 %, freeing any other single layer 64.96-79.55 %.
-4. **Biases** [rec]: ``bias="accumulator"`` stores the bias at the accumulator's scale
+4. **Bias correction** [rec, ``bias_correction``, off by default: not the paper's]: each layer's mean output
+   shift (quantized vs float, on the calibration images) is subtracted from its bias
+   (:func:`hwquant.nn.correct_bias`), layer by layer in the order they run.  It removes the systematic error
+   of atoms rounded against a coarse grid (a channel's background value after the image layer), which plain
+   GGD with 4-bit activations is very sensitive to (``benchmarks/results/ptq.md``).
+5. **Biases** [rec]: ``bias="accumulator"`` stores the bias at the accumulator's scale
    ``2^-(FL_w + FL_a)`` in ``accumulator_bits`` (32) bits, what an integer MAC array adds; ``bias="own"``
    gives it its own error-minimising FL in ``bias_bits`` bits (capped at ``FL_w + FL_a``).
-5. **Backward-forward tuning** (:mod:`hwquant.methods.bft`) [paper: adjust FLs per layer to maximise
+6. **Backward-forward tuning** (:mod:`hwquant.methods.bft`) [paper: adjust FLs per layer to maximise
    top-1/top-5; rec: sweep layers last to first, then first to last; at each layer try ``FL-1, FL, FL+1`` for
    the weights, then for the input activations, and keep the candidate with the best score on the first
    ``bft_samples`` calibration images].
@@ -52,6 +57,7 @@ from torch import nn
 
 from ..device import supports_channels_last
 from ..errors import ConfigError
+from ..nn.bias import correct_bias
 from ..nn.fold import fold_batchnorm, fold_input_gain
 from ..nn.graph import layer_positions
 from ..nn.quantizer import FakeQuantizer
@@ -88,6 +94,9 @@ class GGDPTQConfig:
         bft_criterion: ``"kl"`` (default), ``"logit_sqnr"`` or ``"top1"`` (see the module docstring).
         bft_holdout: further calibration images a kept change must not worsen (``0``: no check).
         calib_batches: calibration batches used to fit the GGDs (``None``: all).
+        bias_correction: after calibration (and the input gain's fold), subtract each layer's mean output
+            shift from its bias (:func:`hwquant.nn.correct_bias`; not part of the paper's method, off by
+            default).  BFT then tunes the corrected model.
         max_samples: activation values kept per layer for the GGD fit (a seeded reservoir).
         seed: seed of the reservoir sampling.
     """
@@ -107,6 +116,7 @@ class GGDPTQConfig:
     bft_criterion: str = "kl"
     bft_holdout: int = 256
     calib_batches: int | None = None
+    bias_correction: bool = False
     max_samples: int = 100_000
     seed: int = 0
 
@@ -267,6 +277,8 @@ def ggd_ptq(model: nn.Module, config: GGDPTQConfig, calib_loader: Iterable, *, p
         for group in by_quantizer.values():
             g = fold_input_gain(group)
             image_gain.update(dict.fromkeys(group, g))
+    corrected = (correct_bias(qmodel, float_model, calib_loader, max_batches=config.calib_batches)
+                 if config.bias_correction else None)
     if config.bias == "own":
         set_own_bias(qmodel, config.bias_bits, config.fl_radius)
     t_calib = time.perf_counter() - t0
@@ -295,6 +307,7 @@ def ggd_ptq(model: nn.Module, config: GGDPTQConfig, calib_loader: Iterable, *, p
         "warnings": warnings,
         "calib_batches": n,
         "image_gain": image_gain,
+        "bias_correction": corrected,
         "calib_labels": scorer.labels,
         "calib_before_bft": calib_before,
         "calib_after_bft": calib_after,

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..nn.bias import correct_bias
 from ..nn.fold import fold_batchnorm
 from ..nn.swap import LayerQuant, QuantRecipe, calibrate, quant_layers, quantize_model, set_quant_enabled
 from ..numerics.metrics import sqnr_db
@@ -46,6 +47,8 @@ class ObserverPTQConfig:
             uses ``w_bits`` / ``a_bits`` like every other layer.
         rounding: rounding mode of the quantizers.
         calib_batches: use at most this many calibration batches (``None``: all).
+        bias_correction: after calibration, subtract each layer's mean output shift from its bias
+            (:func:`hwquant.nn.correct_bias`; off by default, as in the published baselines).
     """
 
     observer: str = "minmax"
@@ -58,6 +61,7 @@ class ObserverPTQConfig:
     first_last_bits: int | None = None
     rounding: str = "nearest"
     calib_batches: int | None = None
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits, "w_bits")
@@ -144,15 +148,19 @@ def observer_ptq(
     fold_bn: bool = True,
     calib_batches: int | None = None,
     progress: bool = False,
+    bias_correction: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Fold BN, swap layers per ``recipe``, calibrate with the recipe's observers, and report."""
+    """Fold BN, swap layers per ``recipe``, calibrate with the recipe's observers (then correct the biases with
+    ``bias_correction``), and report."""
     float_model = fold_batchnorm(model) if fold_bn else _copy_eval(model)
     float_model.eval()
     qmodel = quantize_model(float_model, recipe)
     n = calibrate(qmodel, calib_loader, max_batches=calib_batches, progress=progress)
     set_quant_enabled(qmodel, True)
+    corrected = correct_bias(qmodel, float_model, calib_loader, max_batches=calib_batches) if bias_correction else None
     report = {
         "calib_batches": n,
+        "bias_correction": corrected,
         "layers": layer_table(qmodel),
         "sqnr_db": end_to_end_sqnr(float_model, qmodel, calib_loader, calib_batches),
     }
@@ -170,7 +178,7 @@ def minmax_ptq(model: nn.Module, config: ObserverPTQConfig, calib_loader: Iterab
     """Observer-based PTQ (see the module docstring)."""
     qmodel, report = observer_ptq(
         model, config.recipe(), calib_loader, fold_bn=config.fold_bn,
-        calib_batches=config.calib_batches, progress=progress,
+        calib_batches=config.calib_batches, progress=progress, bias_correction=config.bias_correction,
     )
     report = {"method": config.observer, "config": asdict(config), **report}
     return qmodel, report

@@ -1,5 +1,6 @@
 """Quantized layers and the model transforms that build them."""
 
+from .bias import correct_bias
 from .fold import conv_bn_pairs, fold_batchnorm, fold_conv_bn, fold_input_gain
 from .graph import LayerPositions, layer_positions, trace
 from .layers import LUT_ACTIVATIONS, QUANT_LAYERS, QuantAct, QuantConv2d, QuantLinear, QuantLUTAct
@@ -30,6 +31,7 @@ __all__ = [
     "calibrate",
     "calibrate_weights",
     "conv_bn_pairs",
+    "correct_bias",
     "fold_batchnorm",
     "fold_conv_bn",
     "fold_input_gain",
