@@ -310,3 +310,29 @@ def test_input_gain_state_and_validation():
     for bad in (0.0, -1.0, float("nan"), float("inf"), True, "2", 1e40):
         with pytest.raises(ValueError, match="input gain must be a finite number > 0"):
             q.set_input_gain(bad)
+
+
+@pytest.mark.parametrize("wmax,xmax,k_in,passes", [(127, 255, 64, ["float32", "float32"]),
+                                                   (2047, 255, 64, ["float32", "float32"]),
+                                                   (32767, 32767, 64, ["float64"]), (3, 7, 4, ["float32"])])
+def test_exact_integer_op_equals_float64_on_integers(wmax, xmax, k_in, passes):
+    """Beyond float32's exact range the weight split (two float32 passes, or float64 where no split fits)
+    gives the exact integer convolution: the oracle is the same convolution in float64 (exact below 2^53)
+    on the same integers, with a worst-case row and input patch."""
+    from hwquant.nn.layers import exact_integer_op
+
+    g = torch.Generator().manual_seed(wmax)
+    x = torch.randint(-xmax, xmax + 1, (2, k_in, 7, 7), generator=g).float()
+    w = torch.randint(-wmax, wmax + 1, (5, k_in, 3, 3), generator=g).float()
+    w[0] = wmax  # the worst row
+    x[0, :, 2:5, 2:5] = xmax
+    seen = []
+
+    def conv(a, b):
+        seen.append(str(a.dtype).removeprefix("torch."))
+        return torch.nn.functional.conv2d(a, b, None, 1, 1)
+
+    want = torch.nn.functional.conv2d(x.double(), w.double(), None, 1, 1)
+    got = exact_integer_op(conv, x, w, float(xmax))
+    assert torch.equal(got.double(), want)
+    assert seen == passes

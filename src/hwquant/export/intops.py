@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..nn.layers import exact_float_sums
+from ..nn.layers import exact_float_sums, exact_integer_op
 from ..numerics.window import rshift_rne
 
 __all__ = ["ADD_BITS", "EXACT_F64", "MAX_M_BITS", "IntOp", "div_rne", "requant_params", "rshift_rne", "value_bits"]
@@ -146,15 +146,20 @@ class IntOp:
             return q
         if k in ("conv2d", "linear"):
             # integer sums computed in floating point are exact while every partial sum is below 2^24
-            # (float32) / 2^53 (float64); ``bound`` is the worst case over all inputs, so this is exact
+            # (float32) / 2^53 (float64); ``bound`` is the worst case over all inputs, so this is exact; beyond
+            # float32, exact_integer_op splits the weights (two float32 passes) where it can
             (x,) = xs
-            dt = torch.float32 if self.bound < 2**24 else torch.float64
-            w = p["weight"].to(x.device, dt)
-            with exact_float_sums(x.is_cuda):
-                if k == "conv2d":
-                    acc = F.conv2d(x.to(dt), w, None, p["stride"], p["padding"], p["dilation"], p["groups"])
-                else:
-                    acc = F.linear(x.to(dt), w)
+            w = p["weight"].to(x.device)
+            if k == "conv2d":
+                def fn(a, b):
+                    return F.conv2d(a, b, None, p["stride"], p["padding"], p["dilation"], p["groups"])
+            else:
+                fn = F.linear
+            if self.bound < 2**24:
+                with exact_float_sums(x.is_cuda):
+                    acc = fn(x.float(), w.float())
+            else:
+                acc = exact_integer_op(fn, x, w, float(x.abs().amax()) if x.numel() else 0.0)
             return _add_bias(acc, p.get("bias"))
         if k == "relu":
             return xs[0].clamp_min(0)

@@ -13,7 +13,8 @@ coarser of the two steps is what the hardware really adds (FL_b = min(FL_b_own, 
 as :func:`~hwquant.train.evaluate` runs) a layer whose input and weight are both quantized (zero point 0)
 computes what an integer datapath computes: the codes ``q_x = round(x_hat / s_x)``, ``q_w = round(w_hat / s_w)``
 (exact recoveries of the fake-quantizers' codes), the accumulator ``A = op(q_x, q_w) + B`` on integers
-(exact: float32 while the worst case ``K * max|q_x| * max|q_w| + max|B|`` is below ``2^24``, else float64),
+(exact: float32 while the worst case ``K * max|q_x| * max|q_w| + max|B|`` is below ``2^24``, else two float32
+passes on a split of the weight codes or float64, see :func:`exact_integer_op`),
 and one rounding ``y = fl32(fl64(A) * fl64(s_acc))`` with ``s_acc = fl32(s_x * s_w)`` and ``B`` the bias codes
 in accumulator units.  :func:`hwquant.export.integer_model` produces ``A`` with integer arithmetic, so the
 two agree bit for bit at every layer output; in training the float path (``op(x_hat, w_hat) + b_hat``, whose
@@ -51,6 +52,39 @@ def exact_float_sums(on_cuda: bool):
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
+F32_EXACT = 2**24  # float32 holds every integer below this exactly
+
+
+def _row_bound(w: torch.Tensor, x_bound: float) -> float:
+    """The largest ``sum |w_o| * x_bound`` over output channels ``o``: a bound on every partial sum."""
+    return float(w.reshape(w.shape[0], -1).abs().sum(dim=1).max()) * x_bound if w.numel() else 0.0
+
+
+def exact_integer_op(op, x: torch.Tensor, w: torch.Tensor, x_bound: float) -> torch.Tensor:
+    """``op(x, w)`` (a convolution or linear map without bias) of integer-valued ``x`` (``|x| <= x_bound``)
+    and ``w``, exactly, in float32 where the bound allows and float64 otherwise.
+
+    A float sum of integers is exact while every partial sum stays below ``2^24`` (float32).  When the
+    worst case ``max_o sum |w_o| * x_bound`` does not, ``w`` is split into ``B * hi + lo`` (``B = 2^e``,
+    ``hi = round(w / B)``, ``|lo| <= B / 2``) with the smallest ``e`` whose two halves each keep their sums
+    below ``2^24``: two float32 operations (fast kernels; CPU convolutions in float64 take a slow path, ~10x)
+    combined exactly in float64, ``B * op(x, hi) + op(x, lo)``.  Where no split fits, one float64 operation
+    (exact below ``2^53``).  Returns float32 for a single float32 operation, else float64.  CUDA: TF32 off.
+    """
+    with exact_float_sums(x.is_cuda):
+        if _row_bound(w, x_bound) < F32_EXACT:
+            return op(x.float(), w.float())
+        xf = x.float()
+        for e in range(1, 32):
+            hi = torch.round(w.double() / 2.0**e)
+            if _row_bound(hi, x_bound) < F32_EXACT:
+                lo = w.double() - hi * 2.0**e
+                if _row_bound(lo, x_bound) < F32_EXACT:
+                    return op(xf, hi.float()).double().mul_(2.0**e).add_(op(xf, lo.float()).double())
+                break  # lo only grows with e
+        return op(x.double(), w.double())
 
 
 class _QuantMixin:
@@ -162,11 +196,15 @@ class _QuantMixin:
         qmin, qmax = qrange(iq.spec.bits, bool(iq.signed), iq.spec.narrow)
         k = self.weight[0].numel()
         bound = k * max(-qmin, qmax) * float(qw.abs().amax()) + (0.0 if qb is None else float(qb.abs().amax()))
-        dtype = torch.float32 if bound < 2**24 else torch.float64
+        shape = (1, -1) + (1,) * (qx.dim() - 2)
+        if bound >= F32_EXACT:  # beyond float32 in one pass (see exact_integer_op), the bias added in float64
+            acc = exact_integer_op(lambda a, b: op(a, b, None), qx, qw, float(max(-qmin, qmax))).double()
+            if qb is not None:
+                acc += qb.double().reshape(shape)
+            return (acc * s_acc.double().reshape(shape)).to(x.dtype)
         with exact_float_sums(qx.is_cuda):
-            acc = op(qx.to(dtype), qw.to(dtype), None if qb is None else qb.to(dtype))
-        shape = (1, -1) + (1,) * (acc.dim() - 2)
-        if dtype == torch.float32 and x.dtype == torch.float32:
+            acc = op(qx.float(), qw.float(), None if qb is None else qb.float())
+        if x.dtype == torch.float32:
             # acc holds integers below 2^24 and s_acc is float32: their product in double is exact, so rounding
             # it to float32 gives the correctly rounded float32 product, which is what one float32 multiply
             # returns (IEEE 754): the same bits as the double route below, without two copies in double
