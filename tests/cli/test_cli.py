@@ -154,11 +154,13 @@ def test_ptq_methods_from_cli_and_reload(trained, tmp_path, method, capsys):
 
 
 def test_ptq_ggd_own_bias_reloads(trained, tmp_path, capsys):
+    """GGD with its own bias FL after bias correction: the corrected biases are saved and reload."""
     out = tmp_path / "own"
     assert main(["ptq", "--checkpoint", str(trained / "model.pt"), "--method", "ggd", "--bias", "own", "--no-bft",
-                 "--out", str(out), "--no-progress"]) == 0
+                 "--bias-correction", "--out", str(out), "--no-progress"]) == 0
     res = json.loads((out / "ptq.json").read_text())
-    capsys.readouterr()
+    assert res["report"]["bias_correction"]["corrected"]
+    assert "bias correction:" in capsys.readouterr().out
     assert main(["eval", "--checkpoint", str(out / "model.pt"), "--no-progress"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["top1"] == pytest.approx(res["quant"]["top1"])
