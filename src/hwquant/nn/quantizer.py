@@ -228,9 +228,14 @@ class FakeQuantizer(nn.Module):
         """``max|x|`` (signed) or ``max x`` (unsigned), per tensor or per channel, detached."""
         x = x.detach()
         if self.axis is None:
-            return x.abs().amax() if self.signed else x.amax()
+            if not self.signed:
+                return x.amax()
+            lo, hi = torch.aminmax(x)  # one pass, no |x| tensor: max|x| = max(-min x, max x), exactly
+            return torch.maximum(lo.neg(), hi)
         dims = [d for d in range(x.dim()) if d != self.axis % x.dim()]
-        return x.abs().amax(dim=dims) if self.signed else x.amax(dim=dims)
+        if not self.signed:
+            return x.amax(dim=dims)
+        return torch.maximum(x.amin(dim=dims).neg_(), x.amax(dim=dims))
 
     def _tracked_scale(self, x: torch.Tensor) -> torch.Tensor:
         """Update and return the step for ``dynamic`` / ``ema`` (see the module docstring)."""
