@@ -397,7 +397,7 @@ def _clip_plot(runs_dir: Path, out_dir: Path) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("RTZ per sample", "searched clip per sample (RTZ)"),
+    panels = [("nearest per sample", "searched clip per sample (the default)"),
               ("RTZ+zscore k=3 (literal)", "z-score k = 3 (literal)"), ("RTZ+DSGC", "DSGC (error-based)")]
     data = {}
     for run, _ in panels:

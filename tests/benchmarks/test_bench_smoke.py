@@ -314,7 +314,7 @@ def test_arc_clip_plot_needs_all_three_rules(tmp_path):
 
     runs, out = tmp_path / "runs", tmp_path / "results"
     log = {"layer1.0.conv1": {"error": [[1, 0.5, 1.0], [2, 0.25, 1.0]]}}
-    names = ["RTZ per sample", "RTZ+zscore k=3 (literal)", "RTZ+DSGC"]
+    names = ["nearest per sample", "RTZ+zscore k=3 (literal)", "RTZ+DSGC"]
     for i, name in enumerate(names):
         d = runs / arc._slug("scratch", name, 8, 0)
         d.mkdir(parents=True)
