@@ -133,7 +133,7 @@ class IntOp:
             if d == 1 and p.get("float64_exact"):
                 # |V * M| < 2^53 (checked at conversion): V * (M 2^-n) is exact in float64 and torch.round
                 # rounds half to even, so this equals the integer shift, in fewer passes over the tensor
-                q = torch.round(v.double() * p["factor_f64"].reshape(shape)).to(torch.int64)
+                q = torch.mul(v, p["factor_f64"].reshape(shape)).round_().to(torch.int64)  # (one float64 pass)
             elif d == 1:
                 q = rshift_rne(v * m.reshape(shape), n.reshape(shape))
             else:  # after a sum pool: round (V * M) / (d * 2^n) exactly
@@ -155,9 +155,15 @@ class IntOp:
                     return F.conv2d(a, b, None, p["stride"], p["padding"], p["dilation"], p["groups"])
             else:
                 fn = F.linear
-            if self.bound < 2**24:
+            if self.bound < 2**24:  # the bias inside the float32 sums (bound covers it): no int64 pass for it
+                bias = p.get("bias")
                 with exact_float_sums(x.is_cuda):
-                    acc = fn(x.float(), w.float())
+                    if k == "conv2d":
+                        acc = F.conv2d(x.float(), w.float(), None if bias is None else bias.to(x.device).float(),
+                                       p["stride"], p["padding"], p["dilation"], p["groups"])
+                    else:
+                        acc = F.linear(x.float(), w.float(), None if bias is None else bias.to(x.device).float())
+                return acc.to(torch.int64)
             else:
                 acc = exact_integer_op(fn, x, w, float(x.abs().amax()) if x.numel() else 0.0)
             return _add_bias(acc, p.get("bias"))
