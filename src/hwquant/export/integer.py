@@ -148,7 +148,20 @@ class IntegerModel(nn.Module):
 
     @torch.no_grad()
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        return self.trace(codes)[self.output_name]
+        """The output value for input ``codes``: :meth:`trace`'s, each value freed after its last use (an
+        activation of ResNet-20 at batch 256 is 25 MB in int64; :meth:`trace` keeps all of them)."""
+        self.check_codes(codes)
+        last = {}
+        for i, op in enumerate(self.ops):
+            for name in op.inputs:
+                last[name] = i
+        env = {self.input_name: codes.to(torch.int64)}
+        for i, op in enumerate(self.ops):
+            env[op.name] = op.run(*(env[n] for n in op.inputs))
+            for name in set(op.inputs):  # (an op may read one value twice, e.g. x + x)
+                if last[name] == i and name != self.output_name:
+                    del env[name]
+        return env[self.output_name]
 
     def dequantize(self, v: torch.Tensor) -> torch.Tensor:
         """``fl32(fl64(V) * fl64(scale))`` (per channel along dim 1)."""
