@@ -84,6 +84,18 @@ def test_bias_correction_in_the_ptq_configs_and_the_report():
     assert rep["config"]["bias_correction"] is True
 
 
+def test_correct_bias_reads_a_one_shot_iterator_like_a_list():
+    model, q, xs = _setup()
+    ref = fold_batchnorm(model).eval()
+    q2 = copy.deepcopy(q)
+    a = correct_bias(q, ref, xs)
+    b = correct_bias(q2, ref, (x for x in xs))
+    assert a == b
+    for (n, l1), (_, l2) in zip(quant_layers(q), quant_layers(q2), strict=True):
+        if l1.bias is not None:
+            assert torch.equal(l1.bias, l2.bias), n
+
+
 def test_correct_bias_needs_data():
     model, q, _ = _setup()
     with pytest.raises(DataError, match="at least one calibration batch"):

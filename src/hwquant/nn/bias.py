@@ -22,7 +22,7 @@ left as they are and listed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -55,29 +55,29 @@ class _MeanHook:
         return self.total / self.count
 
 
-def _batches(batches: Iterable, max_batches: int | None, device: torch.device) -> list[torch.Tensor]:
-    out = []
+def _inputs(batches: Iterable, max_batches: int | None, device: torch.device) -> Iterator[torch.Tensor]:
+    """The first ``max_batches`` inputs of ``batches`` (``x`` or ``(x, y)`` items), on ``device``."""
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        out.append(x.to(device))
-    if not out:
-        raise DataError("bias correction needs at least one calibration batch; the loader yielded none")
-    return out
+        yield x.to(device)
 
 
-def _means(model: nn.Module, names: list[str], xs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-channel output means of the modules ``names`` of ``model`` over ``xs`` (one pass)."""
+def _means(model: nn.Module, names: list[str], xs: Iterable[torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """Per-channel output means of the modules ``names`` of ``model`` over ``xs`` (one pass), and the
+    number of images seen."""
     hooks = {n: _MeanHook() for n in names}
     handles = [model.get_submodule(n).register_forward_hook(h) for n, h in hooks.items()]
+    images = 0
     try:
         for x in xs:
             model(x)
+            images += int(x.shape[0])
     finally:
         for h in handles:
             h.remove()
-    return {n: h.mean() for n, h in hooks.items() if h.count}
+    return {n: h.mean() for n, h in hooks.items() if h.count}, images
 
 
 @torch.no_grad()
@@ -91,21 +91,26 @@ def correct_bias(
     """Correct the biases of ``qmodel``'s quantized layers **in place** (see the module docstring).
 
     ``float_model``: the float reference whose module names match ``qmodel``'s (the BN-folded model that
-    ``qmodel`` was quantized from).  ``batches`` yields ``x`` or ``(x, y)``; at most ``max_batches`` are used
-    (kept in memory for the passes).  Returns ``{"corrected": {layer: max |shift|}, "skipped": [layers
-    without a bias], "images": n}``.  Both models are switched to eval mode.
+    ``qmodel`` was quantized from).  ``batches`` yields ``x`` or ``(x, y)``; at most ``max_batches`` are used,
+    read once per corrected layer and once for the float means (a one-shot iterator is kept in memory).
+    Returns ``{"corrected": {layer: max |shift|}, "skipped": [layers without a bias], "images": n}``.  Both
+    models are switched to eval mode.
     """
     qmodel.eval()
     float_model.eval()
-    xs = _batches(batches, max_batches, model_device(qmodel))
+    if iter(batches) is batches:  # a one-shot iterator: keep its batches for the passes
+        batches = list(_inputs(batches, max_batches, torch.device("cpu")))
+    dev_q, dev_f = model_device(qmodel), model_device(float_model)
     layers = [(n, m) for n, m in quant_layers(qmodel)]
     with_bias = [n for n, m in layers if getattr(m, "bias", None) is not None]
-    ref = _means(float_model, with_bias, [x.to(model_device(float_model)) for x in xs])
+    ref, images = _means(float_model, with_bias, _inputs(batches, max_batches, dev_f))
+    if not images:
+        raise DataError("bias correction needs at least one calibration batch; the loader yielded none")
     corrected: dict[str, float] = {}
     for name in with_bias:
         if name not in ref:  # not called on this data (an unused branch)
             continue
-        got = _means(qmodel, [name], xs)
+        got, _ = _means(qmodel, [name], _inputs(batches, max_batches, dev_q))
         if name not in got:
             continue
         layer = qmodel.get_submodule(name)
@@ -114,5 +119,4 @@ def correct_bias(
         effective = layer.quantized_bias() if hasattr(layer, "quantized_bias") else layer.bias
         layer.bias.copy_(effective.detach() - shift)
         corrected[name] = float(shift.abs().max())
-    return {"corrected": corrected, "skipped": [n for n, m in layers if n not in with_bias],
-            "images": sum(int(x.shape[0]) for x in xs)}
+    return {"corrected": corrected, "skipped": [n for n, m in layers if n not in with_bias], "images": images}
