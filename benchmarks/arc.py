@@ -361,7 +361,9 @@ def fidelity(quick: bool, runs_dir: Path) -> dict[str, Any] | None:
 
     loaders = make_loaders("fashion_mnist", batch_size=128, augment=False, seed=0, fallback=False)
     x, y = next(iter(loaders.train))
-    states = {"init": create_model("resnet20", in_channels=1, num_classes=10)}
+    with torch.random.fork_rng():  # a seeded initialisation, whatever ran before in this process
+        torch.manual_seed(0)
+        states = {"init": create_model("resnet20", in_channels=1, num_classes=10)}
     ck = runs_dir / _slug("scratch", "fp32", 32, 0) / "model.pt"
     if ck.exists():
         states["trained (FP32, 2 epochs)"] = load_model(ck)[0]
