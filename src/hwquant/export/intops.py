@@ -150,22 +150,18 @@ class IntOp:
             # float32, exact_integer_op splits the weights (two float32 passes) where it can
             (x,) = xs
             w = p["weight"].to(x.device)
-            if k == "conv2d":
-                def fn(a, b):
-                    return F.conv2d(a, b, None, p["stride"], p["padding"], p["dilation"], p["groups"])
-            else:
-                fn = F.linear
+
+            def fn(a, b, bias=None):
+                if k == "conv2d":
+                    return F.conv2d(a, b, bias, p["stride"], p["padding"], p["dilation"], p["groups"])
+                return F.linear(a, b, bias)
+
             if self.bound < 2**24:  # the bias inside the float32 sums (bound covers it): no int64 pass for it
                 bias = p.get("bias")
                 with exact_float_sums(x.is_cuda):
-                    if k == "conv2d":
-                        acc = F.conv2d(x.float(), w.float(), None if bias is None else bias.to(x.device).float(),
-                                       p["stride"], p["padding"], p["dilation"], p["groups"])
-                    else:
-                        acc = F.linear(x.float(), w.float(), None if bias is None else bias.to(x.device).float())
+                    acc = fn(x.float(), w.float(), None if bias is None else bias.to(x.device).float())
                 return acc.to(torch.int64)
-            else:
-                acc = exact_integer_op(fn, x, w, float(x.abs().amax()) if x.numel() else 0.0)
+            acc = exact_integer_op(fn, x, w, float(x.abs().amax()) if x.numel() else 0.0)
             return _add_bias(acc, p.get("bias"))
         if k == "relu":
             return xs[0].clamp_min(0)
