@@ -100,3 +100,11 @@ def test_correct_bias_needs_data():
     model, q, _ = _setup()
     with pytest.raises(DataError, match="at least one calibration batch"):
         correct_bias(q, fold_batchnorm(model).eval(), [])
+
+
+@pytest.mark.parametrize("config", [hq.MinMaxPTQConfig, hq.GGDPTQConfig])
+def test_bias_correction_must_be_a_bool(config):
+    from hwquant.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="bias_correction must be true or false, got 'yes'"):
+        config(bias_correction="yes")

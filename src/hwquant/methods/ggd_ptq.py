@@ -135,6 +135,8 @@ class GGDPTQConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ConfigError(f"{name} must be a positive integer or null, got {v!r}")
+        if not isinstance(self.bias_correction, bool):
+            raise ConfigError(f"bias_correction must be true or false, got {self.bias_correction!r}")
         if self.bft_criterion not in BFT_CRITERIA:
             raise ConfigError(f"bft_criterion must be one of {', '.join(BFT_CRITERIA)}, got {self.bft_criterion!r}")
         if isinstance(self.bft_holdout, bool) or not isinstance(self.bft_holdout, int) or self.bft_holdout < 0:

@@ -70,6 +70,8 @@ class ObserverPTQConfig:
             check_bits(self.first_last_bits, "first_last_bits")
         if self.rounding not in ROUNDING_MODES:
             raise ConfigError(f"rounding must be one of {', '.join(ROUNDING_MODES)}, got {self.rounding!r}")
+        if not isinstance(self.bias_correction, bool):
+            raise ConfigError(f"bias_correction must be true or false, got {self.bias_correction!r}")
         if self.calib_batches is not None and (not isinstance(self.calib_batches, int) or self.calib_batches < 1):
             raise ConfigError(f"calib_batches must be a positive integer or null, got {self.calib_batches!r}")
         args = self.observer_args.items() if isinstance(self.observer_args, dict) else self.observer_args
