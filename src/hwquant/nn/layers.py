@@ -76,11 +76,11 @@ def exact_integer_op(op, x: torch.Tensor, w: torch.Tensor, x_bound: float) -> to
     with exact_float_sums(x.is_cuda):
         if _row_bound(w, x_bound) < F32_EXACT:
             return op(x.float(), w.float())
-        xf = x.float()
+        xf, wd = x.float(), w.double()
         for e in range(1, 32):
-            hi = torch.round(w.double() / 2.0**e)
+            hi = torch.round(wd / 2.0**e)
             if _row_bound(hi, x_bound) < F32_EXACT:
-                lo = w.double() - hi * 2.0**e
+                lo = wd - hi * 2.0**e
                 if _row_bound(lo, x_bound) < F32_EXACT:
                     return op(xf, hi.float()).double().mul_(2.0**e).add_(op(xf, lo.float()).double())
                 break  # lo only grows with e
