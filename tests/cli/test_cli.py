@@ -396,13 +396,16 @@ def test_mpq_from_cli_reload_and_cost(trained, tmp_path, capsys):
 
 def test_demo_quick_tells_the_story_and_exports_bit_exactly(tmp_path):
     """``hwquant demo --quick``: every row (FP32, min-max and GGD PTQ at W8A8 and W4A4, CQAT W5A4 and its
-    control) with its cost, the best fixed-point 4-bit model exported bit-exactly, the report written."""
+    ARC G8 and their control) with its cost, the best fixed-point 4-bit model exported bit-exactly, the report
+    written."""
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--cache", str(tmp_path / "cache"), "--out", str(out), "--no-progress"]) == 0
     res = json.loads((out / "results.json").read_text())
     rows = {r["row"].split(",")[0].split(" (")[0]: r for r in res["rows"]}
     assert list(rows) == ["FP32", "min-max PTQ W8A8", "GGD PTQ + BFT W8A8", "min-max PTQ W4A4",
-                          "GGD PTQ + BFT W4A4", "CQAT W5A4", "FP32 control: BN-folded float model fine-tuned 5 steps"]
+                          "GGD PTQ + BFT W4A4", "CQAT W5A4",
+                          "FP32 control: BN-folded float model fine-tuned 5 steps",
+                          "ARC G8: BN-folded float model fine-tuned 5 steps with 8-bit gradients"]
     for r in res["rows"]:  # each row's figure is the one its own run directory recorded
         d = Path(r["dir"])
         if (d / "ptq.json").exists():
@@ -421,9 +424,13 @@ def test_demo_quick_tells_the_story_and_exports_bit_exactly(tmp_path):
     report = (out / "report.md").read_text()
     assert "energy uJ/image" in report and "0 of" in report and (out / "accuracy.png").is_file()
     assert Path(res["report_html"]).is_file() and res["most_sensitive_layer"]
-    for sub in ("qat_cqat_w5a4", "qat_fp32"):  # --qat-steps: 5 optimizer steps, not the 9 of a digits epoch
+    for sub in ("qat_cqat_w5a4", "qat_fp32", "qat_arc_g8"):  # --qat-steps: 5 optimizer steps, not a digits epoch
         last = torch.load(out / sub / "last.pt", weights_only=True)
         assert last["scheduler"]["last_epoch"] == 5, sub
+    arc, control = (json.loads((out / s / "qat.json").read_text()) for s in ("qat_arc_g8", "qat_fp32"))
+    assert arc["arc"]["bits"] == 8 and control["arc"] is None  # ARC's row trained with 8-bit gradients, its control not
+    arc_row = rows["ARC G8: BN-folded float model fine-tuned 5 steps with 8-bit gradients"]
+    assert arc_row["stored_kib"] == rows["FP32 control: BN-folded float model fine-tuned 5 steps"]["stored_kib"]
 
 
 def test_demo_without_onnxruntime_fails_before_training(tmp_path, capsys, monkeypatch):

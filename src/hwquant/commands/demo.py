@@ -4,8 +4,9 @@
 2. post-training quantization at W8A8 and at W4A4 with the first conv / last FC at 8 bits, min-max (the
    simple baseline) next to GGD PTQ with backward-forward tuning (fixed point: power-of-two steps);
 3. CQAT W5A4 (fixed point) fine-tuned ``--qat-epochs`` (1) of ``--qat-steps`` (150) steps from the FP32
-   checkpoint, next to its FP32 control (the BN-folded float model fine-tuned with the same schedule);
-   ``--qat-epochs 0`` skips both;
+   checkpoint, and ARC (the float model fine-tuned with 8-bit error and weight gradients, ``ARCConfig``'s
+   default rounding and clip), next to their FP32 control (the BN-folded float model fine-tuned with the same
+   schedule and float gradients); ``--qat-epochs 0`` skips the three;
 4. the best fixed-point 4-bit model exported: the integer model against the fake-quant model on
    ``--check-images`` test images (every layer-input code compared), the QDQ ONNX file in onnxruntime with
    its default options against the integer model, golden vectors written and replayed with numpy;
@@ -56,7 +57,8 @@ QUICK = {"model": "small_cnn", "dataset": "digits", "epochs": 12, "batch_size": 
 
 @dataclass(frozen=True)
 class DemoOptions:
-    """``hwquant demo``: FP32, PTQ (min-max and GGD+BFT at W8A8 and W4A4), CQAT W5A4 next to its FP32 control,
+    """``hwquant demo``: FP32, PTQ (min-max and GGD+BFT at W8A8 and W4A4), CQAT W5A4 and ARC G8 next to their FP32
+    control,
     the best 4-bit model exported bit-exactly (integer model, onnxruntime, golden vectors), the hardware cost
     of every row and the report."""
 
@@ -67,7 +69,8 @@ class DemoOptions:
     batch_size: int = field(default=128, metadata=doc("training batch size"))
     lr: float = field(default=0.1, metadata=doc("peak learning rate of the FP32 training"))
     seed: int = field(default=0, metadata=doc("seed"))
-    qat_epochs: int = field(default=1, metadata=doc("CQAT W5A4 and FP32-control fine-tuning epochs (0: skip)"))
+    qat_epochs: int = field(default=1, metadata=doc(
+        "CQAT W5A4, ARC G8 and FP32-control fine-tuning epochs (0: skip)"))
     qat_steps: int | None = field(default=150, metadata=doc(
         "optimizer steps per QAT epoch: the first N batches of each epoch (none: whole epochs)"))
     bft_samples: int = field(default=128, metadata=doc("GGD: calibration images scoring backward-forward tuning"))
@@ -128,6 +131,8 @@ def _qat_rows(o: DemoOptions) -> list[tuple[str, str, dict[str, Any]]]:
         (f"CQAT W5A4, first/last 8-bit (fixed point), {n}", "qat_cqat_w5a4",
          {"method": "cqat", "w_bits": 5, "a_bits": 4, "pow2": True}),
         (f"FP32 control: BN-folded float model fine-tuned {n}", "qat_fp32", {"method": "fp32"}),
+        (f"ARC G8: BN-folded float model fine-tuned {n} with 8-bit gradients", "qat_arc_g8",
+         {"method": "fp32", "grad_bits": 8}),
     ]
 
 
@@ -187,7 +192,7 @@ def run_demo(cfg: DemoOptions) -> dict[str, Any]:
                      "fixed_point": opts["method"] == "ggd", "a_bits": opts["a_bits"], **cost(q)})
 
     if o.qat_epochs:
-        print(f"[3/5] QAT: CQAT W5A4 and its FP32 control, {o.qat_epochs} epoch(s) each", flush=True)
+        print(f"[3/5] QAT: CQAT W5A4, ARC G8 and their FP32 control, {o.qat_epochs} epoch(s) each", flush=True)
     else:
         print("[3/5] QAT: skipped (--qat-epochs 0)", flush=True)
     for label, sub, opts in _qat_rows(o):
@@ -195,10 +200,13 @@ def run_demo(cfg: DemoOptions) -> dict[str, Any]:
         res = run_qat(QATOptions(checkpoint=str(ckpt), out=str(out / sub), epochs=o.qat_epochs, seed=o.seed,
                                  steps_per_epoch=o.qat_steps, resume=resumable(out / sub), **common, **opts))
         q, _ = load_model(out / sub / "model.pt")
-        control = opts["method"] == "fp32"
+        control = opts["method"] == "fp32" and "grad_bits" not in opts
+        arc = "grad_bits" in opts  # a float model trained with quantized gradients: nothing stored changes
         rows.append({"row": label, "dir": str(out / sub), "top1": res["final"]["top1"], "top5": res["final"]["top5"],
-                     "start_top1": None if control else res["start"]["top1"], "seconds": time.perf_counter() - t0,
-                     "fixed_point": not control, "a_bits": None if control else opts["a_bits"], "control": control,
+                     "start_top1": None if control or arc else res["start"]["top1"],
+                     "seconds": time.perf_counter() - t0, "fixed_point": not (control or arc),
+                     "a_bits": None if control or arc else opts["a_bits"], "control": control,
+                     "grad_bits": opts.get("grad_bits"),
                      **cost(q)})
 
     best = max((r for r in rows if r["fixed_point"] and r.get("a_bits") == 4), key=lambda r: r["top1"])

@@ -26,10 +26,11 @@ def demo_figure(result: dict, path: str | Path) -> Path:
     per step and test top-1 per epoch."""
     rows = result["rows"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.6))
-    colors = {"FP32": "#4c72b0", "min-max": "#c44e52", "GGD": "#55a868", "CQAT": "#8172b2", "FP32 control": "#937860"}
-    markers = {"W8A8": "s", "W4A4": "o", "W5A4": "D"}
+    colors = {"FP32": "#4c72b0", "min-max": "#c44e52", "GGD": "#55a868", "CQAT": "#8172b2", "FP32 control": "#937860",
+              "ARC": "#dd8452"}
+    markers = {"W8A8": "s", "W4A4": "o", "W5A4": "D", "G8": "^"}
     for r in rows:
-        kind = next((k for k in ("FP32 control", "min-max", "GGD", "CQAT") if r["row"].startswith(k)), "FP32")
+        kind = next((k for k in ("FP32 control", "min-max", "GGD", "CQAT", "ARC") if r["row"].startswith(k)), "FP32")
         mark = next((m for w, m in markers.items() if w in r["row"]), "*")
         ax1.scatter(r["stored_kib"], r["top1"], s=60 if mark != "*" else 120, color=colors[kind], marker=mark,
                     zorder=3, label=r["row"], edgecolors="black", linewidths=0.4)
