@@ -20,7 +20,8 @@ point; the image layer's as a power of two times a host-side input gain, see
 separates the density model from the fixed-point constraint; ``ggd image rounded`` is plain GGD with the image
 layer's step rounded to a power of two like the others (``image_gain=False``, the rule before the gain).
 ``+bc``: the same with empirical bias correction after calibration (:func:`hwquant.nn.correct_bias`; not part
-of any of the published methods) for the two strongest baselines and plain GGD.
+of any of the published methods) for the two strongest baselines and plain GGD; ``ggd+bft+bc``: GGD+BFT with the
+bias correction before the tuning (BFT starts from the corrected model).
 GGD+BFT twice: ``ggd+bft top1``
 scores BFT by calibration top-1 (the paper's criterion, no hold-out) and ``ggd+bft`` by the default (KL
 divergence from the float model's softmax on 512 images, each change checked on 256 held-out ones).  The
@@ -28,7 +29,9 @@ GGD+BFT wall time (the whole PTQ including BFT) is reported; ``ggd+bft - best ot
 the five published baselines (without ``+bc``).
 
 ``HWQUANT_PTQ_ONLY="W4A4:first,W8A4:first"`` reruns only the model rows whose ``setting:layers`` starts with
-one of the entries and keeps the earlier file's other rows (and its synthetic table) as they were.
+one of the entries and keeps the earlier file's other rows (and its synthetic table) as they were;
+``HWQUANT_PTQ_METHODS="ggd+bft+bc,mse+bc"`` with it measures only those columns of the rerun rows and keeps the
+earlier figures of the others.
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ SETTINGS = [(8, 8), (6, 6), (4, 4), (8, 4)]
 # and the last FC at 8 bits, for the settings where the input layer decides the outcome.
 VARIANTS = [("all layers", None, SETTINGS), ("first/last 8-bit", 8, [(4, 4), (8, 4)])]
 METHODS = ["minmax", "percentile", "mse", "kl", "aciq", "mse+bc", "aciq+bc", "ggd free steps", "ggd image rounded",
-           "ggd", "ggd+bc", "ggd+bft top1", "ggd+bft"]
+           "ggd", "ggd+bc", "ggd+bft top1", "ggd+bft", "ggd+bft+bc"]
 BASELINES = ("minmax", "percentile", "mse", "kl", "aciq")  # the published ones: the bar's reference
 
 
@@ -179,7 +182,10 @@ def model_rows(quick: bool, write=None, out_dir=None) -> tuple[list[dict[str, An
                 rows.append(earlier[(f"W{wb}A{ab}", variant)])
             continue
         row: dict[str, Any] = {"setting": f"W{wb}A{ab}", "variant": variant, "fp32": fp32["top1"]}
-        for method in METHODS:
+        methods = _methods()
+        if methods != METHODS:  # a subset of columns: the others as the earlier file has them
+            row = {**earlier.get((f"W{wb}A{ab}", variant), {}), **row}
+        for method in methods:
             t0 = time.perf_counter()
             qmodel, report = ptq(model, _config(method, wb, ab, first_last), loaders.calib)
             secs = time.perf_counter() - t0
@@ -194,10 +200,10 @@ def model_rows(quick: bool, write=None, out_dir=None) -> tuple[list[dict[str, An
             elif method == "ggd+bft top1":
                 row["bft top1 calib top1"] = (f"{report['bft']['before']['top1']:.1f}->"
                                               f"{report['bft']['after']['top1']:.1f}")
-        best_other = max(row[m] for m in BASELINES)
-        row["ggd+bft - best other"] = row["ggd+bft"] - best_other
+        if all(m in row for m in BASELINES + ("ggd+bft",)):
+            row["ggd+bft - best other"] = row["ggd+bft"] - max(row[m] for m in BASELINES)
         rows.append(row)
-        print(f"  {row['setting']} ({variant}): " + ", ".join(f"{m} {row[m]:.2f}" for m in METHODS), flush=True)
+        print(f"  {row['setting']} ({variant}): " + ", ".join(f"{m} {row[m]:.2f}" for m in methods), flush=True)
         if write is not None and len(rows) < len(plan):
             write(rows, {"checkpoint": str(ck_path), "dataset": ck["data"]["dataset"], "fp32": fp32,
                          "partial": f"{len(rows)} of {len(plan)} settings"})
@@ -207,6 +213,17 @@ def model_rows(quick: bool, write=None, out_dir=None) -> tuple[list[dict[str, An
 
 def _only() -> list[str]:
     return [o.strip() for o in os.environ.get("HWQUANT_PTQ_ONLY", "").split(",") if o.strip()]
+
+
+def _methods() -> list[str]:
+    """``HWQUANT_PTQ_METHODS`` (a subset of :data:`METHODS`, in their order; only with ``HWQUANT_PTQ_ONLY``)."""
+    chosen = [m.strip() for m in os.environ.get("HWQUANT_PTQ_METHODS", "").split(",") if m.strip()]
+    unknown = sorted(set(chosen) - set(METHODS))
+    if unknown:
+        raise ValueError(f"HWQUANT_PTQ_METHODS: unknown method(s) {unknown}; known: {METHODS}")
+    if chosen and not _only():
+        raise ValueError("HWQUANT_PTQ_METHODS needs HWQUANT_PTQ_ONLY (the rows whose columns it reruns)")
+    return [m for m in METHODS if m in chosen] if chosen else METHODS
 
 
 def _earlier(out_dir) -> dict[str, Any]:

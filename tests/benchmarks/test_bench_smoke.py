@@ -368,3 +368,14 @@ def test_ptq_quick_has_the_bias_corrected_columns_and_keeps_rows(tmp_path, monke
     monkeypatch.setenv("HWQUANT_PTQ_ONLY", "W8A8")
     again = bench_ptq.main(quick=True)["results"]
     assert again["model"] == [row]
+    # a rerun of one column: only that method runs, the other columns keep the earlier figures
+    ran, config = [], bench_ptq._config
+    monkeypatch.setattr(bench_ptq, "_config", lambda m, *a: ran.append(m) or config(m, *a))
+    monkeypatch.setenv("HWQUANT_PTQ_ONLY", "W4A4")
+    monkeypatch.setenv("HWQUANT_PTQ_METHODS", "ggd+bc")
+    (col,) = bench_ptq.main(quick=True)["results"]["model"]
+    assert ran == ["ggd+bc", "ggd"]  # (the +bc config is built from the plain one)
+    assert col == row  # (bias correction is deterministic: the same figure)
+    monkeypatch.setenv("HWQUANT_PTQ_METHODS", "ggd+typo")
+    with pytest.raises(ValueError, match="ggd\\+typo"):
+        bench_ptq.main(quick=True)
