@@ -58,9 +58,8 @@ QUICK = {"model": "small_cnn", "dataset": "digits", "epochs": 12, "batch_size": 
 @dataclass(frozen=True)
 class DemoOptions:
     """``hwquant demo``: FP32, PTQ (min-max and GGD+BFT at W8A8 and W4A4), CQAT W5A4 and ARC G8 next to their FP32
-    control,
-    the best 4-bit model exported bit-exactly (integer model, onnxruntime, golden vectors), the hardware cost
-    of every row and the report."""
+    control, the best 4-bit model exported bit-exactly (integer model, onnxruntime, golden vectors), the
+    hardware cost of every row and the report."""
 
     model: str = field(default="resnet20", metadata=doc("model name"))
     dataset: str = field(default="fashion_mnist", metadata=doc("dataset", DATASETS))
