@@ -13,8 +13,8 @@ from typing import Literal
 import torch
 
 from .errors import ConfigError
+from .numerics.codes import MAX_BITS, MIN_BITS, qrange
 from .numerics.rounding import ROUNDING_MODES
-from .numerics.uniform import MAX_BITS, MIN_BITS, qrange
 
 GRANULARITIES = ("tensor", "channel")
 RANGE_MODES = ("static", "dynamic", "ema", "learned", "pact")

@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..nn.layers import QuantConv2d, QuantLinear, QuantLUTAct
 from ..nn.quantizer import FakeQuantizer
-from ..numerics.uniform import qrange
+from ..numerics.codes import qrange
 from .intops import ADD_BITS, EXACT_F64, MAX_M_BITS, IntOp, requant_params, value_bits
 
 __all__ = ["NO_CLIP", "Builder", "Val", "scale_vec"]

@@ -19,7 +19,7 @@ from ..errors import ConfigError
 from ..nn.graph import trace as _trace
 from ..nn.layers import LUT_ACTIVATIONS, QUANT_LAYERS, QuantAct, QuantLUTAct
 from ..nn.quantizer import FakeQuantizer
-from ..numerics.uniform import qrange
+from ..numerics.codes import qrange
 from .builder import Builder, Val
 from .intops import IntOp
 

@@ -32,7 +32,7 @@ from torch import nn
 from ..device import model_device
 from ..errors import ConfigError
 from ..nn.quantizer import FakeQuantizer
-from ..numerics.uniform import qrange
+from ..numerics.codes import qrange
 from .convert import convert
 from .intops import IntOp, div_rne, requant_params, rshift_rne
 from .tally import Tally, labelled_batches

@@ -62,9 +62,9 @@ from ..nn.fold import fold_batchnorm, fold_input_gain
 from ..nn.graph import layer_positions
 from ..nn.quantizer import FakeQuantizer
 from ..nn.swap import LayerQuant, QuantRecipe, calibrate, quant_layers, quantize_model
+from ..numerics.codes import check_bits
 from ..numerics.fixed_point import best_fraction_length
 from ..numerics.metrics import sqnr_db
-from ..numerics.uniform import check_bits
 from ..spec import QuantParams, QuantSpec
 from .base import register_ptq
 from .bft import BFT_CRITERIA, CalibScorer, backward_forward_tuning

@@ -25,9 +25,9 @@ from ..errors import ConfigError
 from ..nn.bias import correct_bias
 from ..nn.fold import fold_batchnorm
 from ..nn.swap import LayerQuant, QuantRecipe, calibrate, quant_layers, quantize_model, set_quant_enabled
+from ..numerics.codes import check_bits
 from ..numerics.metrics import sqnr_db
 from ..numerics.rounding import ROUNDING_MODES
-from ..numerics.uniform import check_bits
 from ..spec import QuantSpec
 from .base import register_ptq
 

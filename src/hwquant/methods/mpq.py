@@ -50,7 +50,8 @@ from torch import nn
 from ..errors import ConfigError
 from ..nn.quantizer import FakeQuantizer, GradScale
 from ..nn.swap import quant_layers
-from ..numerics.uniform import fake_quantize_trusted, qrange, shape_param
+from ..numerics.codes import qrange, shape_param
+from ..numerics.fused import fake_quantize_trusted
 from ..spec import QuantParams, QuantSpec
 from .qat import QATConfigBase, register_qat
 

@@ -51,7 +51,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..nn.fold import fold_batchnorm
 from ..nn.swap import CALIB_WEIGHTS, LayerQuant, QuantRecipe, calibrate, quant_layers, quantize_model
-from ..numerics.uniform import check_bits, qrange
+from ..numerics.codes import check_bits, qrange
 from ..spec import QuantSpec
 
 ACT_RANGES = ("ema", "static")

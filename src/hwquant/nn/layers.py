@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..numerics.uniform import fake_quantize_trusted, qrange, shape_param
+from ..numerics.codes import qrange, shape_param
+from ..numerics.fused import fake_quantize_trusted
 from ..spec import QuantSpec
 from .quantizer import FakeQuantizer
 

@@ -46,7 +46,9 @@ import torch
 from torch import nn
 
 from ..collectives import all_reduce_
-from ..numerics.uniform import check_scale, code_dtype, fake_quantize_trusted, qrange, quantize, shape_param
+from ..numerics.codes import check_scale, code_dtype, qrange, shape_param
+from ..numerics.fused import fake_quantize_trusted
+from ..numerics.uniform import quantize
 from ..numerics.window import window_codes, window_fake_quantize
 from ..observers import make_observer
 from ..spec import QuantParams, QuantSpec

@@ -29,8 +29,9 @@ import math
 import torch
 
 from ..errors import ConfigError, DataError
+from .codes import check_bits
 from .rounding import check_rounding
-from .uniform import check_bits, fake_quantize
+from .uniform import fake_quantize
 
 
 def fixed_point_scale(fl: int) -> float:

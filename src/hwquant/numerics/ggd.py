@@ -60,7 +60,8 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from .uniform import check_bits, fake_quantize
+from .codes import check_bits
+from .uniform import fake_quantize
 
 FIT_METHODS = ("mle", "moments")
 

@@ -59,8 +59,9 @@ import torch
 
 from ..errors import ConfigError, DataError
 from . import native
+from .codes import MAX_BITS
+from .fused import native_kernels
 from .rounding import round_
-from .uniform import MAX_BITS, native_kernels
 
 __all__ = [
     "GRAD_CLIPS",

@@ -184,7 +184,7 @@ def dense(x: torch.Tensor) -> bool:
 
 def compiling() -> bool:
     """Whether ``torch.compile`` / ``torch.export`` is tracing: ctypes calls are opaque to it, so traced code
-    reaches the kernels through the registered ``hwquant::`` operators (see :mod:`hwquant.numerics.uniform`)."""
+    reaches the kernels through the registered ``hwquant::`` operators (see :mod:`hwquant.numerics.fused`)."""
     try:
         return torch.compiler.is_compiling()
     except AttributeError:  # pragma: no cover - older torch

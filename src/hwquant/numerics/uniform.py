@@ -36,17 +36,9 @@ is where the *code* saturates (``x >= alpha + s/2``), the same boundary the STE 
 PACT's ``x >= alpha`` on the unrounded value; the half-step difference keeps value, mask and gradient
 consistent.
 
-**Speed.**  The per-tensor, round-to-nearest, float32 CPU case (every activation quantizer) runs a small C
-kernel (``csrc/hwq_kernels.c``, compiled at first use and cached only where no other user can write: see
-:mod:`hwquant.numerics.native`): one pass writes the output and a one-byte mask state, and the backward is one
-pass over the gradient and the mask.  It computes the same float32 operations as the torch code (``x * r``,
-round half to even, clamp, ``* s``), and a self-test against the torch path runs before it is used; when no
-compiler is found, the build or the self-test fails, or ``HWQUANT_NATIVE=0`` is set, everything runs on the
-torch path (see :func:`native_status`).  Other roundings or dtypes, per-channel scales along an inner axis and
-accelerators use the torch path.  Under ``torch.compile`` / ``torch.export`` the same computation is the
-registered operators ``hwquant::fake_quant``, ``hwquant::fake_quant_per_channel`` and their backwards (a fake
-implementation gives the graph their shapes; no graph break); eager code calls the kernels directly, which
-costs less per call than the operator dispatch.
+**Speed.**  Fake quantization runs fused C kernels where they apply (round to nearest, float32 on the CPU)
+and registered ``torch.library`` operators under ``torch.compile``: see :mod:`hwquant.numerics.fused`.
+The code grid itself (:func:`qrange`, :func:`check_bits`, ...) lives in :mod:`hwquant.numerics.codes`.
 """
 
 from __future__ import annotations
@@ -56,91 +48,23 @@ import math
 import torch
 
 from ..errors import ConfigError
-from . import native
-from .rounding import ROUNDING_MODES, round_
+from .codes import (
+    MAX_BITS,
+    MIN_BITS,
+    as_param,
+    check_bits,
+    check_scale,
+    code_dtype,
+    codes_float,
+    qrange,
+    shape_param,
+)
+from .fused import fake_quantize_trusted, native_kernels, native_status
+from .rounding import ROUNDING_MODES
 
-MIN_BITS = 2
-MAX_BITS = 16
-
-
-def check_bits(bits: int, name: str = "bits", lo: int = MIN_BITS, hi: int = MAX_BITS) -> int:
-    """Return ``bits`` if it is an int in ``[lo, hi]``, else raise :class:`ConfigError` naming ``name``."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not lo <= bits <= hi:
-        raise ConfigError(f"{name} must be an integer in {lo}..{hi}, got {bits!r}")
-    return bits
-
-
-def qrange(bits: int, signed: bool = True, narrow: bool = False) -> tuple[int, int]:
-    """Integer code range ``(q_min, q_max)`` for ``bits`` (1..32).
-
-    >>> qrange(8), qrange(8, narrow=True), qrange(4, signed=False), qrange(5)
-    ((-128, 127), (-127, 127), (0, 15), (-16, 15))
-    """
-    check_bits(bits, lo=1, hi=32)
-    if signed:
-        hi = 2 ** (bits - 1) - 1
-        return (-hi if narrow else -hi - 1), hi
-    return 0, 2**bits - 1
-
-
-def code_dtype(qmin: int, qmax: int) -> torch.dtype:
-    """Smallest torch integer dtype that holds every code in ``[qmin, qmax]``."""
-    if qmin >= 0 and qmax <= 255:
-        return torch.uint8
-    for dt in (torch.int8, torch.int16, torch.int32):
-        info = torch.iinfo(dt)
-        if info.min <= qmin and qmax <= info.max:
-            return dt
-    return torch.int64
-
-
-def _as_param(p: float | torch.Tensor, x: torch.Tensor, axis: int | None, dtype: torch.dtype) -> torch.Tensor:
-    """``p`` as a tensor of ``dtype`` on ``x``'s device, shaped to broadcast along ``axis``."""
-    t = torch.as_tensor(p, dtype=dtype, device=x.device)
-    if axis is None:
-        if t.numel() != 1:
-            raise ConfigError(f"per-tensor quantization needs a scalar scale/zero point, got shape {tuple(t.shape)}")
-        return t.reshape(())
-    axis = axis % x.dim()
-    if t.dim() != 1 or t.numel() != x.shape[axis]:
-        raise ConfigError(
-            f"per-channel scale/zero point must have {x.shape[axis]} entries (x.shape[{axis}]), "
-            f"got shape {tuple(t.shape)}"
-        )
-    shape = [1] * x.dim()
-    shape[axis] = -1
-    return t.reshape(shape)
-
-
-def check_scale(scale: torch.Tensor) -> None:
-    """Raise :class:`ConfigError` unless every entry of ``scale`` is finite and positive."""
-    if not torch.isfinite(scale).all() or (scale <= 0).any():
-        raise ConfigError("quantization scale must be finite and > 0")
-
-
-def _codes_float(
-    x: torch.Tensor,
-    s: torch.Tensor,
-    z: torch.Tensor | None,
-    qmin: int,
-    qmax: int,
-    rounding: str,
-    generator: torch.Generator | None,
-    want_mask: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Integer-valued float codes ``clamp(round(x * fl(1/s)) + z)`` and, optionally, the in-range mask.
-
-    Works in one freshly allocated buffer (plus the mask), updating it in place.
-    """
-    t = x * torch.reciprocal(s)
-    round_(t, rounding, generator)
-    if z is not None:
-        t.add_(z)
-    mask = None
-    if want_mask:
-        mask = (t >= qmin) & (t <= qmax)
-    t.clamp_(qmin, qmax)
-    return t, mask
+__all__ = ["MAX_BITS", "MIN_BITS", "check_bits", "check_scale", "code_dtype", "dequantize", "fake_quantize",
+           "fake_quantize_trusted", "native_kernels", "native_status", "pact_fake_quantize", "qrange", "quantize",
+           "shape_param"]
 
 
 def _prepare(x, scale, zero_point, bits, signed, rounding, axis, narrow):
@@ -149,11 +73,11 @@ def _prepare(x, scale, zero_point, bits, signed, rounding, axis, narrow):
     if rounding not in ROUNDING_MODES:
         raise ConfigError(f"rounding must be one of {', '.join(ROUNDING_MODES)}, got {rounding!r}")
     qmin, qmax = qrange(bits, signed, narrow)
-    s = _as_param(scale, x, axis, x.dtype)
+    s = as_param(scale, x, axis, x.dtype)
     check_scale(s)
     z = None
     if not (isinstance(zero_point, (int, float)) and zero_point == 0):
-        z = _as_param(zero_point, x, axis, x.dtype)
+        z = as_param(zero_point, x, axis, x.dtype)
         if (z != torch.round(z)).any():
             raise ConfigError("zero point must be integer-valued")
         if (z < qmin).any() or (z > qmax).any():
@@ -183,7 +107,7 @@ def quantize(
     """
     s, z, qmin, qmax = _prepare(x, scale, zero_point, bits, signed, rounding, axis, narrow)
     with torch.no_grad():
-        t, _ = _codes_float(x.detach(), s, z, qmin, qmax, rounding, generator, want_mask=False)
+        t, _ = codes_float(x.detach(), s, z, qmin, qmax, rounding, generator, want_mask=False)
     return t.to(code_dtype(qmin, qmax))
 
 
@@ -197,351 +121,11 @@ def dequantize(
 ) -> torch.Tensor:
     """Real values ``(q - zero_point) * scale`` in ``dtype``."""
     ref = q.to(dtype)
-    s = _as_param(scale, ref, axis, dtype)
+    s = as_param(scale, ref, axis, dtype)
     if isinstance(zero_point, (int, float)) and zero_point == 0:
         return ref.mul_(s)
-    z = _as_param(zero_point, ref, axis, dtype)
+    z = as_param(zero_point, ref, axis, dtype)
     return ref.sub_(z).mul_(s)
-
-# ----------------------------------------------------------------------------------------- native kernels
-def _native_self_test(lib) -> str | None:
-    """Compare the kernel with the torch path on awkward values (ties, clipping, NaN, inf); ``None`` if equal."""
-    g = torch.Generator().manual_seed(0)
-    ties = torch.arange(-40, 40, dtype=torch.float32) + 0.5
-    x = torch.cat([torch.randn(70_000, generator=g) * 20, ties, torch.tensor([float("nan"), float("inf"),
-                   -float("inf"), -0.0, 0.0, 1e30, -1e30])])
-    for s, z, lo, hi in ((1.0, 0, -8, 7), (0.37, 0, 0, 15), (0.05, 3, 0, 255), (2.0**-5, 0, -16, 15)):
-        st = torch.tensor(s, dtype=torch.float32)
-        zt = None if z == 0 else torch.tensor(float(z))
-        ref, ref_mask = _codes_float(x, st, zt, lo, hi, "nearest", None, want_mask=True)
-        if zt is not None:
-            ref.sub_(zt)
-        ref.mul_(st)
-        y = torch.empty_like(x)
-        m = torch.empty(x.shape, dtype=torch.uint8)
-        lib.hwq_fq(x.data_ptr(), y.data_ptr(), m.data_ptr(), x.numel(), 1.0 / float(st), float(st), float(z),
-                   int(z != 0), float(lo), float(hi), max(1, torch.get_num_threads()))
-        same = torch.equal(torch.nan_to_num(y, nan=7.5), torch.nan_to_num(ref, nan=7.5))
-        if not same or not torch.equal(m == 1, ref_mask):
-            return f"kernel differs from the torch path (scale {s}, zero point {z}, codes {lo}..{hi})"
-    w = torch.randn(16, 8, 3, 3, generator=g).contiguous(memory_format=torch.channels_last)
-    sc = torch.rand(16, generator=g) * 0.2 + 1e-3
-    ref, ref_mask = _codes_float(w, sc.view(-1, 1, 1, 1), None, -16, 15, "nearest", None, want_mask=True)
-    ref.mul_(sc.view(-1, 1, 1, 1))
-    y, m = _native_fq_pc(w, sc, -16, 15, True, lib)
-    if not torch.equal(y, ref) or not torch.equal(m == 1, ref_mask):
-        return "per-channel kernel differs from the torch path"
-    return None
-
-
-def native_kernels():
-    """The loaded kernel library, self-tested against this module's torch path, or ``None`` (then the torch
-    path runs; see :func:`hwquant.numerics.native.library`)."""
-    return native.library(_native_self_test)
-
-
-def native_status() -> dict:
-    """``{"available", "path", "reason"}`` of the fused C kernel (builds it on first call)."""
-    lib = native_kernels()
-    return {"available": lib is not None, "path": native.STATE["path"], "reason": native.STATE["reason"]}
-
-
-def _outer_blocks(x: torch.Tensor, axis: int) -> bool:
-    """Is ``axis`` the outermost memory dimension, so each channel is one contiguous block?"""
-    return axis % x.dim() == 0 and x.shape[0] > 0 and x.stride(0) * x.shape[0] == x.numel()
-
-
-def _use_native(x: torch.Tensor, axis, rounding: str) -> bool:
-    return (
-        (axis is None or _outer_blocks(x, axis))
-        and rounding == "nearest"
-        and x.dtype == torch.float32
-        and x.device.type == "cpu"
-        and x.numel() > 0
-        and native.dense(x)
-        and not native.compiling()
-        and native_kernels() is not None
-    )
-
-
-def _grad_like(grad: torch.Tensor, m: torch.Tensor) -> bool:
-    """Can the kernel read ``grad`` element for element alongside the mask ``m``?"""
-    return grad.dtype == torch.float32 and grad.device.type == "cpu" and grad.stride() == m.stride()
-
-
-def _native_fq_pc(x: torch.Tensor, s: torch.Tensor, qmin: int, qmax: int, want_mask: bool, lib=None):
-    """Per-channel kernel forward (axis 0 outermost in memory, zero point 0): ``(y, mask state or None)``."""
-    lib = lib or native.STATE["lib"]
-    s = s.reshape(-1).to(torch.float32).contiguous()
-    r = torch.reciprocal(s)
-    y = torch.empty_like(x)
-    m = torch.empty_like(x, dtype=torch.uint8) if want_mask else None
-    lib.hwq_fq_pc(x.data_ptr(), y.data_ptr(), 0 if m is None else m.data_ptr(), x.shape[0], x.numel() // x.shape[0],
-                  r.data_ptr(), s.data_ptr(), float(qmin), float(qmax), native.threads())
-    return y, m
-
-
-def _native_fq(x: torch.Tensor, sf: float, zf: float, qmin: int, qmax: int, want_mask: bool):
-    """Kernel forward: ``(y, mask state or None)``; ``sf`` / ``zf`` are the float32 scale and zero point."""
-    y = torch.empty_like(x)
-    m = torch.empty_like(x, dtype=torch.uint8) if want_mask else None
-    native.STATE["lib"].hwq_fq(x.data_ptr(), y.data_ptr(), 0 if m is None else m.data_ptr(), x.numel(), 1.0 / sf, sf,
-                          zf, int(zf != 0.0), float(qmin), float(qmax), native.threads())
-    return y, m
-
-
-def _native_bwd(lib, grad: torch.Tensor, m: torch.Tensor, want_x: bool, scale: tuple | None, x=None):
-    """The kernel backward: ``(grad_x or None, grad_s or None)``.  ``grad_x`` is ``grad`` where the mask state
-    ``m`` is 1 (in ``m``'s layout); with ``scale = (r, zf, qmin, qmax, lsq)`` also the summed scale gradient
-    (LSQ's, or PACT's clip part) from the saved input ``x``."""
-    if not _grad_like(grad, m):
-        grad = grad.to(torch.float32).contiguous(memory_format=_format_of(m))
-    grad_x = torch.empty_like(grad) if want_x else None
-    if scale is not None:
-        r, zf, lo, hi, lsq = scale
-        acc = lib.hwq_scale_bwd(grad.data_ptr(), x.data_ptr(), m.data_ptr(), 0 if grad_x is None else grad_x.data_ptr(),
-                                m.numel(), r, zf, lo, hi, int(lsq), native.threads())
-        return grad_x, torch.tensor(acc, dtype=torch.float32)
-    if want_x:
-        lib.hwq_mask_bwd(grad.data_ptr(), m.data_ptr(), grad_x.data_ptr(), m.numel(), native.threads())
-    return grad_x, None
-
-
-# ---------------------------------------------------------------------------- torch.library operators
-# The fused fake quantization as PyTorch operators, so that ``torch.compile`` / ``torch.export`` see one opaque
-# node with a shape function (the fake implementation) instead of a ctypes call they cannot trace.  Each runs
-# the C kernel when it is available and the torch path otherwise, with the same results (tested); eager code
-# calls the kernels through :class:`_FakeQuantSTE` directly, which costs less per call than the operator
-# dispatch.  Masks are ``uint8`` (1: the code is in range), the kernel's mask state.
-@torch.library.custom_op("hwquant::fake_quant", mutates_args=())
-def _fq_op(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, qmin: int, qmax: int,
-           lsq: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor fake quantization, round half to even: ``(y, mask)``.  ``lsq`` only shapes the backward."""
-    if native_kernels() is not None and native.dense(x):
-        return _native_fq(x, float(s), 0.0 if z is None else float(z), qmin, qmax, want_mask=True)
-    t, mask = _codes_float(x, s, z, qmin, qmax, "nearest", None, want_mask=True)
-    if z is not None:
-        t.sub_(z)
-    return t.mul_(s), mask.view(torch.uint8)
-
-
-@_fq_op.register_fake
-def _(x, s, z, qmin, qmax, lsq):
-    return torch.empty_like(x), torch.empty_like(x, dtype=torch.uint8)
-
-
-@torch.library.custom_op("hwquant::fake_quant_per_channel", mutates_args=())
-def _fq_pc_op(x: torch.Tensor, s: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel fake quantization along axis 0 (outermost in memory), zero point 0: ``(y, mask)``."""
-    if native_kernels() is not None and native.dense(x):
-        return _native_fq_pc(x, s, qmin, qmax, want_mask=True)
-    sv = s.reshape([-1] + [1] * (x.dim() - 1))
-    t, mask = _codes_float(x, sv, None, qmin, qmax, "nearest", None, want_mask=True)
-    return t.mul_(sv), mask.view(torch.uint8)
-
-
-@_fq_pc_op.register_fake
-def _(x, s, qmin, qmax):
-    return torch.empty_like(x), torch.empty_like(x, dtype=torch.uint8)
-
-
-@torch.library.custom_op("hwquant::fake_quant_backward", mutates_args=())
-def _fq_bwd_op(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The straight-through gradient: ``grad`` where the code is in range, 0 elsewhere (``mask``'s layout)."""
-    lib = native_kernels()
-    if lib is not None and mask.device.type == "cpu" and native.dense(mask):
-        return _native_bwd(lib, grad, mask, True, None)[0]
-    out = torch.empty_like(mask, dtype=torch.float32)
-    return torch.mul(grad, mask, out=out)
-
-
-@_fq_bwd_op.register_fake
-def _(grad, mask):
-    return torch.empty_like(mask, dtype=torch.float32)
-
-
-@torch.library.custom_op("hwquant::fake_quant_scale_backward", mutates_args=())
-def _fq_scale_bwd_op(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, s: torch.Tensor,
-                     z: torch.Tensor | None, qmin: int, qmax: int, lsq: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(grad_x, grad_s)`` of per-tensor fake quantization with a learned scale: the STE gradient and the LSQ
-    gradient of ``s`` (``lsq=False``: its clip part only, PACT's)."""
-    lib = native_kernels()
-    if lib is not None and native.dense(mask):
-        zf = 0.0 if z is None else float(z)
-        grad_x, grad_s = _native_bwd(lib, grad, mask, True, (1.0 / float(s), zf, float(qmin), float(qmax), lsq), x)
-        return grad_x, grad_s.reshape(s.shape)
-    t, m = _codes_float(x, s, z, qmin, qmax, "nearest", None, want_mask=True)
-    if z is not None:
-        t.sub_(z)
-    g_s = t - x * torch.reciprocal(s) if lsq else torch.zeros((), dtype=t.dtype)
-    g_s = torch.where(m, g_s, t)
-    grad_x = torch.empty_like(mask, dtype=torch.float32)
-    torch.mul(grad, m, out=grad_x)
-    return grad_x, (grad * g_s).sum().reshape(s.shape).to(torch.float32)
-
-
-@_fq_scale_bwd_op.register_fake
-def _(grad, x, mask, s, z, qmin, qmax, lsq):
-    return torch.empty_like(mask, dtype=torch.float32), torch.empty_like(s, dtype=torch.float32)
-
-
-def _fq_setup(ctx, inputs, output) -> None:
-    x, s, z, qmin, qmax, lsq = inputs
-    ctx.consts = (qmin, qmax, lsq)
-    ctx.save_for_backward(output[1], x if ctx.needs_input_grad[1] else None, s, z)
-
-
-def _fq_backward(ctx, grad, _grad_mask):
-    mask, x, s, z = ctx.saved_tensors
-    qmin, qmax, lsq = ctx.consts
-    if ctx.needs_input_grad[1]:
-        gx, gs = torch.ops.hwquant.fake_quant_scale_backward(grad, x, mask, s, z, qmin, qmax, lsq)
-        return (gx if ctx.needs_input_grad[0] else None), gs, None, None, None, None
-    gx = torch.ops.hwquant.fake_quant_backward(grad, mask) if ctx.needs_input_grad[0] else None
-    return gx, None, None, None, None, None
-
-
-def _fq_pc_setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(output[1])
-
-
-def _fq_pc_backward(ctx, grad, _grad_mask):
-    (mask,) = ctx.saved_tensors
-    gx = torch.ops.hwquant.fake_quant_backward(grad, mask) if ctx.needs_input_grad[0] else None
-    return gx, None, None, None
-
-
-_fq_op.register_autograd(_fq_backward, setup_context=_fq_setup)
-_fq_pc_op.register_autograd(_fq_pc_backward, setup_context=_fq_pc_setup)
-
-
-def _op_covers(x: torch.Tensor, axis, rounding: str, z, scale_grad: bool) -> bool:
-    """The cases the operators cover, from static properties only (so ``torch.compile`` traces one path):
-    round to nearest, float32 on the CPU, a dense layout, per tensor, or per channel along the outermost
-    memory axis with zero point 0 and no scale gradient."""
-    if not (rounding == "nearest" and x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() > 0
-            and native.dense(x)):
-        return False
-    return axis is None or (_outer_blocks(x, axis) and z is None and not scale_grad)
-
-
-def shape_param(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
-    """A trusted scale / zero point (0-d, or 1-d along ``axis``) viewed to broadcast against ``x``."""
-    if axis is None:
-        return t.reshape(())
-    shape = [1] * x.dim()
-    shape[axis % x.dim()] = -1
-    return t.reshape(shape)
-
-
-class _FakeQuantSTE(torch.autograd.Function):
-    """Fused fake quantization: one pass computes the output and the STE mask; backward reuses the mask.
-
-    Two implementations with identical results: the C kernel (mask state ``uint8``: 1 = in range) and torch
-    ops (``bool`` mask).  With a scale that requires grad its gradient is computed as well: the LSQ gradient
-    (``lsq=True``) or its clip-only part (``lsq=False``: PACT, zero inside the code range).
-    """
-
-    @staticmethod
-    def forward(ctx, x, s, z, qmin, qmax, rounding, generator, axis, lsq=True):  # noqa: D401
-        scale_grad = ctx.needs_input_grad[1]
-        ctx.lsq = lsq
-        ctx.axis = axis
-        ctx.scale_shape = s.shape
-        # per-channel kernel: zero point 0 and no scale gradient (LSQ per channel runs on torch ops)
-        ctx.native = _use_native(x, axis, rounding) and (axis is None or (z is None and not scale_grad))
-        if ctx.native and axis is not None:
-            y, m = _native_fq_pc(x, s, qmin, qmax, want_mask=True)
-            ctx.save_for_backward(m, None)
-            return y
-        if ctx.native:
-            sf = float(s)
-            zf = 0.0 if z is None else float(z)
-            y, m = _native_fq(x, sf, zf, qmin, qmax, want_mask=True)
-            ctx.consts = (1.0 / sf, zf, float(qmin), float(qmax))
-            ctx.save_for_backward(m, x if scale_grad else None)
-            return y
-        t, mask = _codes_float(x, s, z, qmin, qmax, rounding, generator, want_mask=True)
-        if z is not None:
-            t.sub_(z)
-        if scale_grad:
-            # LSQ gradient: (q - z) - x*r inside the range, the clipped code outside (PACT: 0 inside).
-            g_s = t - x * torch.reciprocal(s) if lsq else torch.zeros((), dtype=t.dtype)
-            g_s = torch.where(mask, g_s, t)
-            ctx.save_for_backward(mask, g_s)
-        else:
-            ctx.save_for_backward(mask)
-        return t.mul_(s)
-
-    @staticmethod
-    def backward(ctx, grad):
-        if ctx.native:
-            return _FakeQuantSTE._native_backward(ctx, grad)
-        saved = ctx.saved_tensors
-        mask = saved[0]
-        grad_x = grad * mask if ctx.needs_input_grad[0] else None
-        grad_s = None
-        if ctx.needs_input_grad[1]:
-            prod = grad * saved[1]
-            if ctx.axis is None:
-                grad_s = prod.sum().reshape(ctx.scale_shape)
-            else:
-                dims = [d for d in range(grad.dim()) if d != ctx.axis % grad.dim()]
-                grad_s = prod.sum(dim=dims, keepdim=True).reshape(ctx.scale_shape)
-        return grad_x, grad_s, None, None, None, None, None, None, None
-
-    @staticmethod
-    def _native_backward(ctx, grad):
-        m, x = ctx.saved_tensors
-        scale = (*ctx.consts, ctx.lsq) if ctx.needs_input_grad[1] else None
-        grad_x, grad_s = _native_bwd(native.STATE["lib"], grad, m, ctx.needs_input_grad[0], scale, x)
-        if grad_s is not None:
-            grad_s = grad_s.reshape(ctx.scale_shape)
-        return grad_x, grad_s, None, None, None, None, None, None, None
-
-
-def _format_of(t: torch.Tensor) -> torch.memory_format:
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if t.dim() == 5 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
-
-
-def fake_quantize_trusted(
-    x: torch.Tensor,
-    s: torch.Tensor,
-    z: torch.Tensor | None,
-    qmin: int,
-    qmax: int,
-    rounding: str = "nearest",
-    generator: torch.Generator | None = None,
-    axis: int | None = None,
-    lsq: bool = True,
-) -> torch.Tensor:
-    """:func:`fake_quantize` without argument checks, for callers that hold validated parameters.
-
-    ``s`` (and ``z``, or ``None`` for a zero point of 0) must already be float tensors of ``x``'s dtype shaped
-    to broadcast along ``axis`` (0-d per tensor), with ``s > 0`` finite and ``z`` integer-valued in range.
-    ``lsq=False`` gives a scale that requires grad only the clip part of the LSQ gradient (PACT's).
-    """
-    if not (torch.is_grad_enabled() and (x.requires_grad or s.requires_grad)):
-        # No gradient wanted: skip the STE mask (most of the forward cost for cache-resident tensors).
-        if _use_native(x, axis, rounding):
-            if axis is None:
-                return _native_fq(x, float(s), 0.0 if z is None else float(z), qmin, qmax, want_mask=False)[0]
-            if z is None:
-                return _native_fq_pc(x, s, qmin, qmax, want_mask=False)[0]
-        t, _ = _codes_float(x, s, z, qmin, qmax, rounding, generator, want_mask=False)
-        if z is not None:
-            t.sub_(z)
-        return t.mul_(s)
-    if native.compiling() and _op_covers(x, axis, rounding, z, s.requires_grad):
-        # traced by torch.compile / torch.export: the registered operators (one node each, no graph break)
-        if axis is None:
-            return torch.ops.hwquant.fake_quant(x, s, z, qmin, qmax, lsq)[0]
-        return torch.ops.hwquant.fake_quant_per_channel(x, s, qmin, qmax)[0]
-    return _FakeQuantSTE.apply(x, s, z, qmin, qmax, rounding, generator, axis, lsq)
 
 
 def fake_quantize(
@@ -598,4 +182,3 @@ def pact_fake_quantize(
     if not math.isfinite(av) or av <= 0:
         raise ConfigError(f"PACT clip alpha must be finite and > 0, got {av}")
     return fake_quantize_trusted(x, a / lv, None, qmin, qmax, "nearest", None, None, lsq=False)
-

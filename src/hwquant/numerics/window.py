@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .uniform import qrange
+from .codes import qrange
 
 
 def rshift_rne(p: torch.Tensor, n: torch.Tensor | int) -> torch.Tensor:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from ..numerics.uniform import check_bits
+from ..numerics.codes import check_bits
 from ..spec import QuantSpec
 from .base import register_observer
 from .sampling import DEFAULT_RESERVOIR, SamplingObserver, reject_unknown

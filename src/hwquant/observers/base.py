@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import ConfigError, DataError
-from ..numerics.uniform import qrange
+from ..numerics.codes import qrange
 from ..spec import QuantParams, QuantSpec
 
 OBSERVERS: dict[str, type[Observer]] = {}

@@ -44,9 +44,9 @@ from dataclasses import replace
 import torch
 
 from ..errors import ConfigError, DataError
+from ..numerics.codes import qrange
 from ..numerics.ggd import FIT_METHODS, GGD, ggd_fit, ggd_optimal_step, power_of_two_step
 from ..numerics.ggd_atoms import DEFAULT_ATOM_SHARE, Atom, find_atoms, mixture_mse, mixture_optimal_step
-from ..numerics.uniform import qrange
 from ..spec import QuantParams, QuantSpec
 from .base import register_observer
 from .sampling import DEFAULT_RESERVOIR, SamplingObserver, check_int_arg, reject_unknown

@@ -42,7 +42,7 @@ from ..errors import ConfigError
 from ..fileio import atomic_write, atomic_write_text
 from ..nn.quantizer import FakeQuantizer
 from ..nn.swap import quant_layers
-from ..numerics.uniform import qrange
+from ..numerics.codes import qrange
 from .markdown import markdown_table
 
 __all__ = ["build_report", "layer_sensitivity", "write_report"]
