@@ -308,8 +308,11 @@ def accuracy(quick: bool, write=None, out_dir=None) -> dict[str, Any] | None:
         if write is not None:
             write(acc)
     merge()
-    if earlier and len(acc["rows"]) < len(made) + len(earlier):
-        print("  some earlier rows were not kept: their protocol's FP32 run now gives another accuracy", flush=True)
+    remade = {(_key(r), r["cpu"]) for r in made}
+    dropped = [r for r in earlier if (_key(r), r["cpu"]) not in remade and r not in _kept_rows(earlier, made)]
+    if dropped:  # rows this run neither remade nor kept
+        print(f"  {len(dropped)} earlier rows were not kept: their protocol's FP32 run now gives another accuracy",
+              flush=True)
     results = Path(os.environ.get("HWQUANT_BENCH_RESULTS", Path(__file__).parent / "results"))
     # the plot needs the 8-bit runs' clip logs; without them an earlier plot stays
     acc["clip_plot"] = _clip_plot(runs_dir, results) or (
