@@ -237,7 +237,7 @@ def test_every_shipped_config_resolves(path):
 
 
 def test_qat_resume_continues_from_last_checkpoint(trained, tmp_path, monkeypatch):
-    import hwquant.commands.qat as pl  # the module whose fit the command calls
+    import hwquant.commands.common as pl  # the module whose fit the command calls
 
     def run(out, *extra):
         return main(["qat", "--checkpoint", str(trained / "model.pt"), "--method", "lsq", "--batch-size", "64",
@@ -460,7 +460,7 @@ def test_demo_rejects_bad_options_before_work(tmp_path, capsys):
 
 
 def test_arc_resume_is_exact_for_stochastic_rounding_and_the_clip_record(tmp_path, monkeypatch):
-    import hwquant.commands.train as pl  # the module whose fit the command calls
+    import hwquant.commands.common as pl  # the module whose fit the command calls
 
     def run(out, *extra):
         return main(["train", *SMALL, "--epochs", "2", "--grad-bits", "6", "--grad-rounding", "stochastic",

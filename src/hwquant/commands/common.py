@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from ..models.registry import build_model
 from ..models.user import check_user_spec, is_user_spec
 from ..numerics.gradient import GRAD_CLIPS
 from ..saved import rebuild
-from ..train import evaluate, load_checkpoint
+from ..train import evaluate, fit, load_checkpoint
 from ..train.distributed import current, init_from_env, rank_device
 
 DATASETS = DATASET_NAMES
@@ -186,6 +187,23 @@ def install_arc(model: nn.Module, opts, out: Path, extra_state: dict[str, Any]):
         extra_state["arc"] = state
 
     return handle, asdict(acfg), keep_state
+
+
+def fit_and_evaluate(model: nn.Module, loaders, cfg, out: Path, extra: dict[str, Any], device) -> dict[str, Any]:
+    """The training part of ``train`` / ``qat``: ARC's hooks when ``cfg.grad_bits`` is set, :func:`fit` (with
+    checkpoints in ``out`` and ``--resume``), then the hooks removed, the clip record written and the model
+    evaluated on the test split.  Returns ``{"history", "seconds", "final", "arc"}``."""
+    handle, arc_meta, arc_hook = install_arc(model, cfg, out, extra)
+    t0 = time.perf_counter()
+    history = fit(model, loaders.train, cfg.train_config(), eval_loader=loaders.test, out_dir=out, resume=cfg.resume,
+                  progress=cfg.progress, extra_state=extra, step_hook=arc_hook, device=device)
+    seconds = time.perf_counter() - t0
+    if handle is not None:
+        handle.remove()
+        if current().is_main:
+            save_arc_clips(out, handle)
+    final = history.get("final_eval") or evaluate(model, loaders.test, device=device)
+    return {"history": history, "seconds": seconds, "final": final, "arc": arc_meta}
 
 
 def save_arc_clips(out: Path, handle) -> None:

@@ -3,7 +3,6 @@ FP32 control), resumable, torchrun-aware."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -14,18 +13,17 @@ from ..device import on_device
 from ..errors import CheckpointError, ConfigError
 from ..methods import QAT_CONFIGS, CQATConfig, MPQConfig, mpq_summary, prepare_qat, qat_summary, schedule_mpq
 from ..nn import float_eval_layers, fold_batchnorm
-from ..train import TrainConfig, evaluate, fit, save_checkpoint
+from ..train import TrainConfig, evaluate, save_checkpoint
 from .common import (
     TrainingOptions,
     arc_config,
     check_choice,
     check_device,
     doc,
+    fit_and_evaluate,
     float_eval,
     float_eval_warnings,
-    install_arc,
     load_model,
-    save_arc_clips,
     save_config,
     say,
     start_training,
@@ -156,16 +154,8 @@ def run_qat(cfg: QATOptions) -> dict[str, Any]:
         first, flag = schedule_mpq(qmodel, total, qcfg)
         say(f"mpq: flips counted from step {first}, extra bits assigned at step {flag} of {total}")
     extra = {"model_args": ck["model_args"], "data": d, "qat": meta}
-    handle, arc_meta, arc_hook = install_arc(qmodel, cfg, out, extra)
-    t0 = time.perf_counter()
-    history = fit(qmodel, loaders.train, cfg.train_config(), eval_loader=loaders.test, out_dir=out,
-                  resume=cfg.resume, progress=cfg.progress, extra_state=extra, step_hook=arc_hook, device=device)
-    seconds = time.perf_counter() - t0
-    if handle is not None:
-        handle.remove()
-        if dist_info.is_main:
-            save_arc_clips(out, handle)
-    final = history.get("final_eval") or evaluate(qmodel, loaders.test, device=device)
+    run = fit_and_evaluate(qmodel, loaders, cfg, out, extra, device)
+    history, seconds, final, arc_meta = run["history"], run["seconds"], run["final"], run["arc"]
     result = {"method": cfg.method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "config": meta["config"],
               "fp32": fp32, "start": start, "final": final, "train_seconds": seconds, "history": history["epochs"],
               "step_loss": history["step_loss"], "layers": qat_summary(qmodel) if qcfg is not None else [],

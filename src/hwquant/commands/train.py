@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +10,7 @@ import torch
 from ..data import default_calibration, make_loaders, resolve_dataset, split_record
 from ..errors import ConfigError
 from ..models import list_models
-from ..train import TrainConfig, evaluate, fit, save_checkpoint
+from ..train import TrainConfig, save_checkpoint
 from .common import (
     DATASETS,
     IMAGE_SIZE_HELP,
@@ -23,8 +22,7 @@ from .common import (
     check_image_size,
     check_model,
     doc,
-    install_arc,
-    save_arc_clips,
+    fit_and_evaluate,
     save_config,
     say,
     seeded_model,
@@ -96,16 +94,8 @@ def run_train(cfg: TrainOptions) -> dict[str, Any]:
     say(f"training {cfg.model} on {info.name} ({info.source}) for {cfg.epochs} epochs, "
          f"{len(loaders.train)} steps/epoch x {dist_info.world_size} process(es) on {device}")
     extra = {"model_args": model.hwquant_args, "data": data_meta}
-    handle, arc_meta, arc_hook = install_arc(model, cfg, out, extra)
-    t0 = time.perf_counter()
-    history = fit(model, loaders.train, cfg.train_config(), eval_loader=loaders.test, out_dir=out, resume=cfg.resume,
-                  progress=cfg.progress, extra_state=extra, step_hook=arc_hook, device=device)
-    seconds = time.perf_counter() - t0
-    if handle is not None:
-        handle.remove()
-        if dist_info.is_main:
-            save_arc_clips(out, handle)
-    final = history.get("final_eval") or evaluate(model, loaders.test, device=device)
+    run = fit_and_evaluate(model, loaders, cfg, out, extra, device)
+    history, seconds, final, arc_meta = run["history"], run["seconds"], run["final"], run["arc"]
     result = {"model": cfg.model, "dataset": info.name, "source": info.source, "test": final,
               "train_seconds": seconds, "world_size": dist_info.world_size, "history": history["epochs"],
               "arc": arc_meta, "device": str(device)}
