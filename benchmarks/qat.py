@@ -255,6 +255,7 @@ def accuracy(quick: bool, write=None, out_dir=None) -> dict[str, Any]:
 
     only = None if quick else os.environ.get("HWQUANT_QAT_ONLY")
     earlier = _earlier_rows(out_dir) if only else []
+    earlier_curves = _earlier_curves(out_dir) if only else {}
     cpu = str(machine_info()["processor"])
     order = {name: i for i, (name, _) in enumerate(RUNS)}
 
@@ -289,8 +290,34 @@ def accuracy(quick: bool, write=None, out_dir=None) -> dict[str, Any]:
             rows[-1].update(_export_check(out))
         print(f"  {name}: start {res['start']['top1']:.2f}% -> {res['final']['top1']:.2f}%", flush=True)
         if write is not None:
-            write(_finish(rows + _kept(earlier, rows, cpu), ck, epochs, cfg, curves, order))
-    return _finish(rows + _kept(earlier, rows, cpu), ck, epochs, cfg, curves, order)
+            write(_finish(rows + _kept(earlier, rows, cpu), ck, epochs, cfg, _with_kept(curves, earlier_curves, cpu,
+                                                                                  _kept(earlier, rows, cpu)), order))
+    kept = _kept(earlier, rows, cpu)
+    return _finish(rows + kept, ck, epochs, cfg, _with_kept(curves, earlier_curves, cpu, kept), order)
+
+
+def _earlier_curves(out_dir) -> dict[str, Any]:
+    """The earlier ``qat.json``'s loss curves with the CPU they were made on: ``{"cpu", "curves"}``."""
+    import json
+
+    from .common import results_dir
+
+    path = results_dir(out_dir) / f"{NAME}.json"
+    if not path.exists():
+        return {}
+    f = json.loads(path.read_text())
+    acc = (f.get("results") or {}).get("accuracy") or {}
+    return {"cpu": str((f.get("machine") or {}).get("processor", "")), "curves": acc.get("curves") or {}}
+
+
+def _with_kept(curves: dict[str, list], earlier: dict[str, Any], cpu: str, kept: list[dict[str, Any]]):
+    """This run's curves plus the earlier file's for the rows kept from it (made on this CPU: the file's curves
+    are of its own machine's rows), so a partial run does not drop the other runs' curves from the plot."""
+    if earlier.get("cpu") != cpu:
+        return curves
+    old = earlier.get("curves") or {}
+    return {**curves, **{r["run"]: old[r["run"]] for r in kept
+                         if r.get("cpu") == cpu and r["run"] in old and r["run"] not in curves}}
 
 
 def _export_check(run_dir: Path) -> dict[str, Any]:
