@@ -290,8 +290,8 @@ def accuracy(quick: bool, write=None, out_dir=None) -> dict[str, Any]:
             rows[-1].update(_export_check(out))
         print(f"  {name}: start {res['start']['top1']:.2f}% -> {res['final']['top1']:.2f}%", flush=True)
         if write is not None:
-            write(_finish(rows + _kept(earlier, rows, cpu), ck, epochs, cfg, _with_kept(curves, earlier_curves, cpu,
-                                                                                  _kept(earlier, rows, cpu)), order))
+            kept = _kept(earlier, rows, cpu)
+            write(_finish(rows + kept, ck, epochs, cfg, _with_kept(curves, earlier_curves, cpu, kept), order))
     kept = _kept(earlier, rows, cpu)
     return _finish(rows + kept, ck, epochs, cfg, _with_kept(curves, earlier_curves, cpu, kept), order)
 

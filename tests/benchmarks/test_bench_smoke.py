@@ -291,6 +291,12 @@ def test_qat_partial_runs_select_and_keep_rows():
     drops = {(r["run"], r["cpu"]): r["drop_vs_control"] for r in out["rows"]}
     assert drops[("ste w5a4", "A")] == pytest.approx(1.0) and drops[("ste w5a4", "B")] == pytest.approx(0.5)
     assert [r["cpu"] for r in out["rows"]][:3] == ["A", "A", "A"]  # this CPU's rows first
+    # the loss curves of kept rows come along from the earlier file, only when it was made on this CPU
+    old = {"cpu": "A", "curves": {"ste w5a4": [[10, 0.3]], "fp32 control": [[10, 9.9]]}}
+    now = {"fp32 control": [[10, 0.2]], "lsq w5a4": [[10, 0.25]]}
+    kept = qat._kept(earlier, same, "A")
+    assert qat._with_kept(now, old, "A", kept) == {**now, "ste w5a4": [[10, 0.3]]}  # this run's control wins
+    assert qat._with_kept(now, {**old, "cpu": "B"}, "A", kept) == now
 
 
 def test_bft_quick(tmp_path, monkeypatch):
