@@ -308,8 +308,8 @@ def accuracy(quick: bool, write=None, out_dir=None) -> dict[str, Any] | None:
         if write is not None:
             write(acc)
     merge()
-    remade = {(_key(r), r["cpu"]) for r in made}
-    dropped = [r for r in earlier if (_key(r), r["cpu"]) not in remade and r not in _kept_rows(earlier, made)]
+    remade, kept = {(_key(r), r["cpu"]) for r in made}, _kept_rows(earlier, made)
+    dropped = [r for r in earlier if (_key(r), r["cpu"]) not in remade and r not in kept]
     if dropped:  # rows this run neither remade nor kept
         print(f"  {len(dropped)} earlier rows were not kept: their protocol's FP32 run now gives another accuracy",
               flush=True)
