@@ -12,8 +12,9 @@ channel along dim 1, kept as metadata in float64; the hardware never multiplies 
     and a right shift ``n``, ``M / 2^n ~ scale_in / s_out`` (relative error below ``2^-(m-1)`` for an
     ``m``-bit ``M``; for power-of-two scales ``M`` is a power of two: a pure shift).  ``rne`` rounds the
     shifted-out bits half to even (``f = V*M >> n``, remainder ``r``: ``f + (r > h or (r == h and f odd))``,
-    ``h = 2^(n-1)``).  Inserted wherever a value meets a quantized layer (its input quantizer's ``s_out``,
-    code range and sign) or a :class:`~hwquant.nn.QuantAct`.
+    ``h = 2^(n-1)``).  On CPU one pass of a C kernel (:mod:`hwquant.numerics.intkernels`, self-tested
+    against the torch ops, which remain the fallback).  Inserted wherever a value meets a quantized layer
+    (its input quantizer's ``s_out``, code range and sign) or a :class:`~hwquant.nn.QuantAct`.
 ``add``
     ``V = k_a * V_a + k_b * V_b`` at the finer input scale divided by ``2^f``: ``k`` are integers (one of
     them ``2^f``, the other ``rne(ratio * 2^f)`` with at least 16 significant bits; ``f = 0`` and exact when
@@ -56,6 +57,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..nn.layers import exact_float_sums, exact_integer_op
+from ..numerics.intkernels import add_native, requant_native
 from ..numerics.window import rshift_rne
 
 __all__ = ["ADD_BITS", "EXACT_F64", "MAX_M_BITS", "IntOp", "div_rne", "requant_params", "rshift_rne", "value_bits"]
@@ -96,6 +98,20 @@ def requant_params(ratio: torch.Tensor, m_bits: int = MAX_M_BITS) -> tuple[torch
     return m, n.to(torch.int64)
 
 
+def _requant_torch(p: dict[str, Any], v: torch.Tensor) -> torch.Tensor:
+    """The requantization of :meth:`IntOp.run` on torch ops, before the clamp (the native kernel's oracle)."""
+    m, n, d = p["multiplier"], p["shift"], p.get("divisor", 1)
+    shape = (1, -1) + (1,) * (v.dim() - 2) if m.numel() > 1 else ()
+    if d == 1 and p.get("float64_exact"):
+        # |V * M| < 2^53 (checked at conversion): V * (M 2^-n) is exact in float64 and torch.round rounds half
+        # to even, so this equals the integer shift, in fewer passes over the tensor
+        return torch.mul(v, p["factor_f64"].reshape(shape)).round_().to(torch.int64)
+    if d == 1:
+        return rshift_rne(v * m.reshape(shape), n.reshape(shape))
+    # after a sum pool: round (V * M) / (d * 2^n) exactly
+    return div_rne(v * m.reshape(shape), torch.bitwise_left_shift(torch.full_like(n, d), n).reshape(shape))
+
+
 def value_bits(v: float) -> int:
     """Bits of the magnitude ``v`` (``ceil(log2(v + 1))``; 0 for 0)."""
     return int(math.ceil(math.log2(v + 1))) if v > 0 else 0
@@ -129,18 +145,13 @@ class IntOp:
         if k == "requant":
             (v,) = xs
             m, n, d = p["multiplier"], p["shift"], p.get("divisor", 1)
-            shape = (1, -1) + (1,) * (v.dim() - 2) if m.numel() > 1 else ()
-            if d == 1 and p.get("float64_exact"):
-                # |V * M| < 2^53 (checked at conversion): V * (M 2^-n) is exact in float64 and torch.round
-                # rounds half to even, so this equals the integer shift, in fewer passes over the tensor
-                q = torch.mul(v, p["factor_f64"].reshape(shape)).round_().to(torch.int64)  # (one float64 pass)
-            elif d == 1:
-                q = rshift_rne(v * m.reshape(shape), n.reshape(shape))
-            else:  # after a sum pool: round (V * M) / (d * 2^n) exactly
-                q = div_rne(v * m.reshape(shape), torch.bitwise_left_shift(torch.full_like(n, d), n).reshape(shape))
-            if "window_shift" in p:  # a bit window: the 8-bit code, then the shifter (numerics.window)
-                q = rshift_rne(q.clamp_(p["base_qmin"], p["base_qmax"]), p["window_shift"])
-            q.clamp_(p["qmin"], p["qmax"])
+            window = "window_shift" in p
+            lo, hi = (p["base_qmin"], p["base_qmax"]) if window else (p["qmin"], p["qmax"])
+            q = requant_native(v, m, n, lo, hi) if d == 1 else None  # one pass of the C kernel, clamped
+            if q is None:
+                q = _requant_torch(p, v).clamp_(lo, hi)
+            if window:  # a bit window: the 8-bit code, then the shifter (numerics.window)
+                q = rshift_rne(q, p["window_shift"]).clamp_(p["qmin"], p["qmax"])
             if "clip_lo" in p:  # a carried clip (ReLU6 ...) as per-channel code bounds
                 q = torch.minimum(torch.maximum(q, _per_channel(p["clip_lo"], q)), _per_channel(p["clip_hi"], q))
             return q
@@ -167,7 +178,8 @@ class IntOp:
             return xs[0].clamp_min(0)
         if k == "add":
             a, b = xs
-            return a * _per_channel(p["k_a"], a) + b * _per_channel(p["k_b"], b)
+            out = add_native(a, b, p["k_a"], p["k_b"])  # one pass of the C kernel, else the torch ops
+            return out if out is not None else a * _per_channel(p["k_a"], a) + b * _per_channel(p["k_b"], b)
         if k == "sumpool":
             (x,) = xs
             if p.get("global"):

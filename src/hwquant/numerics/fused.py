@@ -54,7 +54,9 @@ def _native_self_test(lib) -> str | None:
     y, m = _native_fq_pc(w, sc, -16, 15, True, lib)
     if not torch.equal(y, ref) or not torch.equal(m == 1, ref_mask):
         return "per-channel kernel differs from the torch path"
-    return None
+    from .intkernels import int_self_test  # the integer model's kernels (intkernels imports this module)
+
+    return int_self_test(lib)
 
 
 def native_kernels():

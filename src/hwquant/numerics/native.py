@@ -142,6 +142,10 @@ def _load():
     lib.hwq_gq_rows.restype = None
     lib.hwq_gq.argtypes = [P, P, I64, F, F, F, I, I, ctypes.c_uint64, I]
     lib.hwq_gq.restype = None
+    lib.hwq_requant.argtypes = [P, P, I64, I64, I64, P, P, I64, I64, I]
+    lib.hwq_requant.restype = None
+    lib.hwq_add2.argtypes = [P, P, P, I64, I64, I64, P, P, I]
+    lib.hwq_add2.restype = None
     return lib, path
 
 

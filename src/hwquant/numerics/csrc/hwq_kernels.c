@@ -275,3 +275,58 @@ void hwq_gq(const float *restrict x, void *restrict out, int64_t n, float r, flo
   }
 }
 
+
+/* Integer requantization (hwquant.export.intops, op "requant"):
+   q = clamp(rne((v * m_c) / 2^n_c), lo, hi) for int64 values v laid out as [outer][C][inner], the multiplier
+   m_c and shift n_c of channel c (C = 1: per tensor).  rne rounds half to even, as numerics.window.rshift_rne:
+   (p + 2^(n-1) - 1 + ((p >> n) & 1)) >> n, with p >> n the arithmetic shift (floor); |p| < 2^62 (the
+   converter picks m so), so the sum stays in range.  n == 0: p itself. */
+static inline int64_t rq1(int64_t v, int64_t m, int64_t n, int64_t half_m1, int64_t lo, int64_t hi) {
+  int64_t p = v * m;
+  int64_t q = n > 0 ? (p + half_m1 + ((p >> n) & 1)) >> n : p;
+  return q < lo ? lo : (q > hi ? hi : q);
+}
+
+void hwq_requant(const int64_t *restrict v, int64_t *restrict q, int64_t outer, int64_t C, int64_t inner,
+                 const int64_t *restrict m, const int64_t *restrict n, int64_t lo, int64_t hi, int nt) {
+  if (inner == 1) {
+#pragma omp parallel for num_threads(nt) schedule(static) if(outer * C > 32768)
+    for (int64_t o = 0; o < outer; o++) {
+      const int64_t *restrict vp = v + o * C;
+      int64_t *restrict qp = q + o * C;
+      for (int64_t c = 0; c < C; c++) {
+        const int64_t nc = n[c];
+        qp[c] = rq1(vp[c], m[c], nc, nc > 0 ? ((int64_t)1 << (nc - 1)) - 1 : 0, lo, hi);
+      }
+    }
+    return;
+  }
+#pragma omp parallel for num_threads(nt) collapse(2) schedule(static) if(outer * C * inner > 32768)
+  for (int64_t o = 0; o < outer; o++) {
+    for (int64_t c = 0; c < C; c++) {
+      const int64_t mc = m[c], nc = n[c], h = nc > 0 ? ((int64_t)1 << (nc - 1)) - 1 : 0;
+      const int64_t *restrict vp = v + (o * C + c) * inner;
+      int64_t *restrict qp = q + (o * C + c) * inner;
+      for (int64_t i = 0; i < inner; i++) qp[i] = rq1(vp[i], mc, nc, h, lo, hi);
+    }
+  }
+}
+
+/* Integer add of two values at one scale (hwquant.export.intops, op "add"): out = a * ka_c + b * kb_c, the
+   same [outer][C][inner] layout for a, b and out (C = 1: per tensor).  Exact: the caller keeps |out| < 2^62. */
+void hwq_add2(const int64_t *restrict a, const int64_t *restrict b, int64_t *restrict out, int64_t outer,
+              int64_t C, int64_t inner, const int64_t *restrict ka, const int64_t *restrict kb, int nt) {
+  if (inner == 1) {
+#pragma omp parallel for num_threads(nt) schedule(static) if(outer * C > 32768)
+    for (int64_t o = 0; o < outer; o++)
+      for (int64_t c = 0; c < C; c++) out[o * C + c] = a[o * C + c] * ka[c] + b[o * C + c] * kb[c];
+    return;
+  }
+#pragma omp parallel for num_threads(nt) collapse(2) schedule(static) if(outer * C * inner > 32768)
+  for (int64_t o = 0; o < outer; o++) {
+    for (int64_t c = 0; c < C; c++) {
+      const int64_t x = ka[c], y = kb[c], base = (o * C + c) * inner;
+      for (int64_t i = 0; i < inner; i++) out[base + i] = a[base + i] * x + b[base + i] * y;
+    }
+  }
+}
