@@ -15,11 +15,14 @@ present, so an interrupted benchmark resumes), in the order they are made:
 
 * uniform ``W4A4`` (the paper's baseline), ``W2A4``, ``W3A4`` (``max_extra=0, gamma=1``);
 * ``MPQ W2(+1)A4`` and ``MPQ W3(+1)A4``: flips counted per optimizer step from 25 % to 50 % of retraining,
-  then the weights with at least 2 flips (at most 10 % of a layer) get one more bit, and the learning rate is
-  x0.1 within 0.1 steps of a rounding threshold;
+  then the weights with at least 2 flips (at most 10 % of a layer) get one more bit, and the learning rate of
+  a weight that has flipped is x0.1 within 0.1 steps of a rounding threshold (``lr_scope="flipping"``);
 * ablations at 2 bits: the extra bit to as many **random** weights per layer (``--mpq-choose random``), the
   extra bit without the learning-rate rule, the learning-rate rule without the extra bit;
-* seed 1 (data order; same FP32 start) of ``W4A4`` and both MPQ rows.
+* the other readings of the learning-rate rule: the literal one (every weight near a threshold, all along
+  retraining; W2 and W3, two seeds, and alone at W2), only after the flag, and the literal one at eps 0.02;
+* uniform W2A4 and MPQ W2(+1)A4 at 4x the learning rate (0.02), where more weights oscillate;
+* seed 1 (data order; same FP32 start) of ``W4A4``, both MPQ rows and both literal-rule rows.
 
 Per run: top-1 before (PTQ start) and after, extra-bit share, bits stored (codes + extra-bit index + biases +
 scales, :func:`hwquant.hw.cost_report`), compression against FP32 and W4A4, energy per image on the default
@@ -48,6 +51,7 @@ VGG9_WIDTH = 0.25
 FP32_EPOCHS = 4
 
 _UNIFORM = {"mpq_max_extra": 0.0, "mpq_gamma": 1.0}
+_LITERAL = {"mpq_lr_scope": "all"}
 # (key, label, QATOptions fields, seeds)
 RUNS: list[tuple[str, str, dict[str, Any], tuple[int, ...]]] = [
     ("w4", "uniform W4A4", {"w_bits": 4, **_UNIFORM}, (0, 1)),
@@ -58,6 +62,17 @@ RUNS: list[tuple[str, str, dict[str, Any], tuple[int, ...]]] = [
     ("mpq2_random", "W2(+1)A4, extra bit to random weights", {"w_bits": 2, "mpq_choose": "random"}, (0,)),
     ("mpq2_nolr", "W2(+1)A4 without the lr rule", {"w_bits": 2, "mpq_gamma": 1.0}, (0,)),
     ("w2_lr", "W2A4 + lr rule only", {"w_bits": 2, "mpq_max_extra": 0.0}, (0,)),
+    # the other readings of the lr rule: the literal one (every weight near a threshold, all along), only
+    # after the flag, a narrower band
+    ("mpq2_lr_all", "MPQ W2(+1)A4, literal lr rule", {"w_bits": 2, **_LITERAL}, (0, 1)),
+    ("mpq3_lr_all", "MPQ W3(+1)A4, literal lr rule", {"w_bits": 3, **_LITERAL}, (0, 1)),
+    ("w2_lr_all", "W2A4 + literal lr rule only", {"w_bits": 2, "mpq_max_extra": 0.0, **_LITERAL}, (0,)),
+    ("mpq2_lr_after", "MPQ W2(+1)A4, lr rule on every near weight after the flag",
+     {"w_bits": 2, "mpq_lr_scope": "after_flag"}, (0,)),
+    ("mpq2_eps02", "MPQ W2(+1)A4, literal lr rule at eps 0.02", {"w_bits": 2, "mpq_eps": 0.02, **_LITERAL}, (0,)),
+    # a regime with more oscillation: 4x the learning rate
+    ("w2_hi", "uniform W2A4 at lr 0.02", {"w_bits": 2, "lr": 0.02, **_UNIFORM}, (0,)),
+    ("mpq2_hi", "MPQ W2(+1)A4 at lr 0.02", {"w_bits": 2, "lr": 0.02}, (0,)),
 ]
 MODELS = ("resnet20", "vgg9")
 COMPRESSION_BAR, DROP_BAR, GAIN_BAR = 1.37, 0.2, 0.3

@@ -232,12 +232,21 @@ def _mpq_row(key, top1, kib, seed=0, model="m"):
 
 def test_mpq_plan_and_bar_by_hand():
     from benchmarks import mpq
+    from hwquant.methods import MPQConfig
+    from hwquant.pipelines import QATOptions
 
     keys = {(m, k, s) for m, k, _, _, s in mpq.plan(False)}
     for m in ("resnet20", "vgg9"):
         assert {k for mm, k, s in keys if mm == m and s == 0} == {
-            "w4", "w3", "w2", "mpq2", "mpq3", "mpq2_random", "mpq2_nolr", "w2_lr"}
-        assert {k for mm, k, s in keys if mm == m and s == 1} == {"w4", "mpq2", "mpq3"}
+            "w4", "w3", "w2", "mpq2", "mpq3", "mpq2_random", "mpq2_nolr", "w2_lr", "mpq2_lr_all", "mpq3_lr_all",
+            "w2_lr_all", "mpq2_lr_after", "mpq2_eps02", "w2_hi", "mpq2_hi"}
+        assert {k for mm, k, s in keys if mm == m and s == 1} == {"w4", "mpq2", "mpq3", "mpq2_lr_all", "mpq3_lr_all"}
+    # the MPQ rows run the default learning-rate rule (only the weights that flipped); the literal rows all
+    opts = {k: o for k, _, o, _ in mpq.RUNS}
+    assert MPQConfig().lr_scope == "flipping" and "mpq_lr_scope" not in opts["mpq2"] | opts["mpq3"]
+    assert QATOptions().mpq_lr_scope == "flipping"
+    assert {k for k, o in opts.items() if o.get("mpq_lr_scope") == "all"} == {
+        "mpq2_lr_all", "mpq3_lr_all", "w2_lr_all", "mpq2_eps02"}
     # W4A4 (two seeds: mean 91.0), W3A4 and W2A4; MPQ W2(+1) is 1.40x smaller than W4A4, 0.1 pt below it and
     # nearest in size to W2A4 (30 KiB), 0.8 pt above it: met.  MPQ W3(+1): 1.33x, so not met.
     rows = [_mpq_row("w4", 91.2, 42.0), _mpq_row("w4", 90.8, 42.0, seed=1), _mpq_row("w3", 90.5, 33.0),

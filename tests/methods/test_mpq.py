@@ -83,7 +83,7 @@ def test_flips_only_counted_inside_the_window():
 
 
 def test_lower_gradient_near_a_rounding_threshold():
-    q = _quantizer([1.0], 6, eps=0.1, gamma=0.1)
+    q = _quantizer([1.0], 6, eps=0.1, gamma=0.1, lr_scope="all")  # the distance rule on every weight
     q.extra[0, 5] = True  # an extra weight: its thresholds are at (k + 1/2) / 2
     q.flag_step.fill_(0)  # scheduled, the extra bits already assigned
     q.train()
@@ -261,7 +261,7 @@ def test_random_choice_matches_the_flip_count_and_is_seeded():
 
 
 def test_summary_reports_flip_histogram_frequency_and_slowed_share():
-    q = _quantizer([1.0], 4, eps=0.1, gamma=0.5)
+    q = _quantizer([1.0], 4, eps=0.1, gamma=0.5, lr_scope="all")
     q.flag_step.fill_(100)
     q.train()
     w = nn.Parameter(torch.tensor([[0.45, 0.3, 0.0, 0.0]]))  # w0 near a threshold every step, w1 never
@@ -280,3 +280,36 @@ def test_summary_reports_flip_histogram_frequency_and_slowed_share():
     assert row["counted_steps"] == 3 and row["flipping_weights"] == 2
     assert row["flip_frequency_mean"] == pytest.approx((2 + 1) / 2 / 3)
     assert row["slowed_share_mean"] == pytest.approx(0.25)  # w0 (x.45) only; 0.3 and 0.0 are not near x.5
+
+
+def test_lr_scope_after_flag_and_flipping_by_hand():
+    """The lr factor's scope: ``after_flag`` slows near-threshold weights only once the extra bits are assigned,
+    ``flipping`` only the near-threshold weights that have flipped in the window; ``all`` every one of them."""
+    base = torch.tensor([[0.45, 0.3, 1.55, 0.45]])  # w0, w2, w3 near a threshold (x.5 +- 0.1); w1 not
+
+    def grads(scope, steps):
+        q = _quantizer([1.0], 4, eps=0.1, gamma=0.1, lr_scope=scope)
+        q.flag_step.fill_(3)
+        q.train()
+        w = nn.Parameter(base.clone())
+        out = []
+        # codes w3: 0 -> 1 -> 0 (one reversal, counted at step 3); the others keep their code
+        for k in range(steps):
+            with torch.no_grad():
+                w.copy_(base + torch.tensor([[0.0, 0.0, 0.0, [0.0, 1.0, 0.0, 0.0][k]]]))
+            w.grad = None
+            q(w).sum().backward()
+            out.append(w.grad[0].tolist())
+        return out, q
+
+    g, q = grads("all", 4)
+    assert g[0] == pytest.approx([0.1, 1.0, 0.1, 0.1]) and g[3] == pytest.approx([0.1, 1.0, 0.1, 0.1])
+    g, q = grads("after_flag", 4)
+    assert g[0] == g[1] == pytest.approx([1.0, 1.0, 1.0, 1.0])  # steps 1, 2: before the flag (step 3)
+    assert g[2] == g[3] == pytest.approx([0.1, 1.0, 0.1, 0.1])
+    g, q = grads("flipping", 4)
+    assert q.flips.tolist() == [[0, 0, 0, 1]]
+    assert g[1] == pytest.approx([1.0, 1.0, 1.0, 1.0])  # no flip yet
+    assert g[2] == g[3] == pytest.approx([1.0, 1.0, 1.0, 0.1])  # w3 flipped at step 3 and sits near x.5
+    with pytest.raises(ConfigError, match="lr_scope"):
+        MPQConfig(lr_scope="near")

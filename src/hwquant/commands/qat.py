@@ -64,6 +64,9 @@ class QATOptions(TrainingOptions):
     mpq_choose: str = field(default="flips", metadata=doc(
         "mpq: weights given the extra bit: the most flipping (the method) or as many at random (ablation; --seed)",
         ("flips", "random")))
+    mpq_lr_scope: str = field(default="flipping", metadata=doc(
+        "mpq: near-threshold weights the lr factor applies to: those that flipped in the counting window, all "
+        "(the literal rule) or all once the extra bits are assigned", ("flipping", "all", "after_flag")))
     first_last_bits: int | None = field(default=8, metadata=doc("bits of the first conv and last FC (none: same)"))
     per_channel: bool = field(default=True, metadata=doc("per-output-channel weight steps"))
     pow2: bool = field(default=False, metadata=doc(
@@ -104,7 +107,7 @@ class QATOptions(TrainingOptions):
         if self.method == "mpq":
             return MPQConfig(**common, flag_at=self.mpq_flag_at, window=self.mpq_window, min_flips=self.mpq_min_flips,
                              max_extra=self.mpq_max_extra, eps=self.mpq_eps, gamma=self.mpq_gamma,
-                             choose=self.mpq_choose, seed=self.seed)
+                             choose=self.mpq_choose, seed=self.seed, lr_scope=self.mpq_lr_scope)
         return QAT_CONFIGS[self.method](**common)
 
     def train_config(self) -> TrainConfig:

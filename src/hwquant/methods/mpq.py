@@ -30,7 +30,14 @@ Exact semantics, per low-bit conv/linear layer (the first conv and last FC stay 
   extra bit to as many weights of each layer as the flip rule chose, drawn at random (seeded).
 * **lower learning rate near a threshold**: the loss gradient of a weight within ``eps`` steps of a rounding
   threshold of its grid (``|W / s_g - floor(W / s_g) - 1/2| < eps``, ``s_g`` = ``s`` or ``s / 2``) is
-  multiplied by ``gamma`` (weight decay, added by the optimizer, is not).
+  multiplied by ``gamma`` (weight decay, added by the optimizer, is not).  Which near weights: ``lr_scope``.
+  The abstract says only "a lower learning rate near the quantization threshold" to "mitigate the gradient
+  noise"; read literally (``"all"``: every weight near a threshold, all along) the rule slows about a third of
+  the low-bit weights at every step (weights gather near thresholds in QAT) and costs 2.8 pt at a 2-bit base
+  on ResNet-20 / Fashion-MNIST (issue 15, ``benchmarks/results/mpq.md``); slowing them only after the flag or
+  in a 5x narrower band still costs 0.6-0.7 pt.  The default, ``"flipping"``, slows only the weights that
+  have flipped in the counting window (``flips > 0``), i.e. the oscillation the rule is there to damp (their
+  flips per step fall 2.5x), and costs nothing measurable there.
 
 Measured for the diagnosis (buffers, reported by :func:`mpq_summary`): the flips per weight, the counted
 steps, and the share of weights the learning-rate rule slowed, summed over the steps.
@@ -56,8 +63,9 @@ from ..spec import QuantParams, QuantSpec
 from .qat import QATConfigBase, register_qat
 
 MPQ_CHOICES = ("flips", "random")
+LR_SCOPES = ("all", "after_flag", "flipping")
 
-__all__ = ["MPQ_CHOICES", "MPQConfig", "MixedWeightQuantizer", "mpq_summary", "schedule_mpq"]
+__all__ = ["LR_SCOPES", "MPQ_CHOICES", "MPQConfig", "MixedWeightQuantizer", "mpq_summary", "schedule_mpq"]
 
 
 def _code_dtype(bits: int) -> torch.dtype:
@@ -75,9 +83,10 @@ class MixedWeightQuantizer(FakeQuantizer):
 
     def __init__(self, spec: QuantSpec, axis: int | None = None, generator=None, *, min_flips: int = 2,
                  max_extra: float = 0.1, eps: float = 0.1, gamma: float = 0.1, choose: str = "flips",
-                 seed: int = 0):
+                 seed: int = 0, lr_scope: str = "flipping"):
         super().__init__(spec, axis=axis, generator=generator)
         self.min_flips, self.max_extra, self.eps, self.gamma = min_flips, max_extra, eps, gamma
+        self.lr_scope = lr_scope
         self.choose, self.seed = choose, seed
         self._seen: tuple | None = None  # (weight, version) of the last tracked step
         self.register_buffer("extra", torch.empty(0, dtype=torch.bool))
@@ -197,6 +206,10 @@ class MixedWeightQuantizer(FakeQuantizer):
             with torch.no_grad():
                 v = w / torch.where(self.extra, sf, 2 * sf)
                 near = (v - torch.floor(v) - 0.5).abs() < self.eps
+                if self.lr_scope == "after_flag" and int(self.step) < int(self.flag_step):
+                    near = torch.zeros_like(near)
+                elif self.lr_scope == "flipping":
+                    near = near & (self.flips > 0)
                 if step:
                     self.slowed_share_sum += near.float().mean().double()
                     self.slowed_steps += 1
@@ -237,6 +250,9 @@ class MPQConfig(QATConfigBase):
         max_extra: at most this fraction of a layer's weights get the extra bit, in ``[0, 1]``.
         eps: distance to a rounding threshold, in steps, that counts as near, in ``[0, 0.5]``.
         gamma: learning-rate factor near a threshold, in ``(0, 1]``.
+        lr_scope: which near-threshold weights the factor applies to: ``"all"`` (the abstract read literally),
+            ``"after_flag"`` (only once the extra bits are assigned) or ``"flipping"`` (only weights that have
+            flipped in the counting window: the oscillation the rule is meant to damp).
     """
 
     w_bits: int = 3
@@ -249,9 +265,12 @@ class MPQConfig(QATConfigBase):
     gamma: float = 0.1
     choose: str = "flips"
     seed: int = 0
+    lr_scope: str = "flipping"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.lr_scope not in LR_SCOPES:
+            raise ConfigError(f"lr_scope must be one of {', '.join(LR_SCOPES)}, got {self.lr_scope!r}")
         if self.choose not in MPQ_CHOICES:
             raise ConfigError(f"choose must be one of {', '.join(MPQ_CHOICES)}, got {self.choose!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -287,7 +306,7 @@ class MPQConfig(QATConfigBase):
                 layer.weight_quant = MixedWeightQuantizer(low, axis=wq.axis, generator=wq.generator,
                                                           min_flips=self.min_flips, max_extra=self.max_extra,
                                                           eps=self.eps, gamma=self.gamma, choose=self.choose,
-                                                          seed=self.seed * 1000 + i)
+                                                          seed=self.seed * 1000 + i, lr_scope=self.lr_scope)
         return qmodel
 
 
