@@ -8,6 +8,8 @@ Part 1, ``speed``: ResNet-20 training step (forward, cross-entropy, backward, SG
 * ``hwquant cqat w5a4``: :func:`hwquant.prepare_qat` with ``CQATConfig()`` (fused C kernel: one pass writes
   the output and the STE mask, the backward is one pass over gradient and mask);
 * ``hwquant cqat w5a4 (torch ops)``: the same model on hwquant's torch-op path (kernel switched off);
+* ``hwquant cqat w5a4, weights only`` / ``activations only``: the same model with only one kind of quantizer
+  on (where the cost over FP32 comes from);
 * ``naive ste``: the textbook ``x + (clamp(round(x / s)) * s - x).detach()`` on weights and inputs;
 * ``torch fake_quantize``: ``torch.fake_quantize_per_channel_affine`` (weights) and ``_per_tensor_affine``
   (inputs);
@@ -147,6 +149,16 @@ def _stepper(model: nn.Module, x: torch.Tensor, y: torch.Tensor, torch_ops: bool
     return step
 
 
+def _only_quantizers(qmodel: nn.Module, weights: bool) -> nn.Module:
+    """A copy of ``qmodel`` with only its weight (``weights``) or only its activation quantizers on: where the
+    QAT step's cost over FP32 comes from."""
+    m = copy.deepcopy(qmodel)
+    for name, q in m.named_modules():
+        if isinstance(q, hq.nn.FakeQuantizer):
+            q.enabled = q.enabled and name.endswith("weight_quant") == weights
+    return m
+
+
 def speed(quick: bool) -> dict[str, Any]:
     load_before = loadavg()
     batch, warmup, repeats = (32, 1, 3) if quick else (128, 3, 15)
@@ -160,6 +172,8 @@ def speed(quick: bool) -> dict[str, Any]:
         "fp32": (copy.deepcopy(float_model), False),
         "hwquant cqat w5a4": (cqat, False),
         "hwquant cqat w5a4 (torch ops)": (copy.deepcopy(cqat), True),
+        "hwquant cqat w5a4, weights only": (_only_quantizers(cqat, weights=True), False),
+        "hwquant cqat w5a4, activations only": (_only_quantizers(cqat, weights=False), False),
         "naive ste": (_reference_model(cqat, float_model, "naive"), False),
         "torch fake_quantize": (_reference_model(cqat, float_model, "torch"), False),
     }
