@@ -200,3 +200,17 @@ def test_native_source_is_package_data_and_keys_the_cache(tmp_path, monkeypatch)
     so = native.build()
     monkeypatch.setattr(native, "source", lambda: text + "\n/* edited */\n")
     assert native.build() != so  # another source, another library
+
+
+def test_native_kernels_share_torchs_openmp_runtime():
+    """The kernel library links ``libgomp.so.1``; loaded after torch (hwquant imports torch first), the loader
+    resolves it to the runtime torch already loaded, so one OpenMP thread pool serves both (Linux)."""
+    from hwquant.numerics import uniform
+
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("no /proc/self/maps on this platform")
+    if not uniform.native_status()["available"]:
+        pytest.skip("no C compiler: nothing is loaded")
+    loaded = {line.split()[-1] for line in maps.read_text().splitlines() if "gomp" in line.rsplit("/", 1)[-1]}
+    assert len(loaded) == 1, f"OpenMP runtimes loaded: {sorted(loaded)}"
