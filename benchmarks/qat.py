@@ -10,6 +10,8 @@ Part 1, ``speed``: ResNet-20 training step (forward, cross-entropy, backward, SG
 * ``hwquant cqat w5a4 (torch ops)``: the same model on hwquant's torch-op path (kernel switched off);
 * ``hwquant cqat w5a4, weights only`` / ``activations only``: the same model with only one kind of quantizer
   on (where the cost over FP32 comes from);
+* ``fp32 + a copy per layer input (floor)``: the float model with a copy of each conv / linear input forward
+  and of its gradient backward: the least an eager activation quantizer (one pass each way) can cost;
 * ``naive ste``: the textbook ``x + (clamp(round(x / s)) * s - x).detach()`` on weights and inputs;
 * ``torch fake_quantize``: ``torch.fake_quantize_per_channel_affine`` (weights) and ``_per_tensor_affine``
   (inputs);
@@ -159,6 +161,29 @@ def _only_quantizers(qmodel: nn.Module, weights: bool) -> nn.Module:
     return m
 
 
+class _CopySTE(torch.autograd.Function):
+    """One pass forward (a copy) and one pass backward (a copy of the gradient): the least an eager activation
+    quantizer with a straight-through gradient can cost."""
+
+    @staticmethod
+    def forward(ctx, x):  # noqa: D401
+        return x.clone(memory_format=torch.preserve_format)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.clone(memory_format=torch.preserve_format)
+
+
+def _copy_floor(float_model: nn.Module) -> nn.Module:
+    """A copy of the float model with :class:`_CopySTE` on the input of every conv / linear layer (where CQAT has
+    its activation quantizers)."""
+    m = copy.deepcopy(float_model)
+    for layer in m.modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            layer.register_forward_pre_hook(lambda _mod, args: (_CopySTE.apply(args[0]), *args[1:]))
+    return m
+
+
 def speed(quick: bool) -> dict[str, Any]:
     load_before = loadavg()
     batch, warmup, repeats = (32, 1, 3) if quick else (128, 3, 15)
@@ -174,6 +199,7 @@ def speed(quick: bool) -> dict[str, Any]:
         "hwquant cqat w5a4 (torch ops)": (copy.deepcopy(cqat), True),
         "hwquant cqat w5a4, weights only": (_only_quantizers(cqat, weights=True), False),
         "hwquant cqat w5a4, activations only": (_only_quantizers(cqat, weights=False), False),
+        "fp32 + a copy per layer input (floor)": (_copy_floor(float_model), False),
         "naive ste": (_reference_model(cqat, float_model, "naive"), False),
         "torch fake_quantize": (_reference_model(cqat, float_model, "torch"), False),
     }
