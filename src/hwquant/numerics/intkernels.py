@@ -23,7 +23,7 @@ __all__ = ["add_native", "int_self_test", "requant_native"]
 def _layout(v: torch.Tensor, per_channel: bool) -> tuple[int, int, int] | None:
     """``(outer, C, inner)`` for walking ``v`` as one dense block with the channel along dim 1, or ``None``."""
     if not per_channel:
-        return (1, 1, v.numel()) if v.is_contiguous() or native.dense(v) else None
+        return (1, 1, v.numel()) if native.dense(v) else None  # elementwise: any dense layout
     if v.dim() < 2:
         return None
     c = v.shape[1]
@@ -68,14 +68,14 @@ def _library():
     return native_kernels()
 
 
-def _per_channel(k: torch.Tensor, c: int) -> torch.Tensor:
+def _vector(k: torch.Tensor, c: int) -> torch.Tensor:
     k = k.to(torch.int64).reshape(-1)
     return (k.expand(c) if k.numel() != c else k).contiguous()
 
 
 def _run_add(lib, a, b, ka, kb, layout) -> torch.Tensor:
     outer, c, inner = layout
-    ka, kb = _per_channel(ka, c), _per_channel(kb, c)
+    ka, kb = _vector(ka, c), _vector(kb, c)
     out = torch.empty_like(a)
     lib.hwq_add2(a.data_ptr(), b.data_ptr(), out.data_ptr(), outer, c, inner, ka.data_ptr(), kb.data_ptr(),
                  native.threads())
@@ -84,7 +84,7 @@ def _run_add(lib, a, b, ka, kb, layout) -> torch.Tensor:
 
 def _run_requant(lib, v, m, n, lo, hi, layout) -> torch.Tensor:
     outer, c, inner = layout
-    m, n = _per_channel(m, c), _per_channel(n, c)
+    m, n = _vector(m, c), _vector(n, c)
     q = torch.empty_like(v)
     lib.hwq_requant(v.data_ptr(), q.data_ptr(), outer, c, inner, m.data_ptr(), n.data_ptr(), int(lo), int(hi),
                     native.threads())
