@@ -6,12 +6,16 @@ Part 1, ``speed``: ResNet-20 training step (forward, cross-entropy, backward, SG
 
 * ``fp32``: the float model with BatchNorm folded (the structure every QAT model trains);
 * ``hwquant cqat w5a4``: :func:`hwquant.prepare_qat` with ``CQATConfig()`` (fused C kernel: one pass writes
-  the output and the STE mask, the backward is one pass over gradient and mask);
+  the output and the STE mask, the backward is one pass over gradient and mask; the ReLUs that only feed
+  quantized layers are absorbed by their input quantizers, :func:`hwquant.nn.absorb_relus`);
+* ``hwquant cqat w5a4, ReLUs not absorbed``: the same with ``absorb_relu=False`` (a ReLU pass and a quantizer
+  pass per activation, forward and backward; the same values and gradients bit for bit);
 * ``hwquant cqat w5a4 (torch ops)``: the same model on hwquant's torch-op path (kernel switched off);
 * ``hwquant cqat w5a4, weights only`` / ``activations only``: the same model with only one kind of quantizer
   on (where the cost over FP32 comes from);
 * ``fp32 + a copy per layer input (floor)``: the float model with a copy of each conv / linear input forward
-  and of its gradient backward: the least an eager activation quantizer (one pass each way) can cost;
+  and of its gradient backward: the least an activation quantizer that is a pass of its own (one each way)
+  can cost; an absorbed ReLU's pass is the quantizer's, so CQAT can go below it;
 * ``naive ste``: the textbook ``x + (clamp(round(x / s)) * s - x).detach()`` on weights and inputs;
 * ``torch fake_quantize``: ``torch.fake_quantize_per_channel_affine`` (weights) and ``_per_tensor_affine``
   (inputs);
@@ -196,6 +200,8 @@ def speed(quick: bool) -> dict[str, Any]:
     models: dict[str, tuple[nn.Module, bool]] = {
         "fp32": (copy.deepcopy(float_model), False),
         "hwquant cqat w5a4": (cqat, False),
+        "hwquant cqat w5a4, ReLUs not absorbed": (hq.prepare_qat(float_model, hq.CQATConfig(absorb_relu=False),
+                                                                 [x]), False),
         "hwquant cqat w5a4 (torch ops)": (copy.deepcopy(cqat), True),
         "hwquant cqat w5a4, weights only": (_only_quantizers(cqat, weights=True), False),
         "hwquant cqat w5a4, activations only": (_only_quantizers(cqat, weights=False), False),

@@ -50,6 +50,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..nn.fold import fold_batchnorm
+from ..nn.relu import absorb_relus
 from ..nn.swap import CALIB_WEIGHTS, LayerQuant, QuantRecipe, calibrate, quant_layers, quantize_model
 from ..numerics.codes import check_bits, qrange
 from ..spec import QuantSpec
@@ -85,6 +86,9 @@ class QATConfigBase(abc.ABC):
             of :func:`hwquant.export.integer_model` is bit-exact with the trained model).  Not for LSQ / PACT.
         calib_weights: what the activation steps are calibrated with: ``"quantized"`` weights (the
             calibrated weight quantizers on) or ``"float"`` weights (see :func:`hwquant.nn.swap.calibrate`).
+        absorb_relu: the input quantizers apply the ReLUs that only feed them, so a training step makes one
+            pass over each such activation instead of two (:func:`hwquant.nn.absorb_relus`; the same values
+            and gradients bit for bit, only faster).
     """
 
     w_bits: int = 5
@@ -96,6 +100,7 @@ class QATConfigBase(abc.ABC):
     calib_batches: int | None = 8
     pow2: bool = False
     calib_weights: str = "quantized"
+    absorb_relu: bool = True
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits, "w_bits")
@@ -107,8 +112,9 @@ class QATConfigBase(abc.ABC):
             raise ConfigError(f"ema_decay must be a number in [0, 1), got {d!r}")
         if self.calib_batches is not None and (not isinstance(self.calib_batches, int) or self.calib_batches < 1):
             raise ConfigError(f"calib_batches must be a positive integer or null, got {self.calib_batches!r}")
-        if not isinstance(self.pow2, bool):
-            raise ConfigError(f"pow2 must be true or false, got {self.pow2!r}")
+        for flag in ("pow2", "absorb_relu"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         if self.calib_weights not in CALIB_WEIGHTS:
             raise ConfigError(f"calib_weights must be one of {', '.join(CALIB_WEIGHTS)}, got {self.calib_weights!r}")
         if self.pow2:
@@ -253,7 +259,10 @@ def build_qat_model(model: nn.Module, config: QATConfigBase) -> nn.Module:
         names = ", ".join(c.__name__ for c in QAT_CONFIGS.values())
         raise ConfigError(f"prepare_qat needs a QAT config ({names}), got {type(config).__name__}")
     base = fold_batchnorm(model) if config.fold_bn else model
-    return config.finish(quantize_model(base, config.recipe()))
+    qmodel = config.finish(quantize_model(base, config.recipe()))
+    if config.absorb_relu:
+        absorb_relus(qmodel)
+    return qmodel
 
 
 def prepare_qat(

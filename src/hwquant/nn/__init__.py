@@ -5,6 +5,7 @@ from .fold import conv_bn_pairs, fold_batchnorm, fold_conv_bn, fold_input_gain
 from .graph import LayerPositions, layer_positions, trace
 from .layers import LUT_ACTIVATIONS, QUANT_LAYERS, QuantAct, QuantConv2d, QuantLinear, QuantLUTAct
 from .quantizer import FakeQuantizer
+from .relu import AbsorbedReLU, absorb_relus
 from .swap import (
     LayerQuant,
     QuantRecipe,
@@ -18,12 +19,14 @@ from .swap import (
 )
 
 __all__ = [
+    "AbsorbedReLU",
     "LUT_ACTIVATIONS",
     "QUANT_LAYERS",
     "LayerPositions",
     "QuantLUTAct",
     "FakeQuantizer",
     "LayerQuant",
+    "absorb_relus",
     "QuantAct",
     "QuantConv2d",
     "QuantLinear",

@@ -40,6 +40,8 @@ class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if self.leaves and isinstance(m, self.leaves):
             return True
+        if isinstance(m, nn.ReLU):  # a subclass (hwquant's AbsorbedReLU among them) is still one ReLU node
+            return True
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):

@@ -36,6 +36,14 @@ normalised image by ``g`` (a change of the normalisation's constants, so free) a
 weights ``W / g`` (:func:`~hwquant.nn.fold.fold_input_gain`), so a non-power-of-two image step becomes a
 power-of-two step on the scaled image and the integer datapath keeps shifts only.  Integer export refuses a
 gain anywhere else (inside the datapath it would be a multiplier).  Saved in the extra state.
+
+**ReLU input** (``relu_input``, default off; set by :func:`hwquant.nn.absorb_relus`): the quantizer quantizes
+``relu(x)``, in every mode and when it is off (``forward(x) = q(relu(x))``, ``codes(x) = codes(relu(x))``).
+A ReLU whose output only feeds such quantizers can then skip its own pass in training: ``relu`` is
+idempotent, so the result is the same whether the ReLU ran or not.  Where the fused kernel runs (per tensor,
+zero point 0, ``static`` / ``dynamic`` / ``ema``) ReLU, the peak and the quantization share its passes,
+bit for bit what ``torch.relu`` followed by the quantizer computes, forward and backward; elsewhere
+``torch.relu`` runs first.
 """
 
 from __future__ import annotations
@@ -97,6 +105,7 @@ class FakeQuantizer(nn.Module):
         self.calib_info: dict = {}  # observer.summary() of the last calibration, for reports
         self._checked: torch.Tensor | None = None  # the scale tensor last validated by forward
         self.input_gain = 1.0  # a float32 value (see the module docstring)
+        self.relu_input = False  # quantize relu(x) (see the module docstring; structure, not saved state)
         mode = spec.range_mode
         if mode in ("dynamic", "ema"):
             self.register_buffer("clip_ratio", torch.empty(0))
@@ -219,16 +228,20 @@ class FakeQuantizer(nn.Module):
     def calibrate_from(self, x: torch.Tensor) -> QuantParams:
         """Calibrate on one tensor (weights need no data)."""
         self.start_observing()
-        self.observer.update(x)
+        self.observer.update(torch.relu(x) if self.relu_input else x)
         return self.calibrate()
 
     # --------------------------------------------------------------- forward
     def _zp(self):
         return 0 if self.spec.symmetric else self.zero_point
 
-    def _peak(self, x: torch.Tensor) -> torch.Tensor:
-        """``max|x|`` (signed) or ``max x`` (unsigned), per tensor or per channel, detached."""
+    def _peak(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+        """``max|x|`` (signed) or ``max x`` (unsigned), per tensor or per channel, detached; ``relu``: of
+        ``relu(x)``, i.e. ``max(max x, 0)`` (the same value, without the ReLU's pass)."""
         x = x.detach()
+        if relu:
+            return (x.amax() if self.axis is None else x.amax(dim=[d for d in range(x.dim())
+                                                                   if d != self.axis % x.dim()])).clamp_min(0)
         if self.axis is None:
             if not self.signed:
                 return x.amax()
@@ -239,11 +252,12 @@ class FakeQuantizer(nn.Module):
             return x.amax(dim=dims)
         return torch.maximum(x.amin(dim=dims).neg_(), x.amax(dim=dims))
 
-    def _tracked_scale(self, x: torch.Tensor) -> torch.Tensor:
-        """Update and return the step for ``dynamic`` / ``ema`` (see the module docstring)."""
+    def _tracked_scale(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+        """Update and return the step for ``dynamic`` / ``ema`` (see the module docstring); ``relu``: the
+        step of ``relu(x)``."""
         # every tensor here is detached (buffers, x.detach()), so no autograd bookkeeping is needed
         if self.spec.range_mode == "dynamic" or self.training:
-            peak = self._peak(x).float()
+            peak = self._peak(x, relu).float()
             if self.training:
                 all_reduce_(peak, "max")  # data-parallel training: the global batch's peak (1 process of W B)
             if self.spec.range_mode == "ema":
@@ -275,6 +289,10 @@ class FakeQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_gain != 1.0:  # also when off: the layer's weights hold 1 / gain
             x = x * self.input_gain
+        relu = self.relu_input
+        if relu and (self.observing or not (self.enabled and self.calibrated) or self.windowed
+                     or self.spec.range_mode in ("learned", "pact")):
+            x, relu = torch.relu(x), False  # a path without the fused pass: ReLU first, as its own op
         if self.observing:
             self.observer.update(x)
         if not (self.enabled and self.calibrated):
@@ -283,7 +301,7 @@ class FakeQuantizer(nn.Module):
         if mode in ("learned", "pact"):
             return self._trained_forward(x)
         if mode != "static":
-            self._tracked_scale(x)
+            self._tracked_scale(x, relu)
         # validate a newly installed scale once, not every forward (eagerly: a compiled graph runs after an eager
         # forward or a load has checked it, and a data-dependent check would break the graph)
         if self._checked is not self.scale and not torch.compiler.is_compiling():
@@ -296,12 +314,14 @@ class FakeQuantizer(nn.Module):
         qmin, qmax = qrange(self.spec.bits, signed, self.spec.narrow)
         s = shape_param(self.scale.to(x.dtype), x, self.axis)
         z = None if self.spec.symmetric else shape_param(self.zero_point.to(x.dtype), x, self.axis)
-        return fake_quantize_trusted(x, s, z, qmin, qmax, self.spec.rounding, self.generator, self.axis)
+        return fake_quantize_trusted(x, s, z, qmin, qmax, self.spec.rounding, self.generator, self.axis, relu=relu)
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes of ``x`` with the current parameters (for export and tests)."""
         if self.input_gain != 1.0:
             x = x * self.input_gain
+        if self.relu_input:
+            x = torch.relu(x)
         if self.windowed:
             d8 = shape_param(self.base_step().to(x.dtype), x, self.axis)
             c = window_codes(x, d8, int(self.window_shift), self.spec.bits, self.spec.q_step_bits, bool(self.signed))
@@ -327,5 +347,6 @@ class FakeQuantizer(nn.Module):
         mode = "" if s.range_mode == "static" else f", range_mode={s.range_mode}"
         p2 = ", pow2" if s.pow2 else ""
         p2 += f", input_gain={self.input_gain:.9g}" if self.input_gain != 1.0 else ""
+        p2 += ", relu_input" if self.relu_input else ""
         return (f"bits={s.bits}, {sign}, {s.granularity}, rounding={s.rounding}{step}{mode}{p2}, "
                 f"enabled={self.enabled}")

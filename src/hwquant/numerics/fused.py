@@ -47,6 +47,15 @@ def _native_self_test(lib) -> str | None:
         same = torch.equal(torch.nan_to_num(y, nan=7.5), torch.nan_to_num(ref, nan=7.5))
         if not same or not torch.equal(m == 1, ref_mask):
             return f"kernel differs from the torch path (scale {s}, zero point {z}, codes {lo}..{hi})"
+        if z == 0:  # ReLU then quantization in one pass: torch.relu, the codes, and ReLU's gradient rule
+            xr = torch.relu(x)
+            ref, ref_mask = codes_float(xr, st, None, lo, hi, "nearest", None, want_mask=True)
+            ref.mul_(st)
+            ref_mask &= xr > 0
+            y, m = _native_fq(x, float(st), 0.0, lo, hi, True, relu=True, lib=lib)
+            if not torch.equal(torch.nan_to_num(y, nan=7.5), torch.nan_to_num(ref, nan=7.5)) or \
+                    not torch.equal(torch.signbit(y), torch.signbit(ref)) or not torch.equal(m == 1, ref_mask):
+                return f"ReLU kernel differs from torch.relu and the torch path (scale {s}, codes {lo}..{hi})"
     w = torch.randn(16, 8, 3, 3, generator=g).contiguous(memory_format=torch.channels_last)
     sc = torch.rand(16, generator=g) * 0.2 + 1e-3
     ref, ref_mask = codes_float(w, sc.view(-1, 1, 1, 1), None, -16, 15, "nearest", None, want_mask=True)
@@ -106,12 +115,19 @@ def _native_fq_pc(x: torch.Tensor, s: torch.Tensor, qmin: int, qmax: int, want_m
     return y, m
 
 
-def _native_fq(x: torch.Tensor, sf: float, zf: float, qmin: int, qmax: int, want_mask: bool):
-    """Kernel forward: ``(y, mask state or None)``; ``sf`` / ``zf`` are the float32 scale and zero point."""
+def _native_fq(x: torch.Tensor, sf: float, zf: float, qmin: int, qmax: int, want_mask: bool, relu: bool = False,
+               lib=None):
+    """Kernel forward: ``(y, mask state or None)``; ``sf`` / ``zf`` are the float32 scale and zero point.
+    ``relu``: quantize ``relu(x)`` (zero point 0), the mask state also holding ReLU's gradient rule."""
+    lib = lib or native.STATE["lib"]
     y = torch.empty_like(x)
     m = torch.empty_like(x, dtype=torch.uint8) if want_mask else None
-    native.STATE["lib"].hwq_fq(x.data_ptr(), y.data_ptr(), 0 if m is None else m.data_ptr(), x.numel(), 1.0 / sf, sf,
-                          zf, int(zf != 0.0), float(qmin), float(qmax), native.threads())
+    if relu:
+        lib.hwq_fq_relu(x.data_ptr(), y.data_ptr(), 0 if m is None else m.data_ptr(), x.numel(), 1.0 / sf, sf,
+                        float(qmin), float(qmax), native.threads())
+        return y, m
+    lib.hwq_fq(x.data_ptr(), y.data_ptr(), 0 if m is None else m.data_ptr(), x.numel(), 1.0 / sf, sf,
+               zf, int(zf != 0.0), float(qmin), float(qmax), native.threads())
     return y, m
 
 
@@ -259,7 +275,7 @@ class FakeQuantSTE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, s, z, qmin, qmax, rounding, generator, axis, lsq=True):  # noqa: D401
+    def forward(ctx, x, s, z, qmin, qmax, rounding, generator, axis, lsq=True, relu=False):  # noqa: D401
         scale_grad = ctx.needs_input_grad[1]
         ctx.lsq = lsq
         ctx.axis = axis
@@ -273,7 +289,7 @@ class FakeQuantSTE(torch.autograd.Function):
         if ctx.native:
             sf = float(s)
             zf = 0.0 if z is None else float(z)
-            y, m = _native_fq(x, sf, zf, qmin, qmax, want_mask=True)
+            y, m = _native_fq(x, sf, zf, qmin, qmax, want_mask=True, relu=relu)
             ctx.consts = (1.0 / sf, zf, float(qmin), float(qmax))
             ctx.save_for_backward(m, x if scale_grad else None)
             return y
@@ -304,7 +320,7 @@ class FakeQuantSTE(torch.autograd.Function):
             else:
                 dims = [d for d in range(grad.dim()) if d != ctx.axis % grad.dim()]
                 grad_s = prod.sum(dim=dims, keepdim=True).reshape(ctx.scale_shape)
-        return grad_x, grad_s, None, None, None, None, None, None, None
+        return grad_x, grad_s, None, None, None, None, None, None, None, None
 
     @staticmethod
     def _native_backward(ctx, grad):
@@ -313,7 +329,7 @@ class FakeQuantSTE(torch.autograd.Function):
         grad_x, grad_s = _native_bwd(native.STATE["lib"], grad, m, ctx.needs_input_grad[0], scale, x)
         if grad_s is not None:
             grad_s = grad_s.reshape(ctx.scale_shape)
-        return grad_x, grad_s, None, None, None, None, None, None, None
+        return grad_x, grad_s, None, None, None, None, None, None, None, None
 
 
 def _format_of(t: torch.Tensor) -> torch.memory_format:
@@ -334,18 +350,26 @@ def fake_quantize_trusted(
     generator: torch.Generator | None = None,
     axis: int | None = None,
     lsq: bool = True,
+    relu: bool = False,
 ) -> torch.Tensor:
     """:func:`fake_quantize` without argument checks, for callers that hold validated parameters.
 
     ``s`` (and ``z``, or ``None`` for a zero point of 0) must already be float tensors of ``x``'s dtype shaped
     to broadcast along ``axis`` (0-d per tensor), with ``s > 0`` finite and ``z`` integer-valued in range.
     ``lsq=False`` gives a scale that requires grad only the clip part of the LSQ gradient (PACT's).
+
+    ``relu=True`` quantizes ``torch.relu(x)``, with ReLU's gradient: where the kernel runs (per tensor, zero
+    point 0, no scale gradient) in the same pass, bit for bit what ``torch.relu`` followed by this function
+    computes forward and backward (the self-test checks it); elsewhere ``torch.relu`` runs first.
     """
+    if relu and not (axis is None and z is None and not s.requires_grad and _use_native(x, None, rounding)):
+        x, relu = torch.relu(x), False
     if not (torch.is_grad_enabled() and (x.requires_grad or s.requires_grad)):
         # No gradient wanted: skip the STE mask (most of the forward cost for cache-resident tensors).
         if _use_native(x, axis, rounding):
             if axis is None:
-                return _native_fq(x, float(s), 0.0 if z is None else float(z), qmin, qmax, want_mask=False)[0]
+                return _native_fq(x, float(s), 0.0 if z is None else float(z), qmin, qmax, want_mask=False,
+                                  relu=relu)[0]
             if z is None:
                 return _native_fq_pc(x, s, qmin, qmax, want_mask=False)[0]
         t, _ = codes_float(x, s, z, qmin, qmax, rounding, generator, want_mask=False)
@@ -357,4 +381,4 @@ def fake_quantize_trusted(
         if axis is None:
             return torch.ops.hwquant.fake_quant(x, s, z, qmin, qmax, lsq)[0]
         return torch.ops.hwquant.fake_quant_per_channel(x, s, qmin, qmax)[0]
-    return FakeQuantSTE.apply(x, s, z, qmin, qmax, rounding, generator, axis, lsq)
+    return FakeQuantSTE.apply(x, s, z, qmin, qmax, rounding, generator, axis, lsq, relu)

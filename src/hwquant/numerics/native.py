@@ -126,6 +126,8 @@ def _load():
     P, I64, F, I, D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_double
     lib.hwq_fq.argtypes = [P, P, P, I64, F, F, F, I, F, F, I]
     lib.hwq_fq.restype = None
+    lib.hwq_fq_relu.argtypes = [P, P, P, I64, F, F, F, F, I]
+    lib.hwq_fq_relu.restype = None
     lib.hwq_fq_pc.argtypes = [P, P, P, I64, I64, P, P, F, F, I]
     lib.hwq_fq_pc.restype = None
     lib.hwq_mask_bwd.argtypes = [P, P, P, I64, I]

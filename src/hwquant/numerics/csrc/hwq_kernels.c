@@ -24,6 +24,22 @@ void hwq_fq(const float *restrict x, float *restrict y, uint8_t *restrict m, int
   }
 }
 
+/* ReLU then per-tensor fake quantization, zero point 0, in one pass: the same float32 operations as torch.relu
+   (which keeps -0.0 and NaN) followed by hwq_fq, and a mask state that also holds ReLU's gradient rule (grad
+   passes where relu(x) > 0, as torch's threshold_backward on ReLU's result): state 1 only where xr > 0 and
+   the code is in range */
+void hwq_fq_relu(const float *restrict x, float *restrict y, uint8_t *restrict m, int64_t n, float r, float s,
+                 float lo, float hi, int nt) {
+  if (m == 0) {
+    PAR for (int64_t i = 0; i < n; i++) { float xr = x[i] < 0.0f ? 0.0f : x[i]; y[i] = clampf(rintf(xr * r), lo, hi) * s; }
+  } else {
+    PAR for (int64_t i = 0; i < n; i++) {
+      float xr = x[i] < 0.0f ? 0.0f : x[i];
+      float v = rintf(xr * r); m[i] = xr > 0.0f ? state(v, lo, hi) : 0; y[i] = clampf(v, lo, hi) * s;
+    }
+  }
+}
+
 /* per channel along the outermost memory dimension: C blocks of `inner` elements, reciprocal r[c], step s[c] */
 void hwq_fq_pc(const float *restrict x, float *restrict y, uint8_t *restrict m, int64_t C, int64_t inner,
                const float *restrict r, const float *restrict s, float lo, float hi, int nt) {
