@@ -227,6 +227,11 @@ def test_an_absorbed_relu_skips_its_pass_only_while_its_layers_apply_it():
     q.eval()
     assert torch.equal(q.r_two(t), torch.relu(t))
     q.train()
+    hq.nn.set_quant_enabled(q, False)  # quantizers off: the ReLU is a ReLU again, and runs once
+    assert not q.r_two.absorbed() and torch.equal(q.r_two(t), torch.relu(t))
+    assert q.a.input_quant(t) is t
+    hq.nn.set_quant_enabled(q, True)
+    assert q.r_two(t) is t
     plain = copy.deepcopy(q)
     for m in (q, plain):
         m.a.input_quant = None  # a change made after absorption
@@ -239,24 +244,43 @@ def test_an_absorbed_relu_skips_its_pass_only_while_its_layers_apply_it():
     _same_training(q, plain, x, y)
 
 
-def test_quantizer_with_relu_input_observes_and_bypasses_with_relu():
-    """``relu_input`` holds in every state: the observer sees ``relu(x)``, a disabled quantizer returns
-    ``relu(x)``, and the codes are those of ``relu(x)``."""
+def test_quantizer_applies_relu_only_while_it_quantizes():
+    """``relu_input`` holds while the quantizer quantizes (the values of ``q(relu(x))``, the EMA of
+    ``relu(x)``'s peak); off or observing it passes its input on, which its ReLU module then rectified."""
     spec = hq.QuantSpec(bits=4, signed=None, range_mode="ema")
     q = hq.nn.FakeQuantizer(spec, axis=1)
     q.relu_input = True
     x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(5))
-    assert torch.equal(q(x), torch.relu(x))  # not calibrated: off
-    q.calibrate_from(x)
-    assert q.signed is False  # it saw relu(x) >= 0
+    assert not q.applies_relu and q(x) is x  # not calibrated: off
+    q.calibrate_from(torch.relu(x))
+    assert q.applies_relu and q.signed is False
     ref = hq.nn.FakeQuantizer(spec, axis=1)
     ref.calibrate_from(torch.relu(x))
-    assert torch.equal(q.scale, ref.scale)
     assert torch.equal(q.codes(x), ref.codes(torch.relu(x)))
     q.train()
     ref.train()
-    assert torch.equal(q(x), ref(torch.relu(x)))
-    assert torch.equal(q.running_max, ref.running_max)
+    for shift in (0.0, -10.0):  # the second batch is all negative: the peak of relu(x) is 0
+        assert torch.equal(q(x + shift), ref(torch.relu(x + shift)))
+        assert torch.equal(q.running_max, ref.running_max) and torch.equal(q.scale, ref.scale)
+    q.enabled = False
+    assert not q.applies_relu and q(x) is x
+
+
+def test_relu_feeding_a_layer_called_twice_is_not_absorbed():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 3, padding=1)
+            self.relu = nn.ReLU()
+            self.conv = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            t = self.stem(x)
+            return self.conv(self.relu(t)) + self.conv(t)  # the second call reads a signed input
+
+    x, _ = _data()
+    q = hq.prepare_qat(Twice(), hq.CQATConfig(), [x])
+    assert type(q.relu) is nn.ReLU and not q.conv.input_quant.relu_input
 
 
 def test_untraceable_model_absorbs_nothing():

@@ -37,13 +37,14 @@ weights ``W / g`` (:func:`~hwquant.nn.fold.fold_input_gain`), so a non-power-of-
 power-of-two step on the scaled image and the integer datapath keeps shifts only.  Integer export refuses a
 gain anywhere else (inside the datapath it would be a multiplier).  Saved in the extra state.
 
-**ReLU input** (``relu_input``, default off; set by :func:`hwquant.nn.absorb_relus`): the quantizer quantizes
-``relu(x)``, in every mode and when it is off (``forward(x) = q(relu(x))``, ``codes(x) = codes(relu(x))``).
-A ReLU whose output only feeds such quantizers can then skip its own pass in training: ``relu`` is
-idempotent, so the result is the same whether the ReLU ran or not.  Where the fused kernel runs (per tensor,
-zero point 0, ``static`` / ``dynamic`` / ``ema``) ReLU, the peak and the quantization share its passes,
-bit for bit what ``torch.relu`` followed by the quantizer computes, forward and backward; elsewhere
-``torch.relu`` runs first.
+**ReLU input** (``relu_input``, default off; set by :func:`hwquant.nn.absorb_relus`): while it quantizes
+(enabled, calibrated, not observing: :attr:`applies_relu`) the quantizer quantizes ``relu(x)``
+(``forward(x) = q(relu(x))``; ``codes(x) = codes(relu(x))`` always); off or observing it passes ``x`` on as
+before.  The ReLU module that feeds it skips its own pass exactly when every quantizer it feeds applies it, so
+the ReLU runs once either way (``relu`` is idempotent: a quantizer that applies it to an input the ReLU module
+already rectified changes nothing).  Where the fused kernel runs (per tensor, zero point 0, ``static`` /
+``dynamic`` / ``ema``) ReLU, the peak and the quantization share its passes, bit for bit what ``torch.relu``
+followed by the quantizer computes, forward and backward; elsewhere ``torch.relu`` runs first.
 """
 
 from __future__ import annotations
@@ -53,9 +54,9 @@ import math
 import torch
 from torch import nn
 
-from ..collectives import all_reduce_
+from ..collectives import all_reduce_, distributed
 from ..numerics.codes import check_scale, code_dtype, qrange, shape_param
-from ..numerics.fused import fake_quantize_trusted
+from ..numerics.fused import fake_quantize_dynamic, fake_quantize_trusted
 from ..numerics.uniform import quantize
 from ..numerics.window import window_codes, window_fake_quantize
 from ..observers import make_observer
@@ -122,6 +123,12 @@ class FakeQuantizer(nn.Module):
     @property
     def calibrated(self) -> bool:
         return self.scale.numel() > 0
+
+    @property
+    def applies_relu(self) -> bool:
+        """Whether the forward quantizes ``relu(x)`` now: ``relu_input`` and quantizing (see the module
+        docstring); what an absorbed ReLU module checks before it skips its pass."""
+        return self.relu_input and self.enabled and self.calibrated and not self.observing
 
     @property
     def windowed(self) -> bool:
@@ -228,7 +235,7 @@ class FakeQuantizer(nn.Module):
     def calibrate_from(self, x: torch.Tensor) -> QuantParams:
         """Calibrate on one tensor (weights need no data)."""
         self.start_observing()
-        self.observer.update(torch.relu(x) if self.relu_input else x)
+        self.observer.update(x)
         return self.calibrate()
 
     # --------------------------------------------------------------- forward
@@ -270,6 +277,15 @@ class FakeQuantizer(nn.Module):
                 _pow2_(self.scale)
         return self.scale
 
+    def _one_call(self, relu: bool) -> bool:
+        """Whether this quantizer's forward is one kernel call where the kernel covers the input (a QAT weight:
+        ``dynamic``, signed, symmetric, per channel along axis 0, round to nearest, no power-of-two step, no
+        window, no ReLU, one process): the step and the quantization of :func:`_tracked_scale` and
+        :func:`fake_quantize_trusted` in one pass (:func:`~hwquant.numerics.fused.fake_quantize_dynamic`)."""
+        sp = self.spec
+        return (self.axis == 0 and self.signed is True and sp.symmetric and sp.rounding == "nearest" and not relu
+                and not sp.pow2 and not self.windowed and not distributed())
+
     def _trained_forward(self, x: torch.Tensor) -> torch.Tensor:
         """LSQ / PACT: the step is (a function of) a parameter, so the scale gets a gradient."""
         signed = bool(self.signed)
@@ -289,9 +305,8 @@ class FakeQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_gain != 1.0:  # also when off: the layer's weights hold 1 / gain
             x = x * self.input_gain
-        relu = self.relu_input
-        if relu and (self.observing or not (self.enabled and self.calibrated) or self.windowed
-                     or self.spec.range_mode in ("learned", "pact")):
+        relu = self.applies_relu
+        if relu and (self.windowed or self.spec.range_mode in ("learned", "pact")):
             x, relu = torch.relu(x), False  # a path without the fused pass: ReLU first, as its own op
         if self.observing:
             self.observer.update(x)
@@ -300,6 +315,14 @@ class FakeQuantizer(nn.Module):
         mode = self.spec.range_mode
         if mode in ("learned", "pact"):
             return self._trained_forward(x)
+        if mode == "dynamic" and self._one_call(relu):
+            qmin, qmax = qrange(self.spec.bits, True, self.spec.narrow)
+            y = fake_quantize_dynamic(x, self.clip_ratio, self.scale, self.spec.clip_levels(True), qmin, qmax)
+            if y is not None:
+                if self._checked is not self.scale and not torch.compiler.is_compiling():
+                    check_scale(self.scale)
+                    self._checked = self.scale
+                return y
         if mode != "static":
             self._tracked_scale(x, relu)
         # validate a newly installed scale once, not every forward (eagerly: a compiled graph runs after an eager

@@ -59,6 +59,36 @@ void hwq_fq_pc(const float *restrict x, float *restrict y, uint8_t *restrict m, 
   }
 }
 
+/* A weight quantizer's whole forward in one call (range_mode "dynamic", signed, per output channel along the
+   outermost memory dimension): per channel the peak p = max|x| (NaN if the channel holds one, as torch's
+   amin / amax), the step s = max(fl32(fl32(ratio[c] * p) / q), tiny) (torch.mul, div_ and clamp_min_ on
+   float32), written to scale[c], then hwq_fq_pc's quantization with r = fl32(1 / s) */
+void hwq_fq_pc_dyn(const float *restrict x, float *restrict y, uint8_t *restrict m, int64_t C, int64_t inner,
+                   const float *restrict ratio, float q, float tiny, float *restrict scale, float lo, float hi,
+                   int nt) {
+  _Pragma("omp parallel for schedule(static) num_threads(nt) if(C * inner > 32768)")
+  for (int64_t c = 0; c < C; c++) {
+    const float *restrict xc = x + c * inner;
+    float p = 0.0f;
+    int nan = 0;
+    for (int64_t i = 0; i < inner; i++) { float a = fabsf(xc[i]); p = a > p ? a : p; nan |= a != a; }
+    float sc = ratio[c] * (nan ? NAN : p);
+    sc = sc / q;
+    sc = sc < tiny ? tiny : sc;
+    scale[c] = sc;
+    const float rc = 1.0f / sc;
+    float *restrict yc = y + c * inner;
+    if (m) {
+      uint8_t *restrict mc = m + c * inner;
+      for (int64_t i = 0; i < inner; i++) {
+        float v = rintf(xc[i] * rc); mc[i] = state(v, lo, hi); yc[i] = clampf(v, lo, hi) * sc;
+      }
+    } else {
+      for (int64_t i = 0; i < inner; i++) yc[i] = clampf(rintf(xc[i] * rc), lo, hi) * sc;
+    }
+  }
+}
+
 void hwq_mask_bwd(const float *restrict g, const uint8_t *restrict m, float *restrict gx, int64_t n, int nt) {
   PAR for (int64_t i = 0; i < n; i++) gx[i] = m[i] == 1 ? g[i] : 0.0f;
 }
