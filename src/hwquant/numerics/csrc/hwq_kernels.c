@@ -31,7 +31,9 @@ void hwq_fq(const float *restrict x, float *restrict y, uint8_t *restrict m, int
 void hwq_fq_relu(const float *restrict x, float *restrict y, uint8_t *restrict m, int64_t n, float r, float s,
                  float lo, float hi, int nt) {
   if (m == 0) {
-    PAR for (int64_t i = 0; i < n; i++) { float xr = x[i] < 0.0f ? 0.0f : x[i]; y[i] = clampf(rintf(xr * r), lo, hi) * s; }
+    PAR for (int64_t i = 0; i < n; i++) {
+      float xr = x[i] < 0.0f ? 0.0f : x[i]; y[i] = clampf(rintf(xr * r), lo, hi) * s;
+    }
   } else {
     PAR for (int64_t i = 0; i < n; i++) {
       float xr = x[i] < 0.0f ? 0.0f : x[i];
@@ -40,22 +42,24 @@ void hwq_fq_relu(const float *restrict x, float *restrict y, uint8_t *restrict m
   }
 }
 
+/* one block of n elements with one reciprocal r and step s (a channel of the per-channel kernels); m may be 0 */
+static inline void fq_block(const float *restrict x, float *restrict y, uint8_t *restrict m, int64_t n, float r,
+                            float s, float lo, float hi) {
+  if (m) {
+    for (int64_t i = 0; i < n; i++) {
+      float v = rintf(x[i] * r); m[i] = state(v, lo, hi); y[i] = clampf(v, lo, hi) * s;
+    }
+  } else {
+    for (int64_t i = 0; i < n; i++) y[i] = clampf(rintf(x[i] * r), lo, hi) * s;
+  }
+}
+
 /* per channel along the outermost memory dimension: C blocks of `inner` elements, reciprocal r[c], step s[c] */
 void hwq_fq_pc(const float *restrict x, float *restrict y, uint8_t *restrict m, int64_t C, int64_t inner,
                const float *restrict r, const float *restrict s, float lo, float hi, int nt) {
   _Pragma("omp parallel for schedule(static) num_threads(nt) if(C * inner > 32768)")
   for (int64_t c = 0; c < C; c++) {
-    const float rc = r[c], sc = s[c];
-    const float *restrict xc = x + c * inner;
-    float *restrict yc = y + c * inner;
-    if (m) {
-      uint8_t *restrict mc = m + c * inner;
-      for (int64_t i = 0; i < inner; i++) {
-        float v = rintf(xc[i] * rc); mc[i] = state(v, lo, hi); yc[i] = clampf(v, lo, hi) * sc;
-      }
-    } else {
-      for (int64_t i = 0; i < inner; i++) yc[i] = clampf(rintf(xc[i] * rc), lo, hi) * sc;
-    }
+    fq_block(x + c * inner, y + c * inner, m ? m + c * inner : 0, inner, r[c], s[c], lo, hi);
   }
 }
 
@@ -76,16 +80,7 @@ void hwq_fq_pc_dyn(const float *restrict x, float *restrict y, uint8_t *restrict
     sc = sc / q;
     sc = sc < tiny ? tiny : sc;
     scale[c] = sc;
-    const float rc = 1.0f / sc;
-    float *restrict yc = y + c * inner;
-    if (m) {
-      uint8_t *restrict mc = m + c * inner;
-      for (int64_t i = 0; i < inner; i++) {
-        float v = rintf(xc[i] * rc); mc[i] = state(v, lo, hi); yc[i] = clampf(v, lo, hi) * sc;
-      }
-    } else {
-      for (int64_t i = 0; i < inner; i++) yc[i] = clampf(rintf(xc[i] * rc), lo, hi) * sc;
-    }
+    fq_block(xc, y + c * inner, m ? m + c * inner : 0, inner, 1.0f / sc, sc, lo, hi);
   }
 }
 
