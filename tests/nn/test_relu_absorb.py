@@ -14,8 +14,8 @@ from torch import nn
 
 import hwquant as hq
 from hwquant.models import create_model
-from hwquant.nn import AbsorbedReLU, absorb_relus, fold_batchnorm
-from hwquant.numerics import fused, native
+from hwquant.nn import AbsorbedReLU, SharedReLU, absorb_relus, fold_batchnorm
+from hwquant.numerics import fused, fused_relu, native
 
 FakeQuantizerType = hq.nn.FakeQuantizer
 AWKWARD = torch.tensor([-0.0, 0.0, float("nan"), float("inf"), -float("inf"), -3.0, 1e-30, -1e-30, 1e30])
@@ -104,7 +104,8 @@ def test_self_test_refuses_a_relu_kernel_without_relus_gradient_rule():
 
 
 class _UserNet(nn.Module):
-    """Every case of the rules: ``r_two`` feeds two quantized convs (absorbed), ``r_add`` also a residual add,
+    """Every case of the rules: ``r_two`` feeds two quantized convs (absorbed), ``r_add`` a quantized conv and
+    a residual add (shared),
     ``r_shared`` is one module called where it qualifies and where it feeds a concatenation, ``r_inplace`` is in
     place and its input is read by nothing else (absorbed), ``r_read``'s input is also read by an add,
     ``F.relu`` is functional, ``ReLU6`` another activation."""
@@ -173,6 +174,8 @@ def test_which_relus_are_absorbed_in_a_user_network():
     q = hq.prepare_qat(_UserNet(), hq.CQATConfig(), [x])
     absorbed = {n for n, m in q.named_modules() if isinstance(m, AbsorbedReLU)}
     assert absorbed == {"r_two", "r_inplace"}
+    assert {n for n, m in q.named_modules() if isinstance(m, SharedReLU)} == {"r_add"} and q.r_add.layers == [q.c]
+    assert not q.c.input_quant.relu_input
     assert {n for n, m in q.named_modules() if getattr(m, "relu_input", False)} == {
         "a.input_quant", "b.input_quant", "e.input_quant"}
     assert q.r_inplace.inplace and not q.r_two.inplace
@@ -203,7 +206,8 @@ def test_absorbed_user_network_trains_bit_for_bit_like_the_plain_one(monkeypatch
 
 def test_resnet20_absorbs_the_relus_that_only_feed_convs_and_trains_the_same():
     """The bundled ResNet-20: the nine ReLUs inside the blocks and the two block outputs that feed a downsampling
-    block's conv and 1x1 shortcut; not the ReLUs that feed a residual add or the pool."""
+    block's conv and 1x1 shortcut are absorbed; the stem's and the block outputs that feed the next conv and the
+    identity shortcut are shared; the last block's (it feeds the pool) stays a ReLU."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(8, 1, 16, 16, generator=g).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (8,), generator=g)
@@ -214,6 +218,8 @@ def test_resnet20_absorbs_the_relus_that_only_feed_convs_and_trains_the_same():
     names = sorted(n for n, m in a.named_modules() if isinstance(m, AbsorbedReLU))
     assert names == sorted([f"layer{i}.{j}.relu1" for i in (1, 2, 3) for j in (0, 1, 2)]
                            + ["layer1.2.relu2", "layer2.2.relu2"])
+    shared = sorted(n for n, m in a.named_modules() if isinstance(m, SharedReLU))  # next conv + the shortcut add
+    assert shared == sorted(["relu"] + [f"layer{i}.{j}.relu2" for i in (1, 2, 3) for j in (0, 1)])
     _same_training(a, b, x, y)
 
 
@@ -227,9 +233,14 @@ def test_an_absorbed_relu_skips_its_pass_only_while_its_layers_apply_it():
     q.eval()
     assert torch.equal(q.r_two(t), torch.relu(t))
     q.train()
+    tg = t.clone().requires_grad_()
+    r = q.r_add(tg)  # shared: relu(t) for the add, and c's quantized input waiting for c's quantizer
+    assert torch.equal(r, torch.relu(t)) and q.c.input_quant(r) is not r
     hq.nn.set_quant_enabled(q, False)  # quantizers off: the ReLU is a ReLU again, and runs once
     assert not q.r_two.absorbed() and torch.equal(q.r_two(t), torch.relu(t))
     assert q.a.input_quant(t) is t
+    r = q.r_add(tg)
+    assert torch.equal(r, torch.relu(t)) and q.c.input_quant(r) is r  # nothing waiting: the quantizer is off
     hq.nn.set_quant_enabled(q, True)
     assert q.r_two(t) is t
     plain = copy.deepcopy(q)
@@ -299,3 +310,66 @@ def test_untraceable_model_absorbs_nothing():
     x, _ = _data()
     q = hq.prepare_qat(Branchy(), hq.CQATConfig(fold_bn=False), [x])
     assert type(q.relu) is nn.ReLU and absorb_relus(q) == []
+
+
+class _SteOracle(torch.autograd.Function):
+    """Quantization written with torch ops: round half to even of ``x * fl32(1 / s)``, clamp, ``* s``; the
+    straight-through gradient where the code is in range."""
+
+    @staticmethod
+    def forward(ctx, x, s, lo, hi):
+        code = torch.round(x * torch.reciprocal(s))
+        ctx.save_for_backward((code >= lo) & (code <= hi))
+        return code.clamp(lo, hi) * s
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return torch.where(inside, grad, 0.0), None, None, None
+
+
+@pytest.mark.parametrize("readers", ["both", "quantized only", "other only"])
+def test_relu_pair_equals_torch_relu_quantizer_and_autograds_sum(readers):
+    """The pair kernel forward and backward against the unfused torch ops (``torch.relu``, the quantizer on
+    torch ops, autograd's sum of the two readers' gradients), bit for bit, awkward values included, also when
+    one reader sends no gradient."""
+    if fused.native_kernels() is None:
+        pytest.skip("no native kernel library on this machine")
+    s = torch.tensor(0.25)
+    x = _awkward(seed=3)
+    g = torch.Generator().manual_seed(4)
+    gr, gy = torch.randn(x.shape, generator=g), torch.randn(x.shape, generator=g)
+    x1 = x.clone().requires_grad_()
+    r1, y1 = fused_relu.relu_fake_quantize_pair(x1, 0.25, 0, 15)
+    x2 = x.clone().requires_grad_()
+    r2 = torch.relu(x2)
+    y2 = _SteOracle.apply(r2, s, 0, 15)
+    for r, y in ((r1, y1), (r2, y2)):
+        outs = {"both": [(r, gr), (y, gy)], "quantized only": [(y, gy)], "other only": [(r, gr)]}[readers]
+        torch.autograd.backward([o for o, _ in outs], [gg for _, gg in outs])
+    for a, b in ((r1, r2), (y1, y2), (x1.grad, x2.grad)):
+        a, b = a.detach(), b.detach()
+        assert torch.equal(a.nan_to_num(9.0), b.nan_to_num(9.0)) and torch.equal(a.signbit(), b.signbit())
+
+
+def test_pair_self_test_refuses_a_kernel_that_drops_the_nan_rule():
+    lib = fused.native_kernels()
+    if lib is None:
+        pytest.skip("no native kernel library on this machine")
+
+    class NanBlocked(_Calls):
+        """Blocks the gradient at NaN (torch's ReLU lets it through)."""
+
+        def __getattr__(self, name):
+            if name != "hwq_relu_fq2":
+                return getattr(self.lib, name)
+
+            def wrong(xp, rp, yp, mp, n, rr, s, lo, hi, nt):
+                self.lib.hwq_relu_fq2(xp, rp, yp, mp, n, rr, s, lo, hi, nt)
+                r = torch.frombuffer((ctypes.c_float * n).from_address(rp), dtype=torch.float32)
+                m = torch.frombuffer((ctypes.c_uint8 * n).from_address(mp), dtype=torch.uint8)
+                m[r.isnan()] = 0
+            return wrong
+
+    assert fused_relu.relu_pair_self_test(lib) is None
+    assert "gradients differ" in fused_relu.relu_pair_self_test(NanBlocked(lib))

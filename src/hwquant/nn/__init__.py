@@ -5,7 +5,7 @@ from .fold import conv_bn_pairs, fold_batchnorm, fold_conv_bn, fold_input_gain
 from .graph import LayerPositions, layer_positions, trace
 from .layers import LUT_ACTIVATIONS, QUANT_LAYERS, QuantAct, QuantConv2d, QuantLinear, QuantLUTAct
 from .quantizer import FakeQuantizer
-from .relu import AbsorbedReLU, absorb_relus
+from .relu import AbsorbedReLU, SharedReLU, absorb_relus
 from .swap import (
     LayerQuant,
     QuantRecipe,
@@ -31,6 +31,7 @@ __all__ = [
     "QuantConv2d",
     "QuantLinear",
     "QuantRecipe",
+    "SharedReLU",
     "calibrate",
     "calibrate_weights",
     "conv_bn_pairs",

@@ -50,11 +50,13 @@ followed by the quantizer computes, forward and backward; elsewhere ``torch.relu
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import nn
 
 from ..collectives import all_reduce_, distributed
+from ..numerics import fused_relu
 from ..numerics.codes import check_scale, code_dtype, qrange, shape_param
 from ..numerics.fused import fake_quantize_dynamic, fake_quantize_trusted
 from ..numerics.uniform import quantize
@@ -107,6 +109,7 @@ class FakeQuantizer(nn.Module):
         self._checked: torch.Tensor | None = None  # the scale tensor last validated by forward
         self.input_gain = 1.0  # a float32 value (see the module docstring)
         self.relu_input = False  # quantize relu(x) (see the module docstring; structure, not saved state)
+        self._handoff: tuple | None = None  # (weakref to relu(x), its quantized copy) from relu_pair
         mode = spec.range_mode
         if mode in ("dynamic", "ema"):
             self.register_buffer("clip_ratio", torch.empty(0))
@@ -302,7 +305,36 @@ class FakeQuantizer(nn.Module):
         s = shape_param(s.to(x.dtype), x, self.axis)
         return fake_quantize_trusted(x, s, None, qmin, qmax, self.spec.rounding, self.generator, self.axis, lsq=lsq)
 
+    def relu_pair(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``relu(x)``, computed together with this quantizer's output for it in one pass (the fused
+        ``hwquant.numerics.fused_relu`` kernel), for a ReLU whose output this quantizer and one other reader
+        take (:class:`~hwquant.nn.relu.SharedReLU`); the next forward given that very tensor returns the
+        quantized copy without another pass.  ``None`` (nothing done) where the kernel does not cover it: not
+        quantizing, a gradient not wanted, per channel, a zero point, a window or a trained step."""
+        sp = self.spec
+        if not (self.enabled and self.calibrated and not self.observing and self.axis is None and sp.symmetric
+                and not self.windowed and sp.range_mode in ("static", "dynamic", "ema") and sp.rounding == "nearest"
+                and self.input_gain == 1.0 and torch.is_grad_enabled() and x.requires_grad
+                and not torch.compiler.is_compiling()):
+            return None
+        if not fused_relu.covers(x):
+            return None
+        if sp.range_mode != "static":
+            self._tracked_scale(x, relu=True)
+        if self._checked is not self.scale:
+            check_scale(self.scale)
+            self._checked = self.scale
+        qmin, qmax = qrange(sp.bits, bool(self.signed), sp.narrow)
+        r, y = fused_relu.relu_fake_quantize_pair(x, float(self.scale), qmin, qmax)
+        self._handoff = (weakref.ref(r), y)
+        return r
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._handoff is not None:  # relu_pair already quantized this tensor
+            ref, y = self._handoff
+            self._handoff = None
+            if ref() is x:
+                return y
         if self.input_gain != 1.0:  # also when off: the layer's weights hold 1 / gain
             x = x * self.input_gain
         relu = self.applies_relu

@@ -1,4 +1,5 @@
-"""ReLUs absorbed by the input quantizers that read them: one pass over the activation instead of two in training.
+"""ReLUs absorbed by (or fused with) the input quantizers that read them: fewer passes over an activation in
+training.
 
 In a CNN the input of most conv / linear layers is a ReLU's output, and its activation quantizer is another
 elementwise pass over the same tensor, forward and backward.  On a CPU both passes are bound by memory
@@ -16,6 +17,12 @@ module whose output goes only to quantized layers, as their input, and
 Because ``relu`` is idempotent the model computes the same values whether the ReLU module ran or not, and in
 training the ReLU costs one pass either way: the absorption changes the cost of a training step, never its
 result (tested bit for bit against the same model without it, forward and backward).
+
+A ReLU whose output feeds one quantized layer and one other reader (in a residual network: the next block's
+first conv and the identity shortcut) becomes a :class:`SharedReLU`: in training one kernel pass computes
+``relu(x)`` for the other reader and the quantized input of the layer, which its quantizer then returns, and
+one backward pass computes what autograd computes unfused (the straight-through gradient, the sum with the
+other reader's, ReLU's rule), bit for bit (:mod:`hwquant.numerics.fused_relu`).
 
 Left alone, each kept as a ReLU of its own: a ReLU that feeds a layer which is also called elsewhere (its
 quantizer would rectify that input too); a ReLU whose input is also read elsewhere (an in-place ReLU would
@@ -37,7 +44,7 @@ from .graph import trace
 from .layers import QUANT_LAYERS, QuantLUTAct
 from .quantizer import FakeQuantizer
 
-__all__ = ["AbsorbedReLU", "absorb_relus"]
+__all__ = ["AbsorbedReLU", "SharedReLU", "absorb_relus"]
 
 
 class AbsorbedReLU(nn.ReLU):
@@ -63,30 +70,65 @@ class AbsorbedReLU(nn.ReLU):
         return F.relu(x, inplace=self.inplace)
 
 
-def _only_input_of_quantized(node: torch.fx.Node, mods: dict[str, nn.Module],
-                             calls: dict[str, int]) -> list[nn.Module] | None:
-    """The quantized layers that read ``node`` (a ReLU call), if they are its only readers, read it only as
-    their input and are called nowhere else (``calls``: call sites per module name), and its input is read by
-    nothing else."""
+class SharedReLU(nn.ReLU):
+    """An ``nn.ReLU`` whose output feeds one quantized layer's input and one other reader (a residual add, a
+    pool): in training it computes ``relu(x)`` and the layer's quantized input in one pass, and both
+    gradients in one backward pass (:meth:`FakeQuantizer.relu_pair`); otherwise, or where the kernel does not
+    cover the input, it is ``nn.ReLU``."""
+
+    def __init__(self, layer: nn.Module, inplace: bool = False):
+        super().__init__(inplace=inplace)
+        self.layers = [layer]  # a plain list, as in AbsorbedReLU
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = getattr(self.layers[0], "input_quant", None) if self.training else None
+        if q is not None and not q.relu_input:
+            r = q.relu_pair(x)
+            if r is not None:
+                return r
+        return F.relu(x, inplace=self.inplace)
+
+
+def _reads_as_input(user: torch.fx.Node, node: torch.fx.Node, m: nn.Module | None, calls: dict[str, int]) -> bool:
+    """Whether ``user`` is a quantized layer with an input quantizer that reads ``node`` as its input only and is
+    called nowhere else (``calls``: call sites per module name)."""
+    return (isinstance(m, QUANT_LAYERS) and m.input_quant is not None and not user.kwargs and user.args[0] is node
+            and not any(a is node for a in user.args[1:]) and calls[str(user.target)] == 1)
+
+
+def _uses(user: torch.fx.Node, node: torch.fx.Node) -> int:
+    n = [0]
+    torch.fx.node.map_arg((user.args, user.kwargs), lambda a: n.__setitem__(0, n[0] + (a is node)) or a)
+    return n[0]
+
+
+def _site(node: torch.fx.Node, mods: dict[str, nn.Module], calls: dict[str, int]):
+    """What a ReLU call can become: ``("absorbed", layers)`` when quantized layers are its only readers,
+    ``("shared", [layer])`` when one quantized layer and one other reader (reading it once) are, else ``None``;
+    in both cases its input must be read by nothing else."""
     if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], torch.fx.Node):
         return None
     if len(node.args[0].users) != 1 or not node.users:
         return None
-    layers = []
+    layers, others = [], []
     for user in node.users:
         m = mods.get(str(user.target)) if user.op == "call_module" else None
-        if not isinstance(m, QUANT_LAYERS) or m.input_quant is None or user.kwargs:
-            return None
-        if user.args[0] is not node or any(a is node for a in user.args[1:]) or calls[str(user.target)] != 1:
-            return None
-        layers.append(m)
-    return layers
+        if _reads_as_input(user, node, m, calls):
+            layers.append(m)
+        else:
+            others.append(user)
+    if layers and not others:
+        return "absorbed", layers
+    if len(layers) == 1 and len(others) == 1 and _uses(others[0], node) == 1:
+        return "shared", layers
+    return None
 
 
 def absorb_relus(model: nn.Module) -> list[str]:
     """Let the input quantizers of ``model``'s quantized layers apply the ``nn.ReLU`` modules that only feed
-    them (see the module docstring); ``model`` is modified in place.  Returns the names of the absorbed ReLUs
-    (empty when fx cannot trace the model)."""
+    them (:class:`AbsorbedReLU`), and fuse a ReLU that feeds one of them and one other reader with that
+    quantizer (:class:`SharedReLU`); see the module docstring.  ``model`` is modified in place.  Returns the
+    names of the ReLUs replaced (empty when fx cannot trace the model)."""
     try:
         graph = trace(model, leaves=(*QUANT_LAYERS, QuantLUTAct, FakeQuantizer, nn.ReLU), what="ReLU absorption")
     except ConfigError:
@@ -96,25 +138,32 @@ def absorb_relus(model: nn.Module) -> list[str]:
     for node in graph.nodes:
         if node.op == "call_module":
             calls[str(node.target)] = calls.get(str(node.target), 0) + 1
-    sites: dict[str, list[list[nn.Module] | None]] = {}
+    sites: dict[str, list] = {}
     for node in graph.nodes:
         if node.op == "call_module" and type(mods.get(str(node.target))) is nn.ReLU:
-            sites.setdefault(str(node.target), []).append(_only_input_of_quantized(node, mods, calls))
+            sites.setdefault(str(node.target), []).append(_site(node, mods, calls))
     # a quantizer object read by a layer the ReLU does not feed would quantize that layer's input wrongly
     owners: dict[int, int] = {}
     for m in mods.values():
         if isinstance(m, (*QUANT_LAYERS, QuantLUTAct)) and m.input_quant is not None:
             owners[id(m.input_quant)] = owners.get(id(m.input_quant), 0) + 1
-    absorbed = []
-    for name, calls in sites.items():
-        if any(c is None for c in calls):
+    replaced = []
+    for name, found in sites.items():
+        if any(f is None for f in found):
             continue
-        layers = list({id(m): m for c in calls for m in c}.values())
+        kinds = {kind for kind, _ in found}
+        layers = list({id(m): m for _, ls in found for m in ls}.values())
         if any(owners[id(m.input_quant)] != 1 for m in layers):
             continue
-        for m in layers:
-            m.input_quant.relu_input = True
+        if kinds == {"absorbed"}:
+            for m in layers:
+                m.input_quant.relu_input = True
+            relu = AbsorbedReLU(layers, mods[name].inplace)
+        elif kinds == {"shared"} and len(found) == 1:
+            relu = SharedReLU(layers[0], mods[name].inplace)
+        else:
+            continue
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, AbsorbedReLU(layers, mods[name].inplace))
-        absorbed.append(name)
-    return absorbed
+        setattr(model.get_submodule(parent) if parent else model, child, relu)
+        replaced.append(name)
+    return replaced

@@ -77,9 +77,10 @@ def _native_self_test(lib) -> str | None:
     y, m = _native_fq_pc_dyn(w, ratio, scale, 15.0, -16, 15, True, lib)
     if not (torch.equal(scale, ref_s) and torch.equal(y, ref) and torch.equal(m == 1, ref_mask)):
         return "dynamic per-channel kernel differs from the torch path"
-    from .intkernels import int_self_test  # the integer model's kernels (intkernels imports this module)
+    from .fused_relu import relu_pair_self_test  # (these modules import this one)
+    from .intkernels import int_self_test
 
-    return int_self_test(lib)
+    return relu_pair_self_test(lib) or int_self_test(lib)
 
 
 def native_kernels():

@@ -128,6 +128,10 @@ def _load():
     lib.hwq_fq.restype = None
     lib.hwq_fq_relu.argtypes = [P, P, P, I64, F, F, F, F, I]
     lib.hwq_fq_relu.restype = None
+    lib.hwq_relu_fq2.argtypes = [P, P, P, P, I64, F, F, F, F, I]
+    lib.hwq_relu_fq2.restype = None
+    lib.hwq_relu_fq2_bwd.argtypes = [P, P, P, P, I64, I]
+    lib.hwq_relu_fq2_bwd.restype = None
     lib.hwq_fq_pc.argtypes = [P, P, P, I64, I64, P, P, F, F, I]
     lib.hwq_fq_pc.restype = None
     lib.hwq_fq_pc_dyn.argtypes = [P, P, P, I64, I64, P, F, F, P, F, F, I]

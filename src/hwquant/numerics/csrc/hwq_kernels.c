@@ -42,6 +42,26 @@ void hwq_fq_relu(const float *restrict x, float *restrict y, uint8_t *restrict m
   }
 }
 
+/* A ReLU whose output r also has one other reader, and its quantized copy y, in one pass: r = torch.relu(x),
+   y = hwq_fq(r) (zero point 0), and one mask state for both gradients: 0 where r <= 0 (ReLU passes nothing),
+   1 where r > 0 and the code is in range (both gradients pass), 2 elsewhere (r > 0 clipped, or NaN: only the
+   other reader's gradient passes, as torch's threshold_backward lets NaN through) */
+void hwq_relu_fq2(const float *restrict x, float *restrict r, float *restrict y, uint8_t *restrict m, int64_t n,
+                  float rr, float s, float lo, float hi, int nt) {
+  PAR for (int64_t i = 0; i < n; i++) {
+    float xr = x[i] < 0.0f ? 0.0f : x[i];
+    float v = rintf(xr * rr);
+    r[i] = xr; y[i] = clampf(v, lo, hi) * s; m[i] = xr <= 0.0f ? 0 : (state(v, lo, hi) == 1 ? 1 : 2);
+  }
+}
+
+/* its backward: the gradient of x from the other reader's gradient gr and the quantized copy's gy, as autograd
+   computes it unfused (the straight-through gradient, the sum of the two, then ReLU's rule) */
+void hwq_relu_fq2_bwd(const float *restrict gr, const float *restrict gy, const uint8_t *restrict m,
+                      float *restrict gx, int64_t n, int nt) {
+  PAR for (int64_t i = 0; i < n; i++) gx[i] = m[i] == 0 ? 0.0f : gr[i] + (m[i] == 1 ? gy[i] : 0.0f);
+}
+
 /* one block of n elements with one reciprocal r and step s (a channel of the per-channel kernels); m may be 0 */
 static inline void fq_block(const float *restrict x, float *restrict y, uint8_t *restrict m, int64_t n, float r,
                             float s, float lo, float hi) {
