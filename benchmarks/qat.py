@@ -7,9 +7,11 @@ Part 1, ``speed``: ResNet-20 training step (forward, cross-entropy, backward, SG
 * ``fp32``: the float model with BatchNorm folded (the structure every QAT model trains);
 * ``hwquant cqat w5a4``: :func:`hwquant.prepare_qat` with ``CQATConfig()`` (fused C kernel: one pass writes
   the output and the STE mask, the backward is one pass over gradient and mask; the ReLUs that only feed
-  quantized layers are absorbed by their input quantizers, :func:`hwquant.nn.absorb_relus`);
+  quantized layers are absorbed by their input quantizers, and one that also feeds the shortcut add is fused
+  with its quantizer, :func:`hwquant.nn.absorb_relus`);
 * ``hwquant cqat w5a4, ReLUs not absorbed``: the same with ``absorb_relu=False`` (a ReLU pass and a quantizer
-  pass per activation, forward and backward; the same values and gradients bit for bit);
+  pass per activation, forward and backward, and autograd's sum where the ReLU has two readers; the same
+  values and gradients bit for bit);
 * ``hwquant cqat w5a4 (torch ops)``: the same model on hwquant's torch-op path (kernel switched off);
 * ``hwquant cqat w5a4, weights only`` / ``activations only``: the same model with only one kind of quantizer
   on (where the cost over FP32 comes from);

@@ -86,9 +86,10 @@ class QATConfigBase(abc.ABC):
             of :func:`hwquant.export.integer_model` is bit-exact with the trained model).  Not for LSQ / PACT.
         calib_weights: what the activation steps are calibrated with: ``"quantized"`` weights (the
             calibrated weight quantizers on) or ``"float"`` weights (see :func:`hwquant.nn.swap.calibrate`).
-        absorb_relu: the input quantizers apply the ReLUs that only feed them, so a training step makes one
-            pass over each such activation instead of two (:func:`hwquant.nn.absorb_relus`; the same values
-            and gradients bit for bit, only faster).
+        absorb_relu: the input quantizers apply the ReLUs that only feed them, and a ReLU that also feeds one
+            other reader (a residual add) is fused with the quantizer, so a training step makes fewer passes
+            over those activations (:func:`hwquant.nn.absorb_relus`; the same values and gradients bit for bit,
+            only faster).
     """
 
     w_bits: int = 5
