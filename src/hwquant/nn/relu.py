@@ -74,7 +74,8 @@ class SharedReLU(nn.ReLU):
     """An ``nn.ReLU`` whose output feeds one quantized layer's input and one other reader (a residual add, a
     pool): in training it computes ``relu(x)`` and the layer's quantized input in one pass, and both
     gradients in one backward pass (:meth:`FakeQuantizer.relu_pair`); otherwise, or where the kernel does not
-    cover the input, it is ``nn.ReLU``."""
+    cover the input, it is ``nn.ReLU``.  (A forward pre-hook that replaces the layer's input makes the layer
+    quantize that new input as usual; its EMA then takes the step's peak twice.)"""
 
     def __init__(self, layer: nn.Module, inplace: bool = False):
         super().__init__(inplace=inplace)
