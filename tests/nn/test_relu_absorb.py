@@ -373,3 +373,9 @@ def test_pair_self_test_refuses_a_kernel_that_drops_the_nan_rule():
 
     assert fused_relu.relu_pair_self_test(lib) is None
     assert "gradients differ" in fused_relu.relu_pair_self_test(NanBlocked(lib))
+
+
+def test_absorb_relu_flag_is_validated():
+    with pytest.raises(hq.errors.ConfigError, match="absorb_relu must be true or false"):
+        hq.CQATConfig(absorb_relu="yes")
+    assert hq.CQATConfig().absorb_relu is True and hq.MPQConfig().absorb_relu is True
