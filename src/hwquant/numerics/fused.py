@@ -434,12 +434,10 @@ def fake_quantize_dynamic(x: torch.Tensor, ratio: torch.Tensor, scale: torch.Ten
     """A dynamic signed per-channel quantizer's forward (a QAT weight) in one kernel call, or ``None`` where the
     kernel does not cover ``x`` (the caller's torch path runs instead).
 
-    Per channel along axis 0 (the outermost memory axis): ``scale <- max(fl32(fl32(ratio * max|x|) / q), tiny)``,
-    written into ``scale`` in place, then round half to even of ``x * fl32(1 / scale)``, clamped to
-    ``qmin..qmax``, times ``scale``; the straight-through gradient where the code is in range.  The same float32
-    operations, in the same order, as the torch path (``amin`` / ``amax``, ``mul``, ``div_``, ``clamp_min_``,
-    :func:`fake_quantize_trusted`): bit for bit its step, output and gradient (the self-test checks it).
-    ``ratio`` and ``scale``: float32, contiguous, one entry per channel.
+    Per channel along axis 0 (outermost in memory): ``scale <- max(fl32(fl32(ratio * max|x|) / q), tiny)`` in
+    place, then round half to even of ``x * fl32(1 / scale)``, clamped, times ``scale``, with the straight-through
+    gradient: the float32 operations of the torch path (``amin`` / ``amax``, ``mul``, ``div_``, ``clamp_min_``,
+    :func:`fake_quantize_trusted`), bit for bit (self-tested).  ``ratio``, ``scale``: float32, one per channel.
     """
     c = x.shape[0] if x.dim() else 0
     if not (_use_native(x, 0, "nearest") and ratio.dtype == scale.dtype == torch.float32 and ratio.numel() == c
