@@ -23,6 +23,8 @@ Part 1, ``speed``: ResNet-20 training step (forward, cross-entropy, backward, SG
   (inputs);
 * ``brevitas w5a4``: ``QuantConv2d`` / ``QuantLinear`` / ``QuantIdentity`` with 5-bit weights and 4-bit inputs,
   if brevitas is installed (``pip install brevitas``; not a dependency of hwquant);
+* per-call cost: ``fp32`` and ``hwquant cqat w5a4`` again at batch 2, where the memory passes are negligible: the
+  difference is the Python, dispatch and autograd cost of the quantizers, paid per step whatever the batch;
 * ``torch.compile(...)`` of the naive model and of hwquant's CQAT model (inductor, ``dynamic=False``; under
   compilation hwquant uses its torch-op path, which inductor fuses); the first three steps, which compile,
   are timed separately (``first 3 steps s``).
@@ -67,6 +69,7 @@ NAME = "qat"
 IMAGE = 28
 LR, MOMENTUM = 0.01, 0.9  # speed part
 QAT_LR = 0.005  # accuracy part: the hwquant qat default
+FIXED_BATCH = 2  # speed part: the batch at which a step's per-call cost is measured
 
 
 # ----------------------------------------------------------------------------- reference QAT layers (speed)
@@ -233,8 +236,16 @@ def speed(quick: bool) -> dict[str, Any]:
     rows = [{"model": name, "median_ms": st["median_s"] * 1e3, "min_ms": st["min_s"] * 1e3,
              "x_fp32": paired_ratio(st, base), "images_per_s": batch / st["median_s"],
              "first_steps_s": compile_s.get(name)} for name, st in stats.items()]
+    # the per-call cost (Python, dispatch, autograd nodes): the same two models at a batch of 2, where the memory
+    # passes are negligible, so the difference is what a QAT step costs whatever the batch
+    small = {name: _stepper(models[name][0], x[:FIXED_BATCH], y[:FIXED_BATCH])
+             for name in ("fp32", "hwquant cqat w5a4")}
+    st_small = time_interleaved(small, repeats=2 * repeats, warmup=warmup)
+    f_ms, q_ms = (st_small[n]["median_s"] * 1e3 for n in small)
+    fixed = {"batch": FIXED_BATCH, "rounds": 2 * repeats, "fp32_ms": f_ms, "cqat_ms": q_ms, "extra_ms": q_ms - f_ms,
+             "of_fp32_step": (q_ms - f_ms) / (base["median_s"] * 1e3)}
     return {"batch": batch, "rounds": repeats, "loadavg_before": load_before, "native": uniform.native_status(),
-            "brevitas": brev is not None, "rows": rows}
+            "brevitas": brev is not None, "rows": rows, "fixed": fixed}
 
 
 # ----------------------------------------------------------------------------- accuracy
@@ -432,6 +443,7 @@ def table(results: dict[str, Any]) -> str:
         markdown_table(sp["rows"], [("model", "model"), ("median_ms", "median ms/step"), ("min_ms", "min ms/step"),
                                     ("images_per_s", "images/s"), ("x_fp32", "x fp32"),
                                     ("first_steps_s", "first 3 steps s")]), "",
+        *_fixed_line(sp.get("fixed"), sp["batch"]),
         f"## Accuracy: fine-tuned {acc['epochs']} epoch(s) at lr {acc['lr']} (cosine, gradient norm clipped at "
         f"{acc['grad_clip']}) from {acc['checkpoint']}", "",
         markdown_table(acc["rows"], [("run", "run"), ("cpu", "CPU"), ("w_bits", "W"), ("a_bits", "A"),
@@ -442,6 +454,14 @@ def table(results: dict[str, Any]) -> str:
                                      ("export", "codes differ: int vs FQ / ORT vs int"), ("note", "note")]),
         "",
     ])
+
+
+def _fixed_line(f: dict[str, Any] | None, batch: int) -> list[str]:
+    if not f:
+        return []
+    return [f"Per-call cost: at batch {f['batch']} ({f['rounds']} interleaved rounds) the FP32 step takes "
+            f"{f['fp32_ms']:.2f} ms and the CQAT step {f['cqat_ms']:.2f} ms: {f['extra_ms']:.2f} ms a step whatever "
+            f"the batch, {f['of_fp32_step']:.2f} of the batch-{batch} FP32 step.", ""]
 
 
 def check_settings() -> None:

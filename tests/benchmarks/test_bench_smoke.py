@@ -151,6 +151,10 @@ def test_qat_and_ggd_fit_quick(tmp_path, monkeypatch):
     speed = {r["model"]: r for r in qat["speed"]["rows"]}
     assert {"fp32", "hwquant cqat w5a4", "naive ste", "torch fake_quantize"} <= set(speed)
     assert all(_positive(r["median_ms"]) and _positive(r["x_fp32"]) for r in speed.values())
+    fixed = qat["speed"]["fixed"]
+    assert fixed["batch"] == 2 and _positive(fixed["fp32_ms"]) and _positive(fixed["cqat_ms"])
+    assert fixed["extra_ms"] == pytest.approx(fixed["cqat_ms"] - fixed["fp32_ms"])
+    assert "Per-call cost: at batch 2" in (tmp_path / "qat.md").read_text()
     rows = qat["accuracy"]["rows"]
     assert [r["run"] for r in rows] == ["fp32 control", "cqat w5a4 (step=window, fixed point)"]
     assert rows[0]["drop_vs_control"] == 0.0 and rows[1]["top1"] > 50.0  # digits: chance is 10%
