@@ -379,3 +379,30 @@ def test_absorb_relu_flag_is_validated():
     with pytest.raises(hq.errors.ConfigError, match="absorb_relu must be true or false"):
         hq.CQATConfig(absorb_relu="yes")
     assert hq.CQATConfig().absorb_relu is True and hq.MPQConfig().absorb_relu is True
+
+
+def test_relu_with_an_in_place_reader_is_not_shared():
+    """A ReLU whose other reader writes into its output (``r.add_``, an in-place ReLU module) keeps its own
+    pass: a quantized copy made beside ``relu(x)`` would be stale.  (Such a graph cannot train - ReLU's backward
+    needs its output - but it can run without gradients.)"""
+
+    class InPlaceReader(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 3, padding=1)
+            self.relu = nn.ReLU()
+            self.relu_b = nn.ReLU()
+            self.again = nn.ReLU(inplace=True)
+            self.conv = nn.Conv2d(4, 4, 1)
+            self.conv_b = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            t = self.stem(x)
+            r = self.relu(t)
+            r.add_(1.0)  # fx: a reader of r besides the conv; eager: the conv reads the changed r
+            s = self.relu_b(t * 2)
+            return self.conv(r) + self.conv_b(s) + self.again(s)
+
+    x, _ = _data()
+    q = hq.prepare_qat(InPlaceReader(), hq.CQATConfig(fold_bn=False), [x])
+    assert type(q.relu) is nn.ReLU and type(q.relu_b) is nn.ReLU

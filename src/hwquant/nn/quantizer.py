@@ -109,7 +109,7 @@ class FakeQuantizer(nn.Module):
         self._checked: torch.Tensor | None = None  # the scale tensor last validated by forward
         self.input_gain = 1.0  # a float32 value (see the module docstring)
         self.relu_input = False  # quantize relu(x) (see the module docstring; structure, not saved state)
-        self._handoff: tuple | None = None  # (weakref to relu(x), its quantized copy) from relu_pair
+        self._handoff: tuple | None = None  # (weakref to relu(x), its version, its quantized copy): relu_pair
         mode = spec.range_mode
         if mode in ("dynamic", "ema"):
             self.register_buffer("clip_ratio", torch.empty(0))
@@ -326,14 +326,14 @@ class FakeQuantizer(nn.Module):
             self._checked = self.scale
         qmin, qmax = qrange(sp.bits, bool(self.signed), sp.narrow)
         r, y = fused_relu.relu_fake_quantize_pair(x, float(self.scale), qmin, qmax)
-        self._handoff = (weakref.ref(r), y)
+        self._handoff = (weakref.ref(r), r._version, y)
         return r
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._handoff is not None:  # relu_pair already quantized this tensor
-            ref, y = self._handoff
+        if self._handoff is not None:  # relu_pair already quantized this tensor (if nothing wrote into it since)
+            ref, version, y = self._handoff
             self._handoff = None
-            if ref() is x:
+            if ref() is x and x._version == version:
                 return y
         if self.input_gain != 1.0:  # also when off: the layer's weights hold 1 / gain
             x = x * self.input_gain

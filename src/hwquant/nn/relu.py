@@ -103,10 +103,21 @@ def _uses(user: torch.fx.Node, node: torch.fx.Node) -> int:
     return n[0]
 
 
+def _in_place(user: torch.fx.Node, mods: dict[str, nn.Module]) -> bool:
+    """Whether ``user`` may write into its input (``x.add_(...)``, ``F.relu(x, inplace=True)``, an in-place
+    module): the quantized copy made beside ``relu(x)`` would then be stale."""
+    if user.kwargs.get("inplace"):
+        return True
+    if user.op == "call_module":
+        return bool(getattr(mods.get(str(user.target)), "inplace", False))
+    name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
+    return name.endswith("_") and not name.endswith("__")
+
+
 def _site(node: torch.fx.Node, mods: dict[str, nn.Module], calls: dict[str, int]):
     """What a ReLU call can become: ``("absorbed", layers)`` when quantized layers are its only readers,
-    ``("shared", [layer])`` when one quantized layer and one other reader (reading it once) are, else ``None``;
-    in both cases its input must be read by nothing else."""
+    ``("shared", [layer])`` when one quantized layer and one other reader (reading it once, not in place) are,
+    else ``None``; in both cases its input must be read by nothing else."""
     if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], torch.fx.Node):
         return None
     if len(node.args[0].users) != 1 or not node.users:
@@ -120,7 +131,7 @@ def _site(node: torch.fx.Node, mods: dict[str, nn.Module], calls: dict[str, int]
             others.append(user)
     if layers and not others:
         return "absorbed", layers
-    if len(layers) == 1 and len(others) == 1 and _uses(others[0], node) == 1:
+    if len(layers) == 1 and len(others) == 1 and _uses(others[0], node) == 1 and not _in_place(others[0], mods):
         return "shared", layers
     return None
 
