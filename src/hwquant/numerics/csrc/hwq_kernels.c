@@ -117,6 +117,8 @@ double hwq_scale_bwd(const float *restrict g, const float *restrict x, const uin
                      int64_t n, float r, float z, float lo, float hi, int lsq, int nt) {
   double acc = 0.0;
   float glo = lo - z, ghi = hi - z;
+  /* the bare if() keeps this reduction scalar, in index order, below 32768 elements: the sums LSQ / PACT runs
+     were trained with (if(parallel: ...) would vectorize it and change the order of the additions) */
   _Pragma("omp parallel for simd schedule(static) num_threads(nt) if(n > 32768) reduction(+:acc)")
   for (int64_t i = 0; i < n; i++) {
     uint8_t mi = m[i];
