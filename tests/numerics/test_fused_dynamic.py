@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import hwquant as hq
 from hwquant.models import create_model
 from hwquant.nn import fold_batchnorm, quantizer
-from hwquant.numerics import fused
+from hwquant.numerics import fused, fused_weight
 
 TINY = torch.finfo(torch.float32).tiny
 
@@ -51,7 +51,7 @@ def test_one_call_weight_quantizer_equals_the_torch_ops(channels_last):
     s_ref, y_ref, mask = _oracle(w, ratio, 15.0, -16, 15)
     wg = w.clone().requires_grad_()
     scale = torch.empty(12)
-    y = fused.fake_quantize_dynamic(wg, ratio, scale, 15, -16, 15)
+    y = fused_weight.fake_quantize_dynamic(wg, ratio, scale, 15, -16, 15)
     assert y is not None and torch.equal(scale, s_ref) and torch.equal(y, y_ref)
     g = torch.randn(w.shape, generator=torch.Generator().manual_seed(2))
     y.backward(g)
@@ -59,16 +59,16 @@ def test_one_call_weight_quantizer_equals_the_torch_ops(channels_last):
     assert mask[6].sum() < mask[6].numel()  # the hand case clips: the mask is not all ones
     scale2 = torch.empty(12)
     with torch.no_grad():
-        assert torch.equal(fused.fake_quantize_dynamic(w, ratio, scale2, 15, -16, 15), y_ref)
+        assert torch.equal(fused_weight.fake_quantize_dynamic(w, ratio, scale2, 15, -16, 15), y_ref)
     assert torch.equal(scale2, s_ref)
 
 
 def test_one_call_declines_what_it_does_not_cover():
     w = _weights()
     ratio, scale = torch.ones(12), torch.empty(12)
-    assert fused.fake_quantize_dynamic(w.double(), ratio, scale, 15, -16, 15) is None
-    assert fused.fake_quantize_dynamic(w, torch.ones(11), scale, 15, -16, 15) is None
-    assert fused.fake_quantize_dynamic(w.transpose(0, 1), torch.ones(5), torch.empty(5), 15, -16, 15) is None
+    assert fused_weight.fake_quantize_dynamic(w.double(), ratio, scale, 15, -16, 15) is None
+    assert fused_weight.fake_quantize_dynamic(w, torch.ones(11), scale, 15, -16, 15) is None
+    assert fused_weight.fake_quantize_dynamic(w.transpose(0, 1), torch.ones(5), torch.empty(5), 15, -16, 15) is None
 
 
 def test_self_test_refuses_a_step_computed_with_a_reciprocal():
@@ -83,14 +83,15 @@ def test_self_test_refuses_a_step_computed_with_a_reciprocal():
             if name != "hwq_fq_pc_dyn":
                 return getattr(lib, name)
 
-            def wrong(xp, yp, mp, c, inner, rp, q, tiny, sp, lo, hi, nt):
-                lib.hwq_fq_pc_dyn(xp, yp, mp, c, inner, rp, 1.0, tiny, sp, lo, hi, nt)  # steps ratio * p
+            def wrong(xp, yp, mp, c, inner, rp, q, tiny, sp, lo, hi, *bias_and_nt):
+                lib.hwq_fq_pc_dyn(xp, yp, mp, c, inner, rp, 1.0, tiny, sp, lo, hi, *bias_and_nt)  # steps ratio * p
                 s = torch.frombuffer((ctypes.c_float * c).from_address(sp), dtype=torch.float32)
                 s.mul_(torch.reciprocal(torch.tensor(q, dtype=torch.float32)))
             return wrong
 
     assert fused._native_self_test(lib) is None
     assert "dynamic per-channel" in fused._native_self_test(Reciprocal())
+    assert "dynamic per-channel" in fused_weight.weight_self_test(Reciprocal())
 
 
 def test_qat_weights_take_the_one_call_path_and_train_as_on_the_torch_path(monkeypatch):
@@ -109,8 +110,8 @@ def test_qat_weights_take_the_one_call_path_and_train_as_on_the_torch_path(monke
     ran = []
 
     def run(model, one_call):
-        monkeypatch.setattr(quantizer, "fake_quantize_dynamic",
-                            (lambda *args: ran.append(1) or real(*args)) if one_call else (lambda *args: None))
+        monkeypatch.setattr(quantizer, "fake_quantize_dynamic", (lambda *args, **kw: ran.append(kw) or real(
+            *args, **kw)) if one_call else (lambda *args, **kw: None))
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         outs = []
         for _ in range(3):
@@ -122,8 +123,35 @@ def test_qat_weights_take_the_one_call_path_and_train_as_on_the_torch_path(monke
         return outs
 
     oa, ob = run(a, True), run(b, False)
-    assert len(ran) == 3 * sum(1 for _ in hq.nn.quant_layers(a))
+    layers = list(hq.nn.quant_layers(a))
+    assert len(ran) == 3 * len(layers)  # one call a layer: the weight, with its bias where it has one
+    assert sum(kw.get("bias") is not None for kw in ran) == 3 * sum(m.bias is not None for _, m in layers) > 0
     for (ua, ga), (ub, gb) in zip(oa, ob, strict=True):
         assert torch.equal(ua, ub) and all(torch.equal(p, q) for p, q in zip(ga, gb, strict=True))
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa if isinstance(sa[k], torch.Tensor))
+
+
+def test_one_call_quantizes_the_bias_at_the_accumulator_step():
+    """With the bias: ``b`` quantized at ``fl32(s_a * s_w)`` to 32-bit codes (three clipped), against torch ops,
+    with the straight-through gradient; the weight part is unchanged."""
+    if fused.native_kernels() is None:
+        pytest.skip("no native kernel library on this machine")
+    w = _weights()
+    ratio = torch.rand(12, generator=torch.Generator().manual_seed(1)) + 0.5
+    b = torch.randn(12, generator=torch.Generator().manual_seed(3))
+    b[7] = 3e12  # beyond 2^31 steps: clipped
+    s_a = torch.tensor(0.0625)
+    s_ref, y_ref, _ = _oracle(w, ratio, 15.0, -16, 15)
+    sb = s_a * s_ref
+    code = torch.round(b * torch.reciprocal(sb))
+    b_ref = code.clamp(-2**31, 2**31 - 1) * sb
+    wg, bg = w.clone().requires_grad_(), b.clone().requires_grad_()
+    scale = torch.empty(12)
+    y, yb = fused_weight.fake_quantize_dynamic(wg, ratio, scale, 15, -16, 15, bias=(bg, s_a, -2**31, 2**31 - 1))
+    assert torch.equal(scale, s_ref) and torch.equal(y, y_ref) and torch.equal(yb, b_ref)
+    gb = torch.randn(12, generator=torch.Generator().manual_seed(4))
+    yb.backward(gb)
+    inside = (code >= -2**31) & (code <= 2**31 - 1)
+    # clipped: channel 7, and the dead channels 2 and 4, whose step s_a * tiny leaves every nonzero bias far out
+    assert not inside[[2, 4, 7]].any() and inside.sum() == 9 and torch.equal(bg.grad, gb * inside)

@@ -138,6 +138,20 @@ class _QuantMixin:
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quant is None else self.input_quant(x)
 
+    def quantized_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(quantized_weight(), quantized_bias())`` (after the input quantizer's step of this forward), in one
+        kernel call where the weight quantizer offers it (:meth:`FakeQuantizer.forward_with_bias`: a QAT weight
+        and a bias at the accumulator step ``s_a * s_w``), with the same values and gradients."""
+        wq, iq, bq = self.weight_quant, self.input_quant, self.bias_quant
+        if (wq is not None and self.bias is not None and self.bias_bits is not None and iq is not None
+                and iq.enabled and iq.calibrated and iq.axis is None
+                and (bq is None or not (bq.enabled and bq.calibrated))):
+            qmin, qmax = qrange(self.bias_bits, True)
+            out = wq.forward_with_bias(self.weight, self.bias, iq.scale, qmin, qmax)
+            if out is not None:
+                return out
+        return self.quantized_weight(), self.quantized_bias()
+
     # ----------------------------------------------------------- integer (exact) evaluation
     def accumulator_scale(self) -> torch.Tensor | None:
         """``fl32(s_x * s_w)`` per output channel (1-D), or ``None`` unless input and weight are quantized
@@ -238,7 +252,7 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._exact_ok():
             return self._exact_forward(x, self._conv_forward)
-        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.quantized_bias())
+        return self._conv_forward(self.quantized_input(x), *self.quantized_weight_and_bias())
 
 
 class QuantLinear(_QuantMixin, nn.Linear):
@@ -265,7 +279,7 @@ class QuantLinear(_QuantMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._exact_ok():
             return self._exact_forward(x, F.linear)
-        return F.linear(self.quantized_input(x), self.quantized_weight(), self.quantized_bias())
+        return F.linear(self.quantized_input(x), *self.quantized_weight_and_bias())
 
 
 class QuantAct(nn.Module):

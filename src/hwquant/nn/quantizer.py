@@ -58,7 +58,8 @@ from torch import nn
 from ..collectives import all_reduce_, distributed
 from ..numerics import fused_relu
 from ..numerics.codes import check_scale, code_dtype, qrange, shape_param
-from ..numerics.fused import fake_quantize_dynamic, fake_quantize_trusted
+from ..numerics.fused import fake_quantize_trusted
+from ..numerics.fused_weight import fake_quantize_dynamic
 from ..numerics.uniform import quantize
 from ..numerics.window import window_codes, window_fake_quantize
 from ..observers import make_observer
@@ -284,10 +285,30 @@ class FakeQuantizer(nn.Module):
         """Whether this quantizer's forward is one kernel call where the kernel covers the input (a QAT weight:
         ``dynamic``, signed, symmetric, per channel along axis 0, round to nearest, no power-of-two step, no
         window, no ReLU, one process): the step and the quantization of :func:`_tracked_scale` and
-        :func:`fake_quantize_trusted` in one pass (:func:`~hwquant.numerics.fused.fake_quantize_dynamic`)."""
+        :func:`fake_quantize_trusted` in one pass (:func:`~hwquant.numerics.fused_weight.fake_quantize_dynamic`)."""
         sp = self.spec
         return (self.axis == 0 and self.signed is True and sp.symmetric and sp.rounding == "nearest" and not relu
                 and not sp.pow2 and not self.windowed and not distributed())
+
+    def forward_with_bias(self, w: torch.Tensor, b: torch.Tensor, s_a: torch.Tensor, bqmin: int, bqmax: int):
+        """``(forward(w), b quantized at fl32(s_a * scale))`` in one kernel call, what a quantized layer does with
+        its weight and its bias in sequence (:meth:`~hwquant.nn.layers._QuantMixin.quantized_bias`), or
+        ``None`` where the one-call path does not apply (then the caller does the two in sequence)."""
+        if not (self.enabled and self.calibrated and not self.observing and self.input_gain == 1.0
+                and self.spec.range_mode == "dynamic" and self._one_call(False)):
+            return None
+        return self._one_call_forward(w, (b, s_a, bqmin, bqmax))
+
+    def _one_call_forward(self, x: torch.Tensor, bias: tuple | None = None):
+        """:func:`~hwquant.numerics.fused_weight.fake_quantize_dynamic` with this quantizer's state (``None``
+        where the kernel does not cover ``x``); a newly installed scale is validated once, as in forward."""
+        qmin, qmax = qrange(self.spec.bits, True, self.spec.narrow)
+        out = fake_quantize_dynamic(x, self.clip_ratio, self.scale, self.spec.clip_levels(True), qmin, qmax,
+                                    bias=bias)
+        if out is not None and self._checked is not self.scale and not torch.compiler.is_compiling():
+            check_scale(self.scale)
+            self._checked = self.scale
+        return out
 
     def _trained_forward(self, x: torch.Tensor) -> torch.Tensor:
         """LSQ / PACT: the step is (a function of) a parameter, so the scale gets a gradient."""
@@ -348,12 +369,8 @@ class FakeQuantizer(nn.Module):
         if mode in ("learned", "pact"):
             return self._trained_forward(x)
         if mode == "dynamic" and self._one_call(relu):
-            qmin, qmax = qrange(self.spec.bits, True, self.spec.narrow)
-            y = fake_quantize_dynamic(x, self.clip_ratio, self.scale, self.spec.clip_levels(True), qmin, qmax)
+            y = self._one_call_forward(x)
             if y is not None:
-                if self._checked is not self.scale and not torch.compiler.is_compiling():
-                    check_scale(self.scale)
-                    self._checked = self.scale
                 return y
         if mode != "static":
             self._tracked_scale(x, relu)

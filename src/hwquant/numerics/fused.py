@@ -23,9 +23,7 @@ import torch
 from . import native
 from .codes import codes_float
 
-__all__ = ["FakeQuantSTE", "fake_quantize_dynamic", "fake_quantize_trusted", "native_kernels", "native_status"]
-
-_TINY = torch.finfo(torch.float32).tiny
+__all__ = ["FakeQuantSTE", "fake_quantize_trusted", "native_kernels", "native_status"]
 
 
 # ----------------------------------------------------------------------------------------- native kernels
@@ -65,22 +63,11 @@ def _native_self_test(lib) -> str | None:
     y, m = _native_fq_pc(w, sc, -16, 15, True, lib)
     if not torch.equal(y, ref) or not torch.equal(m == 1, ref_mask):
         return "per-channel kernel differs from the torch path"
-    w[3] = 0.0  # a dead channel: the smallest normal step
-    w[5, 0, 0, 0] = 1e-42  # a channel whose step is clamped up to it
-    w[5, 1:] = 0.0
-    ratio = torch.rand(16, generator=g) + 0.5
-    ref_s = torch.maximum(w.amin(dim=(1, 2, 3)).neg_(), w.amax(dim=(1, 2, 3))).mul_(ratio).div_(15.0)
-    ref_s.clamp_min_(torch.finfo(torch.float32).tiny)
-    ref, ref_mask = codes_float(w, ref_s.view(-1, 1, 1, 1), None, -16, 15, "nearest", None, want_mask=True)
-    ref.mul_(ref_s.view(-1, 1, 1, 1))
-    scale = torch.empty(16)
-    y, m = _native_fq_pc_dyn(w, ratio, scale, 15.0, -16, 15, True, lib)
-    if not (torch.equal(scale, ref_s) and torch.equal(y, ref) and torch.equal(m == 1, ref_mask)):
-        return "dynamic per-channel kernel differs from the torch path"
     from .fused_relu import relu_pair_self_test  # (these modules import this one)
+    from .fused_weight import weight_self_test
     from .intkernels import int_self_test
 
-    return relu_pair_self_test(lib) or int_self_test(lib)
+    return weight_self_test(lib) or relu_pair_self_test(lib) or int_self_test(lib)
 
 
 def native_kernels():
@@ -127,19 +114,6 @@ def _native_fq_pc(x: torch.Tensor, s: torch.Tensor, qmin: int, qmax: int, want_m
     m = torch.empty_like(x, dtype=torch.uint8) if want_mask else None
     lib.hwq_fq_pc(x.data_ptr(), y.data_ptr(), 0 if m is None else m.data_ptr(), x.shape[0], x.numel() // x.shape[0],
                   r.data_ptr(), s.data_ptr(), float(qmin), float(qmax), native.threads())
-    return y, m
-
-
-def _native_fq_pc_dyn(x: torch.Tensor, ratio: torch.Tensor, scale: torch.Tensor, q: float, qmin: int, qmax: int,
-                      want_mask: bool, lib=None):
-    """Dynamic per-channel kernel forward (``scale <- max(ratio * max|x| / q, tiny)`` per channel, written in
-    place, then the quantization): ``(y, mask state or None)``."""
-    lib = lib or native.STATE["lib"]
-    y = torch.empty_like(x)
-    m = torch.empty_like(x, dtype=torch.uint8) if want_mask else None
-    lib.hwq_fq_pc_dyn(x.data_ptr(), y.data_ptr(), 0 if m is None else m.data_ptr(), x.shape[0],
-                      x.numel() // x.shape[0], ratio.data_ptr(), q, _TINY, scale.data_ptr(), float(qmin), float(qmax),
-                      native.threads())
     return y, m
 
 
@@ -410,40 +384,3 @@ def fake_quantize_trusted(
             return torch.ops.hwquant.fake_quant(x, s, z, qmin, qmax, lsq)[0]
         return torch.ops.hwquant.fake_quant_per_channel(x, s, qmin, qmax)[0]
     return FakeQuantSTE.apply(x, s, z, qmin, qmax, rounding, generator, axis, lsq, relu)
-
-
-class _DynamicPerChannel(torch.autograd.Function):
-    """:func:`fake_quantize_dynamic` with its straight-through gradient (the step is computed from ``x``
-    detached, so it has none)."""
-
-    @staticmethod
-    def forward(ctx, x, ratio, scale, q, qmin, qmax):  # noqa: D401
-        y, m = _native_fq_pc_dyn(x, ratio, scale, q, qmin, qmax, want_mask=True)
-        ctx.save_for_backward(m)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        (m,) = ctx.saved_tensors
-        grad_x = _native_bwd(native.STATE["lib"], grad, m, True, None)[0] if ctx.needs_input_grad[0] else None
-        return grad_x, None, None, None, None, None
-
-
-def fake_quantize_dynamic(x: torch.Tensor, ratio: torch.Tensor, scale: torch.Tensor, q: float, qmin: int,
-                          qmax: int) -> torch.Tensor | None:
-    """A dynamic signed per-channel quantizer's forward (a QAT weight) in one kernel call, or ``None`` where the
-    kernel does not cover ``x`` (the caller's torch path runs instead).
-
-    Per channel along axis 0 (outermost in memory): ``scale <- max(fl32(fl32(ratio * max|x|) / q), tiny)`` in
-    place, then round half to even of ``x * fl32(1 / scale)``, clamped, times ``scale``, with the straight-through
-    gradient: the float32 operations of the torch path (``amin`` / ``amax``, ``mul``, ``div_``, ``clamp_min_``,
-    :func:`fake_quantize_trusted`), bit for bit (self-tested).  ``ratio``, ``scale``: float32, one per channel.
-    """
-    c = x.shape[0] if x.dim() else 0
-    if not (_use_native(x, 0, "nearest") and ratio.dtype == scale.dtype == torch.float32 and ratio.numel() == c
-            and scale.numel() == c and ratio.is_contiguous() and scale.is_contiguous() and ratio.device == x.device
-            and scale.device == x.device and not scale.requires_grad):
-        return None
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _DynamicPerChannel.apply(x, ratio, scale, float(q), qmin, qmax)
-    return _native_fq_pc_dyn(x, ratio, scale, float(q), qmin, qmax, want_mask=False)[0]

@@ -134,7 +134,7 @@ def _load():
     lib.hwq_relu_fq2_bwd.restype = None
     lib.hwq_fq_pc.argtypes = [P, P, P, I64, I64, P, P, F, F, I]
     lib.hwq_fq_pc.restype = None
-    lib.hwq_fq_pc_dyn.argtypes = [P, P, P, I64, I64, P, F, F, P, F, F, I]
+    lib.hwq_fq_pc_dyn.argtypes = [P, P, P, I64, I64, P, F, F, P, F, F, P, P, P, F, F, F, I]
     lib.hwq_fq_pc_dyn.restype = None
     lib.hwq_mask_bwd.argtypes = [P, P, P, I64, I]
     lib.hwq_mask_bwd.restype = None

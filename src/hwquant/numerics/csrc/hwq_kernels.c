@@ -88,10 +88,12 @@ void hwq_fq_pc(const float *restrict x, float *restrict y, uint8_t *restrict m, 
 /* A weight quantizer's whole forward in one call (range_mode "dynamic", signed, per output channel along the
    outermost memory dimension): per channel the peak p = max|x| (NaN if the channel holds one, as torch's
    amin / amax), the step s = max(fl32(fl32(ratio[c] * p) / q), tiny) (torch.mul, div_ and clamp_min_ on
-   float32), written to scale[c], then hwq_fq_pc's quantization with r = fl32(1 / s) */
+   float32), written to scale[c], then hwq_fq_pc's quantization with r = fl32(1 / s).  With a bias b (else
+   b = 0): its codes at the accumulator step s_b = fl32(sa * s) in the same call (yb, mb: as hwq_fq_pc) */
 void hwq_fq_pc_dyn(const float *restrict x, float *restrict y, uint8_t *restrict m, int64_t C, int64_t inner,
                    const float *restrict ratio, float q, float tiny, float *restrict scale, float lo, float hi,
-                   int nt) {
+                   const float *restrict b, float *restrict yb, uint8_t *restrict mb, float sa, float blo,
+                   float bhi, int nt) {
   _Pragma("omp parallel for schedule(static) num_threads(nt) if(C * inner > 32768)")
   for (int64_t c = 0; c < C; c++) {
     const float *restrict xc = x + c * inner;
@@ -104,6 +106,7 @@ void hwq_fq_pc_dyn(const float *restrict x, float *restrict y, uint8_t *restrict
     sc = sc < tiny ? tiny : sc;
     scale[c] = sc;
     fq_block(xc, y + c * inner, m ? m + c * inner : 0, inner, 1.0f / sc, sc, lo, hi);
+    if (b) { const float sb = sa * sc; fq_block(b + c, yb + c, mb ? mb + c : 0, 1, 1.0f / sb, sb, blo, bhi); }
   }
 }
 
