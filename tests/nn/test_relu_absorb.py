@@ -406,3 +406,21 @@ def test_relu_with_an_in_place_reader_is_not_shared():
     x, _ = _data()
     q = hq.prepare_qat(InPlaceReader(), hq.CQATConfig(fold_bn=False), [x])
     assert type(q.relu) is nn.ReLU and type(q.relu_b) is nn.ReLU
+
+
+def test_one_call_paths_never_bypass_a_subclass_forward():
+    """A quantizer subclass with its own forward (MPQ's weight quantizer) is called as such: the one-call weight +
+    bias path and the ReLU pair decline it."""
+
+    class Halving(hq.nn.FakeQuantizer):
+        def forward(self, x):
+            return super().forward(x) * 0.5
+
+    spec = hq.QuantSpec(bits=5, signed=True, granularity="channel", range_mode="dynamic")
+    q = Halving(spec, axis=0)
+    w = torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(6))
+    q.calibrate_from(w)
+    assert q.forward_with_bias(w, torch.zeros(4), torch.tensor(0.1), -2**31, 2**31 - 1) is None
+    a = Halving(hq.QuantSpec(bits=4, signed=False), axis=1)
+    a.calibrate_from(torch.rand(2, 3, 4, 4))
+    assert a.relu_pair(torch.randn(2, 3, 4, 4, requires_grad=True)) is None

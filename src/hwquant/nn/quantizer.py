@@ -295,9 +295,14 @@ class FakeQuantizer(nn.Module):
         its weight and its bias in sequence (:meth:`~hwquant.nn.layers._QuantMixin.quantized_bias`), or
         ``None`` where the one-call path does not apply (then the caller does the two in sequence)."""
         if not (self.enabled and self.calibrated and not self.observing and self.input_gain == 1.0
-                and self.spec.range_mode == "dynamic" and self._one_call(False)):
+                and self.spec.range_mode == "dynamic" and self._one_call(False) and self._own_forward()):
             return None
         return self._one_call_forward(w, (b, s_a, bqmin, bqmax))
+
+    def _own_forward(self) -> bool:
+        """Whether :meth:`forward` is this class's (a subclass with its own, e.g. MPQ's weight quantizer, is
+        never bypassed by the one-call paths)."""
+        return type(self).forward is FakeQuantizer.forward
 
     def _one_call_forward(self, x: torch.Tensor, bias: tuple | None = None):
         """:func:`~hwquant.numerics.fused_weight.fake_quantize_dynamic` with this quantizer's state (``None``
@@ -336,7 +341,7 @@ class FakeQuantizer(nn.Module):
         if not (self.enabled and self.calibrated and not self.observing and self.axis is None and sp.symmetric
                 and not self.windowed and sp.range_mode in ("static", "dynamic", "ema") and sp.rounding == "nearest"
                 and self.input_gain == 1.0 and torch.is_grad_enabled() and x.requires_grad
-                and not torch.compiler.is_compiling()):
+                and not torch.compiler.is_compiling() and self._own_forward()):
             return None
         if not fused_relu.covers(x):
             return None
