@@ -12,6 +12,8 @@ Part 1, ``speed``: ResNet-20 training step (forward, cross-entropy, backward, SG
 * ``hwquant cqat w5a4, ReLUs not absorbed``: the same with ``absorb_relu=False`` (a ReLU pass and a quantizer
   pass per activation, forward and backward, and autograd's sum where the ReLU has two readers; the same
   values and gradients bit for bit);
+* ``hwquant cqat w5a4, static activation steps``: ``act_range="static"``, the calibrated activation steps kept:
+  no peak pass over each activation (what CQAT's EMA of the batch peak costs);
 * ``hwquant cqat w5a4 (torch ops)``: the same model on hwquant's torch-op path (kernel switched off);
 * ``hwquant cqat w5a4, weights only`` / ``activations only``: the same model with only one kind of quantizer
   on (where the cost over FP32 comes from);
@@ -207,6 +209,8 @@ def speed(quick: bool) -> dict[str, Any]:
         "hwquant cqat w5a4": (cqat, False),
         "hwquant cqat w5a4, ReLUs not absorbed": (hq.prepare_qat(float_model, hq.CQATConfig(absorb_relu=False),
                                                                  [x]), False),
+        "hwquant cqat w5a4, static activation steps": (hq.prepare_qat(float_model, hq.CQATConfig(act_range="static"),
+                                                                      [x]), False),
         "hwquant cqat w5a4 (torch ops)": (copy.deepcopy(cqat), True),
         "hwquant cqat w5a4, weights only": (_only_quantizers(cqat, weights=True), False),
         "hwquant cqat w5a4, activations only": (_only_quantizers(cqat, weights=False), False),
