@@ -38,6 +38,16 @@ class _Calls:
         return getattr(self.lib, name)
 
 
+class _Replacing:
+    """The kernel library with one kernel replaced by ``fn`` (a wrong kernel the self-test must refuse)."""
+
+    def __init__(self, lib, name, fn):
+        self.lib, self.name, self.fn = lib, name, fn
+
+    def __getattr__(self, name):
+        return self.fn if name == self.name else getattr(self.lib, name)
+
+
 @pytest.mark.parametrize("lo,hi", [(0, 15), (-8, 7)])
 def test_relu_kernel_equals_torch_relu_then_quantization(monkeypatch, lo, hi):
     """Forward and backward of the one-pass ReLU + quantization against the oracle written with torch ops:
@@ -86,21 +96,14 @@ def test_self_test_refuses_a_relu_kernel_without_relus_gradient_rule():
     if lib is None:
         pytest.skip("no native kernel library on this machine")
 
-    class NoReluMask(_Calls):
+    def no_relu_mask(xp, yp, mp, n, r, s, lo, hi, nt):
         """Quantizes relu(x) right but marks x <= 0 as in range (the quantizer's mask without ReLU's rule)."""
-
-        def __getattr__(self, name):
-            if name != "hwq_fq_relu":
-                return getattr(self.lib, name)
-
-            def wrong(xp, yp, mp, n, r, s, lo, hi, nt):
-                xr = torch.frombuffer((ctypes.c_float * n).from_address(xp), dtype=torch.float32).clone()
-                torch.relu_(xr)
-                self.lib.hwq_fq(xr.data_ptr(), yp, mp, n, r, s, 0.0, 0, lo, hi, nt)
-            return wrong
+        xr = torch.frombuffer((ctypes.c_float * n).from_address(xp), dtype=torch.float32).clone()
+        torch.relu_(xr)
+        lib.hwq_fq(xr.data_ptr(), yp, mp, n, r, s, 0.0, 0, lo, hi, nt)
 
     assert fused._native_self_test(lib) is None
-    assert "ReLU kernel" in fused._native_self_test(NoReluMask(lib))
+    assert "ReLU kernel" in fused._native_self_test(_Replacing(lib, "hwq_fq_relu", no_relu_mask))
 
 
 class _UserNet(nn.Module):
@@ -357,22 +360,15 @@ def test_pair_self_test_refuses_a_kernel_that_drops_the_nan_rule():
     if lib is None:
         pytest.skip("no native kernel library on this machine")
 
-    class NanBlocked(_Calls):
+    def nan_blocked(xp, rp, yp, mp, n, rr, s, lo, hi, nt):
         """Blocks the gradient at NaN (torch's ReLU lets it through)."""
-
-        def __getattr__(self, name):
-            if name != "hwq_relu_fq2":
-                return getattr(self.lib, name)
-
-            def wrong(xp, rp, yp, mp, n, rr, s, lo, hi, nt):
-                self.lib.hwq_relu_fq2(xp, rp, yp, mp, n, rr, s, lo, hi, nt)
-                r = torch.frombuffer((ctypes.c_float * n).from_address(rp), dtype=torch.float32)
-                m = torch.frombuffer((ctypes.c_uint8 * n).from_address(mp), dtype=torch.uint8)
-                m[r.isnan()] = 0
-            return wrong
+        lib.hwq_relu_fq2(xp, rp, yp, mp, n, rr, s, lo, hi, nt)
+        r = torch.frombuffer((ctypes.c_float * n).from_address(rp), dtype=torch.float32)
+        m = torch.frombuffer((ctypes.c_uint8 * n).from_address(mp), dtype=torch.uint8)
+        m[r.isnan()] = 0
 
     assert fused_relu.relu_pair_self_test(lib) is None
-    assert "gradients differ" in fused_relu.relu_pair_self_test(NanBlocked(lib))
+    assert "gradients differ" in fused_relu.relu_pair_self_test(_Replacing(lib, "hwq_relu_fq2", nan_blocked))
 
 
 def test_absorb_relu_flag_is_validated():

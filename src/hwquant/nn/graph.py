@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["LayerPositions", "layer_positions", "trace"]
+__all__ = ["LayerPositions", "arg_nodes", "layer_positions", "trace"]
 
 _LAYER_TYPES = (nn.Conv2d, nn.Linear)
 
@@ -126,7 +126,7 @@ def layer_positions(model: nn.Module, extra_layer_types: Iterable[type] = (), *,
 
     def upstream(args) -> frozenset[str]:
         out: set[str] = set()
-        for a in _flat(args):
+        for a in arg_nodes(args):
             out |= src.get(a.name, frozenset())
         return frozenset(out)
 
@@ -145,7 +145,8 @@ def layer_positions(model: nn.Module, extra_layer_types: Iterable[type] = (), *,
     return LayerPositions(first or tuple(g_first), last or tuple(g_last), "graph")
 
 
-def _flat(args) -> list[torch.fx.Node]:
+def arg_nodes(args) -> list[torch.fx.Node]:
+    """The graph nodes in ``args`` (nested tuples, lists, dicts), one entry per use."""
     out: list[torch.fx.Node] = []
     torch.fx.node.map_arg(args, lambda n: out.append(n) or n)
     return out

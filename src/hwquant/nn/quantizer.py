@@ -129,10 +129,22 @@ class FakeQuantizer(nn.Module):
         return self.scale.numel() > 0
 
     @property
+    def quantizing(self) -> bool:
+        """Whether the forward quantizes now: enabled, calibrated, not observing."""
+        return self.enabled and self.calibrated and not self.observing
+
+    @property
     def applies_relu(self) -> bool:
         """Whether the forward quantizes ``relu(x)`` now: ``relu_input`` and quantizing (see the module
         docstring); what an absorbed ReLU module checks before it skips its pass."""
-        return self.relu_input and self.enabled and self.calibrated and not self.observing
+        return self.relu_input and self.quantizing
+
+    def _check_new_scale(self) -> None:
+        """Validate a newly installed scale once, not every forward (eagerly: a compiled graph runs after an eager
+        forward or a load has checked it, and a data-dependent check would break the graph)."""
+        if self._checked is not self.scale and not torch.compiler.is_compiling():
+            check_scale(self.scale)
+            self._checked = self.scale
 
     @property
     def windowed(self) -> bool:
@@ -250,15 +262,14 @@ class FakeQuantizer(nn.Module):
         """``max|x|`` (signed) or ``max x`` (unsigned), per tensor or per channel, detached; ``relu``: of
         ``relu(x)``, i.e. ``max(max x, 0)`` (the same value, without the ReLU's pass)."""
         x = x.detach()
-        if relu:
-            return (x.amax() if self.axis is None else x.amax(dim=[d for d in range(x.dim())
-                                                                   if d != self.axis % x.dim()])).clamp_min(0)
         if self.axis is None:
-            if not self.signed:
-                return x.amax()
+            if relu or not self.signed:
+                return x.amax().clamp_min(0) if relu else x.amax()
             lo, hi = torch.aminmax(x)  # one pass, no |x| tensor: max|x| = max(-min x, max x), exactly
             return torch.maximum(lo.neg(), hi)
         dims = [d for d in range(x.dim()) if d != self.axis % x.dim()]
+        if relu:
+            return x.amax(dim=dims).clamp_min(0)
         if not self.signed:
             return x.amax(dim=dims)
         return torch.maximum(x.amin(dim=dims).neg_(), x.amax(dim=dims))
@@ -294,8 +305,8 @@ class FakeQuantizer(nn.Module):
         """``(forward(w), b quantized at fl32(s_a * scale))`` in one kernel call, what a quantized layer does with
         its weight and its bias in sequence (:meth:`~hwquant.nn.layers._QuantMixin.quantized_bias`), or
         ``None`` where the one-call path does not apply (then the caller does the two in sequence)."""
-        if not (self.enabled and self.calibrated and not self.observing and self.input_gain == 1.0
-                and self.spec.range_mode == "dynamic" and self._one_call(False) and self._own_forward()):
+        if not (self.quantizing and self.input_gain == 1.0 and self.spec.range_mode == "dynamic"
+                and self._one_call(False) and self._own_forward()):
             return None
         return self._one_call_forward(w, (b, s_a, bqmin, bqmax))
 
@@ -310,9 +321,8 @@ class FakeQuantizer(nn.Module):
         qmin, qmax = qrange(self.spec.bits, True, self.spec.narrow)
         out = fake_quantize_dynamic(x, self.clip_ratio, self.scale, self.spec.clip_levels(True), qmin, qmax,
                                     bias=bias)
-        if out is not None and self._checked is not self.scale and not torch.compiler.is_compiling():
-            check_scale(self.scale)
-            self._checked = self.scale
+        if out is not None:
+            self._check_new_scale()
         return out
 
     def _trained_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -338,7 +348,7 @@ class FakeQuantizer(nn.Module):
         quantized copy without another pass.  ``None`` (nothing done) where the kernel does not cover it: not
         quantizing, a gradient not wanted, per channel, a zero point, a window or a trained step."""
         sp = self.spec
-        if not (self.enabled and self.calibrated and not self.observing and self.axis is None and sp.symmetric
+        if not (self.quantizing and self.axis is None and sp.symmetric
                 and not self.windowed and sp.range_mode in ("static", "dynamic", "ema") and sp.rounding == "nearest"
                 and self.input_gain == 1.0 and torch.is_grad_enabled() and x.requires_grad
                 and not torch.compiler.is_compiling() and self._own_forward()):
@@ -347,9 +357,7 @@ class FakeQuantizer(nn.Module):
             return None
         if sp.range_mode != "static":
             self._tracked_scale(x, relu=True)
-        if self._checked is not self.scale:
-            check_scale(self.scale)
-            self._checked = self.scale
+        self._check_new_scale()
         qmin, qmax = qrange(sp.bits, bool(self.signed), sp.narrow)
         r, y = fused_relu.relu_fake_quantize_pair(x, float(self.scale), qmin, qmax)
         self._handoff = (weakref.ref(r), r._version, y)
@@ -379,11 +387,7 @@ class FakeQuantizer(nn.Module):
                 return y
         if mode != "static":
             self._tracked_scale(x, relu)
-        # validate a newly installed scale once, not every forward (eagerly: a compiled graph runs after an eager
-        # forward or a load has checked it, and a data-dependent check would break the graph)
-        if self._checked is not self.scale and not torch.compiler.is_compiling():
-            check_scale(self.scale)
-            self._checked = self.scale
+        self._check_new_scale()
         signed = bool(self.signed)
         if self.windowed:
             d8 = shape_param(self.base_step().to(x.dtype), x, self.axis)

@@ -34,13 +34,15 @@ hooks on an absorbed ReLU see its input in training.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .graph import trace
+from .graph import arg_nodes, trace
 from .layers import QUANT_LAYERS, QuantLUTAct
 from .quantizer import FakeQuantizer
 
@@ -97,12 +99,6 @@ def _reads_as_input(user: torch.fx.Node, node: torch.fx.Node, m: nn.Module | Non
             and not any(a is node for a in user.args[1:]) and calls[str(user.target)] == 1)
 
 
-def _uses(user: torch.fx.Node, node: torch.fx.Node) -> int:
-    n = [0]
-    torch.fx.node.map_arg((user.args, user.kwargs), lambda a: n.__setitem__(0, n[0] + (a is node)) or a)
-    return n[0]
-
-
 def _in_place(user: torch.fx.Node, mods: dict[str, nn.Module]) -> bool:
     """Whether ``user`` may write into its input (``x.add_(...)``, ``F.relu(x, inplace=True)``, an in-place
     module): the quantized copy made beside ``relu(x)`` would then be stale."""
@@ -131,8 +127,10 @@ def _site(node: torch.fx.Node, mods: dict[str, nn.Module], calls: dict[str, int]
             others.append(user)
     if layers and not others:
         return "absorbed", layers
-    if len(layers) == 1 and len(others) == 1 and _uses(others[0], node) == 1 and not _in_place(others[0], mods):
-        return "shared", layers
+    if len(layers) == 1 and len(others) == 1:
+        other = others[0]
+        if sum(a is node for a in arg_nodes((other.args, other.kwargs))) == 1 and not _in_place(other, mods):
+            return "shared", layers
     return None
 
 
@@ -146,19 +144,14 @@ def absorb_relus(model: nn.Module) -> list[str]:
     except ConfigError:
         return []
     mods = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    calls = Counter(str(node.target) for node in graph.nodes if node.op == "call_module")
     sites: dict[str, list] = {}
     for node in graph.nodes:
         if node.op == "call_module" and type(mods.get(str(node.target))) is nn.ReLU:
             sites.setdefault(str(node.target), []).append(_site(node, mods, calls))
     # a quantizer object read by a layer the ReLU does not feed would quantize that layer's input wrongly
-    owners: dict[int, int] = {}
-    for m in mods.values():
-        if isinstance(m, (*QUANT_LAYERS, QuantLUTAct)) and m.input_quant is not None:
-            owners[id(m.input_quant)] = owners.get(id(m.input_quant), 0) + 1
+    owners = Counter(id(m.input_quant) for m in mods.values()
+                     if isinstance(m, (*QUANT_LAYERS, QuantLUTAct)) and m.input_quant is not None)
     replaced = []
     for name, found in sites.items():
         if any(f is None for f in found):

@@ -105,6 +105,11 @@ def _grad_like(grad: torch.Tensor, m: torch.Tensor) -> bool:
     return grad.dtype == torch.float32 and grad.device.type == "cpu" and grad.stride() == m.stride()
 
 
+def _in_mask_layout(g: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``g`` as float32 in the mask ``m``'s memory layout (the kernels walk both element for element)."""
+    return g if _grad_like(g, m) else g.to(torch.float32).contiguous(memory_format=_format_of(m))
+
+
 def _native_fq_pc(x: torch.Tensor, s: torch.Tensor, qmin: int, qmax: int, want_mask: bool, lib=None):
     """Per-channel kernel forward (axis 0 outermost in memory, zero point 0): ``(y, mask state or None)``."""
     lib = lib or native.STATE["lib"]
@@ -137,8 +142,7 @@ def _native_bwd(lib, grad: torch.Tensor, m: torch.Tensor, want_x: bool, scale: t
     """The kernel backward: ``(grad_x or None, grad_s or None)``.  ``grad_x`` is ``grad`` where the mask state
     ``m`` is 1 (in ``m``'s layout); with ``scale = (r, zf, qmin, qmax, lsq)`` also the summed scale gradient
     (LSQ's, or PACT's clip part) from the saved input ``x``."""
-    if not _grad_like(grad, m):
-        grad = grad.to(torch.float32).contiguous(memory_format=_format_of(m))
+    grad = _in_mask_layout(grad, m)
     grad_x = torch.empty_like(grad) if want_x else None
     if scale is not None:
         r, zf, lo, hi, lsq = scale

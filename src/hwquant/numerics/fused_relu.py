@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import native
-from .fused import _format_of, _grad_like, _native_bwd, _use_native
+from .fused import _in_mask_layout, _native_bwd, _use_native
 
 __all__ = ["covers", "relu_fake_quantize_pair", "relu_pair_self_test"]
 
@@ -30,11 +30,6 @@ def _kernel_pair(lib, x: torch.Tensor, sf: float, qmin: int, qmax: int):
     return r, y, m
 
 
-def _like(g: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """``g`` as float32 in ``m``'s memory layout (the kernels walk both element for element)."""
-    return g if _grad_like(g, m) else g.to(torch.float32).contiguous(memory_format=_format_of(m))
-
-
 def _kernel_backward(lib, gr: torch.Tensor | None, gy: torch.Tensor | None, m: torch.Tensor) -> torch.Tensor | None:
     """The gradient of ``x``: what autograd computes unfused from the other reader's gradient ``gr`` and the
     quantized copy's ``gy`` (either may be missing: then no sum, as autograd does)."""
@@ -42,10 +37,10 @@ def _kernel_backward(lib, gr: torch.Tensor | None, gy: torch.Tensor | None, m: t
         return None
     if gr is None:  # only the quantizer's gradient: its straight-through mask (1 implies r > 0)
         return _native_bwd(lib, gy, m, True, None)[0]
-    gr = _like(gr, m)
+    gr = _in_mask_layout(gr, m)
     if gy is None:  # only ReLU's rule (threshold_backward: NaN passes, as state 2 does)
         return torch.where(m != 0, gr, torch.zeros((), dtype=gr.dtype))
-    gy = _like(gy, m)
+    gy = _in_mask_layout(gy, m)
     gx = torch.empty_like(gr)
     lib.hwq_relu_fq2_bwd(gr.data_ptr(), gy.data_ptr(), m.data_ptr(), gx.data_ptr(), m.numel(), native.threads())
     return gx
